@@ -1,0 +1,138 @@
+"""Command line: ``embed-corpus run | status``. Thin: it parses, calls, and reports errors as one line.
+
+The options of ``run`` are generated from ``JobConfig``'s fields, so flags and job-file keys cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+import types
+import typing
+from typing import Any
+
+import click
+
+from pipeline.config import ConfigError, JobConfig, field_choices, load_job_file, make_config
+from pipeline.errors import PipelineError
+
+EXIT_ERROR = 1
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on a signal with work left; rerun the same command to resume
+
+
+def _base_type(tp: Any) -> Any:
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing) | {"JobConfig": JobConfig}, vars(sys.modules["pipeline.config"]))
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def config_options(func):
+    """Decorate a click command with one option per ``JobConfig`` field (defaults None: only given flags
+    override the job file)."""
+    for f in reversed(dataclasses.fields(JobConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        tp = _base_type(f.type)
+        choices = field_choices(f.name)
+        if f.name in ("input", "keep"):
+            opt = click.option(flag, f.name, multiple=True, help=help_text + " Repeatable.")
+        elif tp is bool:
+            opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+        elif choices:
+            opt = click.option(flag, f.name, type=click.Choice(choices), default=None, help=help_text)
+        elif tp is int:
+            opt = click.option(flag, f.name, type=int, default=None, help=help_text)
+        else:
+            opt = click.option(flag, f.name, type=str, default=None, help=help_text)
+        func = opt(func)
+    return func
+
+
+def build_config(job_file: str | None, flags: dict[str, Any]) -> JobConfig:
+    """Job file values, overridden by the flags that were given."""
+    values: dict[str, Any] = load_job_file(job_file) if job_file else {}
+    for name, value in flags.items():
+        if value is None or (name in ("input", "keep") and not value):
+            continue
+        values[name] = value
+    return make_config(values)
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+@click.version_option(package_name="embed-corpus")
+def main() -> None:
+    """embed-corpus: turn Parquet/JSONL corpora into embedding vectors, resumably."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the console shows warnings; the run's log file has more
+        handler.setLevel(logging.WARNING)
+
+
+@main.command()
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@config_options
+@click.option("--overwrite", is_flag=True, help="Discard an existing output directory and start over.")
+def run(job_file: str | None, overwrite: bool, **flags: Any) -> None:
+    """Embed a corpus: JOB_FILE (YAML, same keys as the flags) and/or flags; flags win.
+
+    Rerunning the same command resumes: finished shards are kept, unfinished ones redone, new input files
+    embedded. SIGTERM/SIGUSR1 finish the current shard and exit with code 75.
+    """
+    from pipeline.runner import run_job
+
+    try:
+        cfg = build_config(job_file, flags)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+        return
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger("pipeline").warning("signal %d: finishing the current shard, then stopping", signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
+    try:
+        summary = run_job(cfg, overwrite=overwrite, stop=stop)
+    except (PipelineError, ConfigError) as exc:
+        _fail(str(exc))
+        return
+    if not cfg.quiet:
+        click.echo(
+            f"{cfg.output}: {summary.shards_done} shards embedded now ({summary.docs:,} documents, "
+            f"{summary.tokens:,} tokens in {summary.seconds:.1f}s: {summary.docs_per_s:,.1f} docs/s, "
+            f"{summary.tokens_per_s:,.0f} tokens/s)"
+        )
+    if summary.stopped_early:
+        _fail("stopped before the end; rerun the same command to resume", EXIT_STOPPED)
+
+
+@main.command()
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(output: str, as_json: bool) -> None:
+    """Shards done / pending / failed, documents, tokens, throughput and ETA of OUTPUT."""
+    from pipeline.status import job_status
+
+    try:
+        st = job_status(output)
+    except PipelineError as exc:
+        _fail(str(exc))
+        return
+    click.echo(json.dumps(st.to_dict(), indent=1) if as_json else "\n".join(st.lines()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""Readers: find input files, scan them once to cut row-range shards, read one shard as Arrow.
+
+Three formats: Parquet (row groups from the footer), JSONL (plain, .gz or .zst; shard boundaries are byte
+offsets for plain files), and datasets saved with HF ``datasets.save_to_disk`` (Arrow stream files, memory
+mapped). Every format yields Arrow tables of the raw fields, which ``records.extract`` turns into the
+``id``/``text``/kept columns with the same validation everywhere.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+SCAN_ROWS = 8192  # rows per Arrow batch while scanning and reading
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file as planned. ``key`` names it in generated ids and messages; it never changes."""
+
+    path: str
+    key: str
+    format: str  # "parquet" | "jsonl" | "arrow"
+    compression: str | None
+    size: int
+    digest: str
+
+    def describe(self) -> str:
+        return self.path
+
+
+def _format_of(path: Path) -> tuple[str, str | None] | None:
+    name = path.name.lower()
+    compression = None
+    for suffix, kind in COMPRESSIONS.items():
+        if name.endswith(suffix):
+            compression, name = kind, name[: -len(suffix)]
+            break
+    if name.endswith(".parquet") and compression is None:
+        return "parquet", None
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl", compression
+    if name.endswith(".arrow") and compression is None:
+        return "arrow", None
+    return None
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def _saved_dataset_files(path: Path) -> list[Path]:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        return [path / entry["filename"] for entry in state["_data_files"]]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable `datasets` save_to_disk folder ({exc})") from exc
+
+
+def expand_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]:
+    """Resolve ``--input`` values into files, each with the root its key is taken relative to.
+
+    A directory is searched recursively for Parquet/JSONL files (a ``datasets`` save_to_disk folder gives
+    its Arrow files in order); a pattern with ``*?[`` is a glob; anything else must be an existing file.
+
+    Returns:
+        ``(file, root)`` pairs, absolute, in a stable order, without repeats.
+
+    Raises:
+        InputError: a path that does not exist, a glob that matches nothing, an unsupported file type.
+    """
+    found: list[tuple[Path, Path]] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if any(ch in spec for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            files = [(m, m.parent) for m in matches if m.is_file() and _format_of(m)]
+            files += [(f, m) for m in matches if m.is_dir() for f, _ in _dir_files(m)]
+            if not files:
+                raise InputError(f"input {spec!r}: the pattern matches no Parquet, JSONL or Arrow file")
+        elif path.is_dir():
+            files = _dir_files(path)
+            if not files:
+                raise InputError(f"input {spec!r}: the directory holds no Parquet, JSONL or Arrow file")
+        elif path.is_file():
+            if _format_of(path) is None:
+                raise InputError(
+                    f"input {spec!r}: unsupported file type (expected .parquet, .jsonl[.gz|.zst], .arrow)"
+                )
+            files = [(path, path.parent)]
+        else:
+            raise InputError(f"input {spec!r}: no such file or directory")
+        found.extend(files)
+    seen: set[Path] = set()
+    unique = []
+    for file, root in found:
+        file, root = file.resolve(), root.resolve()
+        if file not in seen:
+            seen.add(file)
+            unique.append((file, root))
+    return unique
+
+
+def _dir_files(root: Path) -> list[tuple[Path, Path]]:
+    if _is_saved_dataset(root):
+        return [(f, root.parent) for f in _saved_dataset_files(root)]
+    out: list[tuple[Path, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        here = Path(dirpath)
+        if _is_saved_dataset(here):
+            out.extend((f, root) for f in _saved_dataset_files(here))
+            dirnames.clear()
+            continue
+        for name in sorted(filenames):
+            if not name.startswith(".") and _format_of(here / name):
+                out.append((here / name, root))
+    return out
+
+
+def describe_file(path: Path, root: Path) -> InputFile:
+    """Fingerprint a file cheaply: size plus a hash of its first and last MiB (where Parquet keeps its footer)."""
+    fmt = _format_of(path)
+    assert fmt is not None
+    size = path.stat().st_size
+    h = hashlib.blake2b(str(size).encode(), digest_size=12)
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 1 << 20:
+            f.seek(max(size - (1 << 20), 1 << 20))
+            h.update(f.read())
+    key = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+    return InputFile(str(path), key, fmt[0], fmt[1], size, h.hexdigest())
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _open_text_stream(path: str, compression: str | None) -> IO[bytes]:
+    if compression == "gzip":
+        return gzip.open(path, "rb")
+    if compression == "zstd":
+        try:
+            import zstandard
+        except ImportError as exc:
+            raise InputError(f"{path}: reading .zst files needs the `zstandard` package") from exc
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+@dataclass
+class RawBatch:
+    """Raw rows of one file: ``table`` columns as found in the file, ``rows`` their row numbers in it.
+
+    ``bad`` lists rows that could not even be parsed (invalid JSON, a field of the wrong JSON type), as
+    ``(row, field, reason)``; those rows are absent from ``table``.
+    """
+
+    table: pa.Table
+    rows: pa.Array
+    bad: list[tuple[int, str, str]]
+    end_offset: int | None = None  # JSONL: byte offset just after the last line of this batch
+
+
+def _json_batch(
+    lines: list[tuple[int, bytes]], columns: list[str], string_fields: set[str], id_field: str
+) -> RawBatch:
+    """Parse JSONL lines into an Arrow table of ``columns`` (missing keys become nulls)."""
+    values: dict[str, list[Any]] = {c: [] for c in columns}
+    rows: list[int] = []
+    bad: list[tuple[int, str, str]] = []
+    for row, line in lines:
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            bad.append((row, "", f"invalid JSON: {exc}"))
+            continue
+        if not isinstance(obj, dict):
+            bad.append((row, "", f"a JSON line must be an object, got {type(obj).__name__}"))
+            continue
+        problem = None
+        for name in columns:
+            value = obj.get(name)
+            if name in string_fields and value is not None and not isinstance(value, str):
+                problem = (row, name, f"expected a string, got {type(value).__name__}")
+                break
+            if name == id_field and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (str, int))
+            ):
+                problem = (row, name, f"an id must be a string or an integer, got {type(value).__name__}")
+                break
+        if problem:
+            bad.append(problem)
+            continue
+        rows.append(row)
+        for name in columns:
+            value = obj.get(name)
+            if name == id_field and isinstance(value, int):
+                value = str(value)
+            values[name].append(value)
+    arrays = {}
+    for name, vals in values.items():
+        typ = pa.string() if name in string_fields or name == id_field else None
+        try:
+            arrays[name] = pa.array(vals, type=typ)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"field {name!r}: values of mixed JSON types cannot form one column ({exc})") from exc
+    table = pa.table(arrays) if arrays else pa.table({"_": pa.nulls(len(rows))}).drop(["_"])
+    return RawBatch(table, pa.array(rows, pa.int64()), bad)
+
+
+def iter_jsonl(
+    file: InputFile,
+    columns: list[str],
+    string_fields: set[str],
+    id_field: str,
+    *,
+    row_start: int = 0,
+    row_end: int | None = None,
+    byte_start: int = 0,
+) -> Iterator[RawBatch]:
+    """Yield parsed batches of lines ``row_start <= row < row_end``.
+
+    Row numbers are 0-based line numbers (blank lines count but yield no record). Plain files seek to
+    ``byte_start`` (the offset of line ``row_start``); compressed files are read from the start.
+    """
+    with _open_text_stream(file.path, file.compression) as stream:
+        row, offset = 0, 0
+        if byte_start and file.compression is None:
+            stream.seek(byte_start)
+            row, offset = row_start, byte_start
+        pending: list[tuple[int, bytes]] = []
+        for line in stream:
+            if row_end is not None and row >= row_end:
+                break
+            offset += len(line)
+            if row >= row_start and line.strip():
+                pending.append((row, line))
+            row += 1
+            if len(pending) >= SCAN_ROWS:
+                batch = _json_batch(pending, columns, string_fields, id_field)
+                batch.end_offset = offset
+                yield batch
+                pending = []
+        batch = _json_batch(pending, columns, string_fields, id_field)
+        batch.end_offset = offset
+        yield batch
+
+
+def _check_columns(file: InputFile, schema: pa.Schema, columns: list[str], optional: set[str]) -> list[str]:
+    present = [c for c in columns if c in schema.names]
+    for name in columns:
+        if name not in schema.names and name not in optional:
+            raise InputError(
+                f"{file.path}: row 0: field {name!r} is missing (columns: {', '.join(schema.names)})",
+            )
+    return present
+
+
+def open_parquet(file: InputFile) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(file.path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{file.path}: unreadable Parquet file ({exc})") from exc
+
+
+def iter_parquet(
+    file: InputFile, columns: list[str], optional: set[str], *, row_start: int = 0, row_end: int | None = None
+) -> Iterator[RawBatch]:
+    """Yield the rows ``row_start <= row < row_end`` of the needed ``columns``, reading only their row groups."""
+    pf = open_parquet(file)
+    present = _check_columns(file, pf.schema_arrow, columns, optional)
+    meta = pf.metadata
+    end = meta.num_rows if row_end is None else row_end
+    first = 0
+    for rg in range(meta.num_row_groups):
+        n = meta.row_group(rg).num_rows
+        lo, hi = max(row_start, first), min(end, first + n)
+        if lo < hi:
+            try:
+                table = pf.read_row_group(rg, columns=present)
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(f"{file.path}: row {first}: unreadable row group {rg} ({exc})") from exc
+            table = table.slice(lo - first, hi - lo)
+            for off in range(0, table.num_rows, SCAN_ROWS):
+                part = table.slice(off, SCAN_ROWS)
+                rows = pa.array(range(lo + off, lo + off + part.num_rows), pa.int64())
+                yield RawBatch(part, rows, [])
+        first += n
+        if first >= end:
+            break
+
+
+def _arrow_table(file: InputFile) -> pa.Table:
+    try:
+        source = pa.memory_map(file.path)
+        try:
+            return pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            return pa.ipc.open_file(source).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{file.path}: unreadable Arrow file ({exc})") from exc
+
+
+def iter_arrow(
+    file: InputFile, columns: list[str], optional: set[str], *, row_start: int = 0, row_end: int | None = None
+) -> Iterator[RawBatch]:
+    """Rows of a memory-mapped Arrow file (``datasets.save_to_disk`` output); slicing copies nothing."""
+    table = _arrow_table(file)
+    present = _check_columns(file, table.schema, columns, optional)
+    end = table.num_rows if row_end is None else row_end
+    table = table.select(present)
+    for off in range(row_start, end, SCAN_ROWS):
+        part = table.slice(off, min(SCAN_ROWS, end - off))
+        yield RawBatch(part, pa.array(range(off, off + part.num_rows), pa.int64()), [])
+
+
+def file_row_count(file: InputFile) -> int | None:
+    """Rows of a Parquet/Arrow file from its metadata (None for JSONL, which needs a scan)."""
+    if file.format == "parquet":
+        return open_parquet(file).metadata.num_rows
+    if file.format == "arrow":
+        return _arrow_table(file).num_rows
+    return None
+
+
+def parquet_row_groups(file: InputFile) -> list[int]:
+    """Row counts of each row group, from the footer."""
+    meta = open_parquet(file).metadata
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def jsonl_line_offsets(file: InputFile, every: int) -> tuple[list[int] | None, int]:
+    """Byte offsets of lines ``0, every, 2*every, ...`` and the number of lines.
+
+    Compressed files cannot be entered in the middle, so they get ``None`` offsets (their shards are line
+    ranges read from the start of the stream).
+    """
+    offsets: list[int] | None = [] if file.compression is None else None
+    n, offset = 0, 0
+    with _open_text_stream(file.path, file.compression) as stream:
+        for line in stream:
+            if offsets is not None and n % every == 0:
+                offsets.append(offset)
+            offset += len(line)
+            n += 1
+    return offsets, n

@@ -1,0 +1,243 @@
+"""Runner: plan, load the model, then for each pending shard read -> tokenize -> batch -> encode -> write.
+
+Reading and tokenizing the next shard runs in a background thread while the current one is encoded (the
+tokenizer and Arrow release the GIL), so the model waits for input as little as possible. Each shard is
+committed on its own (part file, then done-marker), so an interrupted run loses at most the shards in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.batching import token_budget_batches
+from pipeline.config import JobConfig
+from pipeline.encoder import Embedder
+from pipeline.errors import EncodeError, InputError
+from pipeline.plan import Manifest, Shard, prepare, write_json_atomic
+from pipeline.records import FieldSpec, extract, iter_raw
+from pipeline.sink import embedding_array, is_done, mark_done, mark_failed, write_part
+from pipeline.tokens import Encoded
+
+log = logging.getLogger(__name__)
+PREFETCH = 2  # shards read and tokenized ahead of the model
+
+
+@dataclass
+class RunSummary:
+    shards_done: int = 0
+    shards_total: int = 0
+    docs: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    failed: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs / self.seconds if self.seconds else 0.0
+
+
+def attach_log_file(out: Path) -> logging.Handler:
+    """Log this run to ``OUTPUT/logs/run-<time>-<pid>.log``."""
+    import os
+
+    folder = out / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("pipeline")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def read_shard(manifest: Manifest, shard: Shard, spec: FieldSpec) -> pa.Table:
+    """The shard's valid rows as ``id``, ``text``, kept columns, ``_row``; planned rejects are left out.
+
+    Raises:
+        InputError: a row that was valid when planned is not any more (the file changed).
+    """
+    planned = manifest.files[shard.file]
+    skip = set(shard.skip)
+    tables = []
+    for raw in iter_raw(planned.file, spec, row_start=shard.row_start, row_end=shard.row_end,
+                        byte_start=shard.byte_start):
+        table, rejects = extract(raw, planned.file, spec, planned.generated_ids)
+        new = [r for r in rejects if r.row not in skip]
+        if new:
+            raise InputError(f"{new[0].message()} (this row was valid when the job was planned: did the file change?)")
+        tables.append(table)
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if skip:
+        table = table.filter(pc.invert(pc.is_in(table.column("_row"), pa.array(sorted(skip), pa.int64()))))
+    return table
+
+
+def output_table(table: pa.Table, enc: Encoded, vectors: np.ndarray, cfg: JobConfig) -> pa.Table:
+    """One output row per sequence: id, embedding, n_tokens, truncated, (chunk columns), kept columns."""
+    docs = pa.array(enc.doc)
+    ids = table.column("id").take(docs)
+    cols: dict[str, pa.Array | pa.ChunkedArray] = {}
+    if cfg.long_docs == "chunk":
+        chunk = pa.array(enc.chunk)
+        cols["id"] = pc.binary_join_element_wise(ids, pc.cast(chunk, pa.string()), "#")
+        cols["doc_id"] = ids
+        cols["chunk"] = chunk
+        cols["token_start"] = pa.array(enc.span[:, 0])
+        cols["token_end"] = pa.array(enc.span[:, 1])
+    else:
+        cols["id"] = ids
+    cols["embedding"] = embedding_array(vectors, cfg.dtype)
+    cols["n_tokens"] = pa.array(enc.lengths.astype(np.int32))
+    cols["truncated"] = pa.array(enc.truncated)
+    for name in cfg.keep:
+        cols[name] = table.column(name).take(docs)
+    return pa.table(cols)
+
+
+def _prefetch(items: list[Shard], load, depth: int) -> Iterator[tuple[Shard, object]]:
+    """Yield ``(shard, load(shard))`` with up to ``depth`` shards loaded ahead in a background thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        for shard in items:
+            if stop.is_set():
+                break
+            try:
+                q.put((shard, load(shard), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                q.put((shard, None, exc))
+                return
+        q.put(None)
+
+    thread = threading.Thread(target=work, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            shard, value, exc = item
+            if exc is not None:
+                raise exc
+            yield shard, value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
+def run_job(cfg: JobConfig, *, overwrite: bool = False, stop: threading.Event | None = None) -> RunSummary:
+    """Embed every pending shard of the job; returns what was done.
+
+    Args:
+        cfg: the job.
+        overwrite: discard an existing output first.
+        stop: when set, finish the current shard and return (used on SIGTERM).
+
+    Raises:
+        InputError, ManifestMismatch, EncodeError, PipelineError: with a message for the user.
+    """
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = attach_log_file(out)
+    try:
+        return _run(cfg, out, overwrite, stop)
+    finally:
+        logging.getLogger("pipeline").removeHandler(handler)
+        handler.close()
+
+
+def _run(cfg: JobConfig, out: Path, overwrite: bool, stop: threading.Event | None) -> RunSummary:
+    from tqdm import tqdm
+
+    manifest = prepare(cfg, overwrite=overwrite)
+    pending = [s for s in manifest.shards if not is_done(out, s)]
+    summary = RunSummary(shards_total=len(manifest.shards))
+    log.info("%s: %d shards, %d pending", out, len(manifest.shards), len(pending))
+    if not pending:
+        return summary
+    embedder = Embedder.from_config(cfg)
+    write_job_record(out, cfg, embedder)
+    spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
+
+    def load(shard: Shard) -> tuple[pa.Table, Encoded]:
+        table = read_shard(manifest, shard, spec)
+        return table, embedder.tokenizer.encode(table.column("text").to_pylist())
+
+    bar = tqdm(total=sum(manifest.shard_rows(s) for s in pending), unit="doc", disable=cfg.quiet,
+               dynamic_ncols=True, desc="embedding")
+    start = time.perf_counter()
+    try:
+        for shard, (table, enc) in _prefetch(pending, load, PREFETCH):
+            t0 = time.perf_counter()
+            batches = token_budget_batches(enc.lengths, cfg.batch_tokens, window=cfg.sort_window)
+            first_chunk = enc.chunk == 0
+
+            def progress(batch: np.ndarray, enc: Encoded = enc, first_chunk: np.ndarray = first_chunk) -> None:
+                summary.tokens += int(enc.lengths[batch].sum())
+                bar.update(int(first_chunk[batch].sum()))
+                elapsed = time.perf_counter() - start
+                bar.set_postfix_str(f"{summary.tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+
+            try:
+                vectors = embedder.embed_encoded(enc, batches, on_batch=progress)
+            except EncodeError as exc:
+                if exc.index is not None:
+                    doc_id = table.column("id")[int(enc.doc[exc.index])].as_py()
+                    exc = EncodeError(f"shard {shard.id}: document {doc_id!r}: {exc}", exc.index)
+                mark_failed(out, shard, str(exc))
+                summary.failed.append(shard.id)
+                raise exc from None
+            write_part(out, shard, output_table(table, enc, vectors, cfg))
+            seconds = time.perf_counter() - t0
+            tokens = int(enc.lengths.sum())
+            mark_done(out, shard, {"rows": table.num_rows, "sequences": len(enc), "tokens": tokens,
+                                   "seconds": round(seconds, 4)})
+            summary.shards_done += 1
+            summary.docs += table.num_rows
+            summary.sequences += len(enc)
+            log.info("shard %d done: %d rows, %d tokens, %.2fs", shard.id, table.num_rows, tokens, seconds)
+            if stop is not None and stop.is_set():
+                summary.stopped_early = True
+                log.warning("stop requested: leaving %d shards for the next run",
+                            len(pending) - summary.shards_done)
+                break
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def write_job_record(out: Path, cfg: JobConfig, embedder: Embedder) -> None:
+    """``OUTPUT/job.json``: the settings and the resolved model framing, to embed queries the same way."""
+    import torch
+    import transformers
+
+    from pipeline import __version__
+
+    write_json_atomic(out / "job.json", {
+        "fingerprint": cfg.fingerprint(),
+        "config": cfg.to_dict(),
+        "model": embedder.info.to_dict(),
+        "versions": {"embed-corpus": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "updated_at": time.time(),
+    })

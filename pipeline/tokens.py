@@ -1,0 +1,169 @@
+"""Tokenization: texts -> exactly the token ids the model's authors intend, flat in NumPy arrays.
+
+Every sequence is ``prefix + content + suffix``, where prefix/suffix are the model's special tokens (BERT:
+``[CLS]`` / ``[SEP]``). For Qwen3-Embedding the suffix is exactly one ``<|endoftext|>`` (151643) whether
+or not the tokenizer appends it itself (older tokenizer files do not), and content is cut to
+``max_length - 1`` tokens before it is appended. The prompt (``Instruct: ...\\nQuery:``) is part of the text.
+
+Over-long documents are truncated, or with ``long_docs="chunk"`` cut into windows of ``chunk_tokens``
+content tokens overlapping by ``chunk_overlap``; each window is one output row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CHARS_PER_TOKEN_BOUND = 12  # a text cut at this many characters per wanted token still yields enough tokens
+
+
+@dataclass(frozen=True)
+class SequenceFormat:
+    """How token ids are framed for a model (found by ``encoder.inspect_model``)."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    max_length: int
+    strip_suffix: bool = False  # drop copies of the suffix token at the end of content (Qwen3's EOS)
+
+    @property
+    def max_content(self) -> int:
+        return self.max_length - len(self.prefix) - len(self.suffix)
+
+
+@dataclass
+class Encoded:
+    """Token ids of many sequences, flat.
+
+    Attributes:
+        ids: int32 (total,), all sequences concatenated.
+        offsets: int64 (n + 1,), sequence i is ``ids[offsets[i]:offsets[i + 1]]``.
+        doc: int64 (n,), the input text each sequence came from.
+        chunk: int32 (n,), chunk number within its text (0 when not chunked).
+        span: int32 (n, 2), content token span ``[start, end)`` of the sequence within its text.
+        truncated: bool (n,), the text had more content tokens than were embedded.
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    doc: np.ndarray
+    chunk: np.ndarray
+    span: np.ndarray
+    truncated: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    def sequence(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+
+class TextTokenizer:
+    """Wraps a Hugging Face tokenizer with the framing of one model.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer.
+        fmt: the sequence format of the model.
+        prompt: text prepended to every input (a query instruction or a named prompt).
+        long_docs: ``"truncate"`` or ``"chunk"``.
+        chunk_tokens: content tokens per chunk.
+        chunk_overlap: tokens shared by consecutive chunks.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        fmt: SequenceFormat,
+        *,
+        prompt: str = "",
+        long_docs: str = "truncate",
+        chunk_tokens: int = 512,
+        chunk_overlap: int = 0,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.prompt = prompt
+        self.long_docs = long_docs
+        self.prompt_ids = self._content_ids([prompt])[0] if prompt else []
+        room = fmt.max_content - len(self.prompt_ids)
+        if room < 1:
+            raise ValueError(
+                f"the prompt takes {len(self.prompt_ids)} tokens; max_length {fmt.max_length} leaves no room"
+            )
+        self.chunk_tokens = min(chunk_tokens, room)
+        self.chunk_step = max(1, self.chunk_tokens - chunk_overlap)
+
+    def _content_ids(self, texts: list[str]) -> list[list[int]]:
+        out = self.tokenizer(
+            texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+        )["input_ids"]
+        if self.fmt.strip_suffix and self.fmt.suffix:
+            end = self.fmt.suffix[-1]
+            for ids in out:
+                while ids and ids[-1] == end:
+                    ids.pop()
+        return out
+
+    def _content_ids_capped(self, texts: list[str], limit: int) -> list[list[int]]:
+        """Content ids, tokenizing only a prefix of very long texts when that provably gives the same first
+        ``limit`` tokens (pre-tokenization is local: a cut changes only the last few tokens)."""
+        cap = (limit + 2) * CHARS_PER_TOKEN_BOUND
+        cut = [t[:cap] for t in texts]
+        ids = self._content_ids(cut)
+        redo = [
+            i for i, (t, c, x) in enumerate(zip(texts, cut, ids, strict=True)) if len(c) < len(t) and len(x) < limit + 2
+        ]
+        if redo:
+            full = self._content_ids([texts[i] for i in redo])
+            for i, x in zip(redo, full, strict=True):
+                ids[i] = x
+        return ids
+
+    def encode(self, texts: list[str]) -> Encoded:
+        """Tokenize texts into framed sequences (one per text, or several per long text when chunking)."""
+        fmt = self.fmt
+        prefix, suffix = list(fmt.prefix), list(fmt.suffix)
+        limit = fmt.max_content
+        with_prompt = [self.prompt + t for t in texts] if self.prompt else texts
+        if self.long_docs == "truncate":
+            contents = self._content_ids_capped(with_prompt, limit)
+        else:
+            contents = self._content_ids(with_prompt)
+        seqs: list[list[int]] = []
+        doc, chunk, span, truncated = [], [], [], []
+        for d, content in enumerate(contents):
+            if len(content) <= limit or self.long_docs == "truncate":
+                seqs.append(prefix + content[:limit] + suffix)
+                doc.append(d)
+                chunk.append(0)
+                span.append((0, min(len(content), limit)))
+                truncated.append(len(content) > limit)
+                continue
+            body = content[len(self.prompt_ids) :] if self.prompt else content
+            starts = range(0, max(1, len(body) - self.chunk_tokens + self.chunk_step), self.chunk_step)
+            for c, start in enumerate(starts):
+                end = min(start + self.chunk_tokens, len(body))
+                seqs.append(prefix + self.prompt_ids + body[start:end] + suffix)
+                doc.append(d)
+                chunk.append(c)
+                span.append((start, end))
+                truncated.append(False)
+                if end == len(body):
+                    break
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+        return Encoded(
+            flat,
+            offsets,
+            np.asarray(doc, dtype=np.int64),
+            np.asarray(chunk, dtype=np.int32),
+            np.asarray(span, dtype=np.int32).reshape(-1, 2),
+            np.asarray(truncated, dtype=bool),
+        )
