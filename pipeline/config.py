@@ -60,6 +60,10 @@ class JobConfig:
     prompt_name: PromptName | None = field(
         default=None, metadata=_opt("Prompt from the model's sentence-transformers config.", fp=True)
     )
+    query_instruction: str | None = field(
+        default=None,
+        metadata=_opt("Instruction for queries at search time (default: the model's 'query' prompt)."),
+    )
     pooling: Pooling = field(default="auto", metadata=_opt("Pooling (auto: from the model's files).", fp=True))
     normalize: bool = field(default=True, metadata=_opt("L2-normalise the output vectors.", fp=True))
     dtype: OutputDtype = field(default="float32", metadata=_opt("Stored vector dtype.", fp=True))

@@ -160,6 +160,26 @@ class Embedder:
         )
 
     @classmethod
+    def for_queries(cls, output: str | Path, *, device: str | None = None, batch_tokens: int = 16384) -> Embedder:
+        """The embedder for search queries of a finished job: same model, pooling, max length, dims and
+        normalisation as its documents, with the query instruction (``query_instruction``, else the model's
+        ``query`` prompt, else none).
+
+        Raises:
+            PipelineError: ``output`` has no ``job.json`` (no run has loaded a model there yet).
+        """
+        job = read_job_record(output)
+        cfg, model = job["config"], job["model"]
+        instruction = cfg.get("query_instruction")
+        prompt_name = "query" if instruction is None and "query" in model.get("prompts", {}) else None
+        return cls.load(
+            cfg["model"], device=device, compute_dtype=cfg.get("compute_dtype", "auto"), pooling=model["pooling"],
+            max_length=model["max_length"], dims=cfg.get("dims"), normalize=cfg.get("normalize", True),
+            instruction=instruction, prompt_name=prompt_name, batch_tokens=batch_tokens,
+            trust_remote_code=cfg.get("trust_remote_code", False),
+        )
+
+    @classmethod
     def load(
         cls,
         model: str,
@@ -307,6 +327,14 @@ class Embedder:
         vecs = self.embed_encoded(enc, token_budget_batches(enc.lengths, self.batch_tokens))
         first = np.flatnonzero(enc.chunk == 0)
         return vecs[first]
+
+
+def read_job_record(output: str | Path) -> dict[str, Any]:
+    """``OUTPUT/job.json`` as written by a run (config, resolved model framing, versions)."""
+    path = Path(output) / "job.json"
+    if not path.exists():
+        raise PipelineError(f"{path} does not exist: run `embed-corpus run` for this output first")
+    return json.loads(path.read_text())
 
 
 def pool(hidden, mask, lengths, mode: str):
