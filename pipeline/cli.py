@@ -134,5 +134,37 @@ def status(output: str, as_json: bool) -> None:
     click.echo(json.dumps(st.to_dict(), indent=1) if as_json else "\n".join(st.lines()))
 
 
+@main.command()
+@click.option("--size", "sizes", multiple=True, default=("4B", "0.6B"), show_default=True,
+              type=click.Choice(["0.6B", "4B", "8B", "tiny"]), help="Qwen3-Embedding shapes to measure. Repeatable.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(), default=None,
+              help="Qwen tokenizer folder (default: built from dashscope's qwen.tiktoken, or --tiktoken).")
+@click.option("--tiktoken", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="qwen.tiktoken file to build the tokenizer from.")
+@click.option("--docs", type=int, default=None, help="Documents per size (default 1500 for 4B/8B, 3000 for 0.6B).")
+@click.option("--batch-tokens", type=int, default=None, help="Packed tokens per forward (default 32768; 0.6B 65536).")
+@click.option("--long-docs", type=int, default=0, help="Also measure this many documents of 8K-32K tokens.")
+@click.option("--compile/--no-compile", default=True, show_default=True)
+@click.option("--out", "out_path", type=click.Path(), default="bench.json", show_default=True)
+def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | None, docs: int | None,
+          batch_tokens: int | None, long_docs: int, compile: bool, out_path: str) -> None:
+    """GPU throughput: the pipeline vs the sentence-transformers policy, on random Qwen3 weights."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline import bench as bench_mod
+    from pipeline.synthetic import build_qwen_tokenizer
+
+    if tokenizer_dir is None or not Path(tokenizer_dir).exists():
+        target = Path(tokenizer_dir or tempfile.mkdtemp(prefix="qwen-tok-"))
+        tokenizer_dir = str(build_qwen_tokenizer(target, append_eos=True, tiktoken_path=tiktoken))
+    n_docs = {s: docs or (3000 if s in ("0.6B", "tiny") else 1500) for s in sizes}
+    budget = {s: batch_tokens or (65536 if s in ("0.6B", "tiny") else 32768) for s in sizes}
+    records = bench_mod.main(list(sizes), tokenizer_dir, n_docs, budget, Path(out_path), compile=compile,
+                             long_docs=long_docs)
+    click.echo(bench_mod.table(records))
+    click.echo(f"results: {out_path}")
+
+
 if __name__ == "__main__":
     main()

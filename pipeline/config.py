@@ -22,6 +22,7 @@ OutputDtype = Literal["float32", "float16"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 PromptName = Literal["query", "document"]
 Pooling = Literal["auto", "lasttoken", "mean", "cls"]
+Attention = Literal["auto", "padded", "packed"]
 
 
 class ConfigError(ValueError):
@@ -78,8 +79,17 @@ class JobConfig:
     on_bad_record: OnBadRecord = field(
         default="error", metadata=_opt("error: stop with file/row/field; skip: record in rejects/.", plan=True)
     )
-    batch_tokens: int = field(default=16_384, metadata=_opt("Token budget per forward pass (padded)."))
+    batch_tokens: int = field(
+        default=16_384, metadata=_opt("Token budget per forward pass (padded: count x longest; packed: sum).")
+    )
     sort_window: int = field(default=50_000, metadata=_opt("Documents sorted by length together."))
+    attention: Attention = field(
+        default="auto",
+        metadata=_opt("padded (SDPA + mask) or packed (padding-free; auto: packed for Qwen on GPU)."),
+    )
+    compile: bool | None = field(
+        default=None, metadata=_opt("torch.compile the packed forward (default: on for CUDA).")
+    )
     device: str | None = field(default=None, metadata=_opt("cpu, cuda or cuda:N (default: cuda if present)."))
     quiet: bool = field(default=False, metadata=_opt("No progress bar (cron)."))
 

@@ -128,20 +128,30 @@ def default_device() -> str:
 class Embedder:
     """A model, its tokenizer and its framing: text in, vectors out.
 
-    Use ``Embedder.load(...)``; ``embed_texts`` for a list of strings, ``embed_encoded`` for tokenized input.
+    Use ``Embedder.load(...)`` (or ``from_loaded`` with a model already in memory); ``embed_texts`` for a
+    list of strings, ``embed_encoded`` for tokenized input.
+
+    Two forward paths give the same vectors: ``padded`` (right padding, attention mask, transformers SDPA;
+    any model) and ``packed`` (padding-free varlen attention, Qwen2/Qwen3 with last-token pooling; see
+    ``packed.py``). ``attention="auto"`` takes packed on CUDA where the model allows it.
     """
 
-    def __init__(self, model, tokenizer: TextTokenizer, info: ModelInfo, device: str, batch_tokens: int) -> None:
+    def __init__(self, model, tokenizer: TextTokenizer, info: ModelInfo, device: str, batch_tokens: int,
+                 *, pad_id: int = 0, packed=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
         self.device = device
         self.batch_tokens = batch_tokens
-        self.pad_id = 0
+        self.pad_id = pad_id
+        self.packed = packed
+
+    @property
+    def attention(self) -> str:
+        return "packed" if self.packed is not None else "padded"
 
     @classmethod
     def from_config(cls, cfg: JobConfig) -> Embedder:
-        prompt_name = cfg.prompt_name
         return cls.load(
             cfg.model,
             device=cfg.device,
@@ -151,11 +161,13 @@ class Embedder:
             dims=cfg.dims,
             normalize=cfg.normalize,
             instruction=cfg.instruction,
-            prompt_name=prompt_name,
+            prompt_name=cfg.prompt_name,
             long_docs=cfg.long_docs,
             chunk_tokens=cfg.chunk_tokens,
             chunk_overlap=cfg.chunk_overlap,
             batch_tokens=cfg.batch_tokens,
+            attention=cfg.attention,
+            compile=cfg.compile,
             trust_remote_code=cfg.trust_remote_code,
         )
 
@@ -175,17 +187,46 @@ class Embedder:
         return cls.load(
             cfg["model"], device=device, compute_dtype=cfg.get("compute_dtype", "auto"), pooling=model["pooling"],
             max_length=model["max_length"], dims=cfg.get("dims"), normalize=cfg.get("normalize", True),
-            instruction=instruction, prompt_name=prompt_name, batch_tokens=batch_tokens,
+            instruction=instruction, prompt_name=prompt_name, batch_tokens=batch_tokens, compile=False,
             trust_remote_code=cfg.get("trust_remote_code", False),
         )
 
     @classmethod
-    def load(
+    def load(cls, model: str, *, device: str | None = None, compute_dtype: str = "auto",
+             trust_remote_code: bool = False, **options: Any) -> Embedder:
+        """Load a model and its tokenizer through transformers (a local folder, ``pkg:``, or a hub id), then
+        ``from_loaded``. ``options`` are those of ``from_loaded``.
+
+        Raises:
+            PipelineError: the model cannot be loaded, or an option does not fit it.
+        """
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_model_path(model)
+        device = device or default_device()
+        if compute_dtype == "auto":
+            compute_dtype = "float32" if device == "cpu" else "bfloat16"
+        try:
+            hf_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            net = AutoModel.from_pretrained(
+                path, dtype=_torch_dtype(compute_dtype), trust_remote_code=trust_remote_code,
+                attn_implementation="sdpa",
+            )
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"model {model!r}: cannot load ({exc})") from exc
+        net.eval().to(torch.device(device))
+        return cls.from_loaded(net, hf_tok, model=model, path=path, device=device, **options)
+
+    @classmethod
+    def from_loaded(
         cls,
-        model: str,
+        net,
+        hf_tok,
         *,
-        device: str | None = None,
-        compute_dtype: str = "auto",
+        model: str,
+        path: str,
+        device: str,
         pooling: str = "auto",
         max_length: int | None = None,
         dims: int | None = None,
@@ -196,30 +237,17 @@ class Embedder:
         chunk_tokens: int = 512,
         chunk_overlap: int = 0,
         batch_tokens: int = 16384,
-        trust_remote_code: bool = False,
+        attention: str = "auto",
+        compile: bool | None = None,
     ) -> Embedder:
-        """Load a model and tokenizer through transformers and work out pooling, framing and prompts.
+        """Work out pooling, framing and prompts for a model already in memory (on ``device``, in eval mode).
 
-        Raises:
-            PipelineError: the model cannot be loaded, ``dims`` exceeds its size, an unknown prompt name.
+        ``path`` is where its sentence-transformers files (pooling, prompts, max length) are looked up.
         """
-        import torch
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from pipeline.packed import PackedDecoder, supports_packing
 
-        path = resolve_model_path(model)
-        device = device or default_device()
-        if compute_dtype == "auto":
-            compute_dtype = "float32" if device == "cpu" else "bfloat16"
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            hf_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            net = AutoModel.from_pretrained(
-                path, dtype=_torch_dtype(compute_dtype), trust_remote_code=trust_remote_code,
-                attn_implementation="sdpa",
-            )
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"model {model!r}: cannot load ({exc})") from exc
-        net.eval().to(torch.device(device))
+        config = net.config
+        compute_dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
         st_pooling, st_config, bert_config = _st_files(path)
         model_type = getattr(config, "model_type", "")
         is_decoder = model_type in DECODER_TYPES or bool(getattr(config, "is_decoder", False))
@@ -230,6 +258,7 @@ class Embedder:
             raise PipelineError(f"dims: {dims} is larger than the model's {hidden} dimensions")
         limit = _model_max_length(config, hf_tok, bert_config)
         max_length = min(max_length, limit) if max_length else limit
+        hf_tok.model_max_length = 1 << 30  # we truncate ourselves; silence the tokenizer's length warning
         fmt = _sequence_format(hf_tok, model_type, max_length)
         prompts = dict(st_config.get("prompts") or {})
         if instruction is not None:
@@ -249,11 +278,27 @@ class Embedder:
             pooling=pooling, normalize=normalize, max_length=max_length, prefix=fmt.prefix, suffix=fmt.suffix,
             prompt=prompt, prompts=prompts, compute_dtype=compute_dtype,
         )
-        emb = cls(net, tok, info, device, batch_tokens)
-        emb.pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
-        log.info("model %s: %s, pooling %s, dims %d, max_length %d, %s on %s", model, model_type, pooling,
-                 info.dims, max_length, compute_dtype, device)
-        return emb
+        can_pack = supports_packing(net) and pooling == "lasttoken"
+        if attention == "packed" and not can_pack:
+            raise PipelineError(
+                f"attention: packed needs a Qwen2/Qwen3 model with last-token pooling ({model_type}, {pooling})"
+            )
+        packed = None
+        if attention == "packed" or (attention == "auto" and can_pack and device.startswith("cuda")):
+            packed = PackedDecoder(net, compile=device.startswith("cuda") if compile is None else compile)
+        pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
+        log.info("model %s: %s, pooling %s, dims %d, max_length %d, %s on %s, %s attention", model, model_type,
+                 pooling, info.dims, max_length, compute_dtype, device, "packed" if packed else "padded")
+        return cls(net, tok, info, device, batch_tokens, pad_id=pad_id, packed=packed)
+
+    # ------------------------------------------------------------------------------------------ batching
+
+    def plan_batches(self, lengths: np.ndarray, window: int | None = None) -> list[np.ndarray]:
+        """Token-budget batches for this forward path (packed: sum of lengths; padded: count x longest)."""
+        from pipeline.batching import token_budget_batches
+
+        cost = "packed" if self.packed is not None else "padded"
+        return token_budget_batches(lengths, self.batch_tokens, window=window, cost=cost)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -261,7 +306,16 @@ class Embedder:
         """Pooled float32 hidden states (len(idx), hidden) of the sequences ``idx``, on the model's device."""
         import torch
 
+        dev = torch.device(self.device)
         lengths = enc.lengths[idx]
+        if self.packed is not None:
+            from pipeline.packed import pack_arrays
+
+            positions, cu = pack_arrays(lengths)
+            ids = np.concatenate([enc.sequence(int(i)) for i in idx]).astype(np.int64)
+            out = self.packed.forward(_to_device(ids, dev), _to_device(positions, dev), _to_device(cu, dev),
+                                      int(lengths.max()))
+            return out.float()
         longest = int(lengths.max())
         ids = np.full((len(idx), longest), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(idx), longest), dtype=np.int64)
@@ -269,10 +323,8 @@ class Embedder:
             seq = enc.sequence(int(i))
             ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
-        dev = torch.device(self.device)
-        input_ids = torch.from_numpy(ids).to(dev, non_blocking=True)
-        attention = torch.from_numpy(mask).to(dev, non_blocking=True)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        attention = _to_device(mask, dev)
+        hidden = self.model(input_ids=_to_device(ids, dev), attention_mask=attention).last_hidden_state
         return pool(hidden, attention, torch.from_numpy(lengths).to(dev), self.info.pooling)
 
     def _forward_safe(self, enc: Encoded, idx: np.ndarray) -> list[tuple[np.ndarray, Any]]:
@@ -293,8 +345,15 @@ class Embedder:
             log.warning("out of memory on a batch of %d sequences; splitting it", len(idx))
             return self._forward_safe(enc, idx[:half]) + self._forward_safe(enc, idx[half:])
 
-    def embed_encoded(self, enc: Encoded, batches: list[np.ndarray], on_batch=None) -> np.ndarray:
-        """Vectors for every sequence of ``enc``, computed in the given batches.
+    def embed_encoded(self, enc: Encoded, *, window: int | None = None, on_batch=None) -> np.ndarray:
+        """Vectors for every sequence of ``enc``, computed in token-budget batches.
+
+        Vectors stay on the device until the whole input is done (one copy back, no sync per batch).
+
+        Args:
+            enc: tokenized sequences.
+            window: sequences sorted by length together (default: all).
+            on_batch: called with each batch's index array after it is queued.
 
         Returns:
             float32 (len(enc), dims), in the order of ``enc``; normalised if the job says so.
@@ -304,29 +363,37 @@ class Embedder:
         """
         import torch
 
-        out = np.empty((len(enc), self.info.dims), dtype=np.float32)
+        dev = torch.device(self.device)
+        out = torch.empty((len(enc), self.info.dims), dtype=torch.float32, device=dev)
         with torch.inference_mode():
-            for batch in batches:
+            for batch in self.plan_batches(enc.lengths, window):
                 for idx, pooled in self._forward_safe(enc, batch):
-                    vec = finish(pooled, self.info.dims, self.info.normalize)
-                    out[idx] = vec.cpu().numpy()
+                    out[torch.from_numpy(idx).to(dev)] = finish(pooled, self.info.dims, self.info.normalize)
                 if on_batch is not None:
                     on_batch(batch)
-        bad = ~np.isfinite(out).all(axis=1)
+            bad = ~torch.isfinite(out).all(dim=1)
+            result = out.cpu().numpy()
         if bad.any():
-            first = int(np.flatnonzero(bad)[0])
+            first = int(torch.nonzero(bad)[0, 0])
             raise EncodeError(f"{int(bad.sum())} non-finite vectors (NaN/inf), the first for sequence {first}",
                               index=first)
-        return out
+        return result
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Embed a list of texts (one vector per text; with chunking, the first chunk's)."""
-        from pipeline.batching import token_budget_batches
-
         enc = self.tokenizer.encode(texts)
-        vecs = self.embed_encoded(enc, token_budget_batches(enc.lengths, self.batch_tokens))
-        first = np.flatnonzero(enc.chunk == 0)
-        return vecs[first]
+        vecs = self.embed_encoded(enc)
+        return vecs[np.flatnonzero(enc.chunk == 0)]
+
+
+def _to_device(array: np.ndarray, dev):
+    """Host array -> device tensor; through pinned memory and an asynchronous copy on CUDA."""
+    import torch
+
+    t = torch.from_numpy(array)
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t
 
 
 def read_job_record(output: str | Path) -> dict[str, Any]:

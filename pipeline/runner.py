@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.batching import token_budget_batches
 from pipeline.config import JobConfig
 from pipeline.encoder import Embedder
 from pipeline.errors import EncodeError, InputError
@@ -144,13 +143,16 @@ def _prefetch(items: list[Shard], load, depth: int) -> Iterator[tuple[Shard, obj
                 pass
 
 
-def run_job(cfg: JobConfig, *, overwrite: bool = False, stop: threading.Event | None = None) -> RunSummary:
+def run_job(
+    cfg: JobConfig, *, overwrite: bool = False, stop: threading.Event | None = None, embedder: Embedder | None = None
+) -> RunSummary:
     """Embed every pending shard of the job; returns what was done.
 
     Args:
         cfg: the job.
         overwrite: discard an existing output first.
         stop: when set, finish the current shard and return (used on SIGTERM).
+        embedder: a model already loaded for this job (benchmarks); default: load ``cfg.model``.
 
     Raises:
         InputError, ManifestMismatch, EncodeError, PipelineError: with a message for the user.
@@ -159,13 +161,15 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, stop: threading.Event | 
     out.mkdir(parents=True, exist_ok=True)
     handler = attach_log_file(out)
     try:
-        return _run(cfg, out, overwrite, stop)
+        return _run(cfg, out, overwrite, stop, embedder)
     finally:
         logging.getLogger("pipeline").removeHandler(handler)
         handler.close()
 
 
-def _run(cfg: JobConfig, out: Path, overwrite: bool, stop: threading.Event | None) -> RunSummary:
+def _run(
+    cfg: JobConfig, out: Path, overwrite: bool, stop: threading.Event | None, embedder: Embedder | None
+) -> RunSummary:
     from tqdm import tqdm
 
     manifest = prepare(cfg, overwrite=overwrite)
@@ -174,7 +178,7 @@ def _run(cfg: JobConfig, out: Path, overwrite: bool, stop: threading.Event | Non
     log.info("%s: %d shards, %d pending", out, len(manifest.shards), len(pending))
     if not pending:
         return summary
-    embedder = Embedder.from_config(cfg)
+    embedder = embedder or Embedder.from_config(cfg)
     write_job_record(out, cfg, embedder)
     spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
 
@@ -188,7 +192,6 @@ def _run(cfg: JobConfig, out: Path, overwrite: bool, stop: threading.Event | Non
     try:
         for shard, (table, enc) in _prefetch(pending, load, PREFETCH):
             t0 = time.perf_counter()
-            batches = token_budget_batches(enc.lengths, cfg.batch_tokens, window=cfg.sort_window)
             first_chunk = enc.chunk == 0
 
             def progress(batch: np.ndarray, enc: Encoded = enc, first_chunk: np.ndarray = first_chunk) -> None:
@@ -198,7 +201,7 @@ def _run(cfg: JobConfig, out: Path, overwrite: bool, stop: threading.Event | Non
                 bar.set_postfix_str(f"{summary.tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
 
             try:
-                vectors = embedder.embed_encoded(enc, batches, on_batch=progress)
+                vectors = embedder.embed_encoded(enc, window=cfg.sort_window, on_batch=progress)
             except EncodeError as exc:
                 if exc.index is not None:
                     doc_id = table.column("id")[int(enc.doc[exc.index])].as_py()

@@ -1,0 +1,241 @@
+"""Packed (padding-free) forward for Qwen3-style decoders with last-token pooling.
+
+The sequences of a batch are concatenated into one stream of ``T`` tokens; attention stays causal within
+each sequence through cumulative sequence lengths (``cu_seqlens``), so no token is ever computed for padding.
+On CUDA, attention is ``torch.nn.attention.varlen.varlen_attn`` (flash attention on packed tensors, GQA
+native); elsewhere it is one causal SDPA call per sequence (for tests and CPU runs).
+
+What is computed differs from the transformers forward in three ways, none of which changes the result:
+- the projections of each layer are fused: q/k/v as one GEMM and gate/up as one GEMM (the original module
+  weights become views of the fused tensors, so no memory is duplicated);
+- the last layer computes queries, attention output and MLP only at the pooled (last) positions;
+- with ``compile=True``, the work around attention (norms, projections, rope, MLP) is compiled by
+  ``torch.compile`` with dynamic shapes (one graph for every pack length); attention runs eagerly between,
+  so the real maximum length of each pack goes to the kernel without recompiling.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+PACKED_TYPES = {"qwen3", "qwen2"}
+
+
+def supports_packing(model) -> bool:
+    """Whether ``model`` is a decoder this module can run packed (Qwen2/Qwen3 ``AutoModel`` without scaling)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", "") not in PACKED_TYPES:
+        return False
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return False
+    if getattr(cfg, "use_sliding_window", False):
+        return False
+    return hasattr(model, "layers") and hasattr(model, "embed_tokens")
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as transformers' Qwen3RMSNorm: statistics in float32, scale in the input dtype."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _pre_attention(x, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, n_q: int, n_kv: int, head_dim: int, eps: float):
+    """Norm, fused q/k/v projection, per-head q/k norms and rope. x (T, H) -> q (T, n_q, D), k/v (T, n_kv, D)."""
+    h = _rms(x, ln_w, eps)
+    qkv = F.linear(h, qkv_w, qkv_b)
+    q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.view(-1, n_q, head_dim)
+    k = k.view(-1, n_kv, head_dim)
+    v = v.view(-1, n_kv, head_dim)
+    if qn_w is not None:
+        q = _rms(q, qn_w, eps)
+        k = _rms(k, kn_w, eps)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return _rotate(q, c, s), _rotate(k, c, s), v
+
+
+def _post_attention(x, attn, o_w, ln_w, gate_up_w, down_w, eps: float):
+    """Output projection, residual, norm, fused SiLU MLP, residual. x (T, H), attn (T, n_q * D) -> (T, H)."""
+    h = x + F.linear(attn, o_w)
+    gate, up = F.linear(_rms(h, ln_w, eps), gate_up_w).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, down_w)
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    qkv: torch.Tensor
+    qkv_b: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    ln2: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def _fuse(*linears) -> torch.Tensor:
+    """Concatenate the weights of several Linear layers along the output dimension and make each original
+    weight a view into the result (no extra memory once the old tensors are freed)."""
+    fused = torch.cat([lin.weight.data for lin in linears], dim=0)
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = fused[start : start + n]
+        start += n
+    return fused
+
+
+def _fuse_bias(*linears) -> torch.Tensor | None:
+    if linears[0].bias is None:
+        return None
+    fused = torch.cat([lin.bias.data for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.bias.shape[0]
+        lin.bias.data = fused[start : start + n]
+        start += n
+    return fused
+
+
+class PackedDecoder:
+    """Runs a Qwen3/Qwen2 ``AutoModel`` on packed sequences and returns last-token hidden states.
+
+    Args:
+        model: a loaded ``Qwen3Model`` (or ``Qwen2Model``), on its device and dtype, in eval mode.
+        compile: compile the per-layer work around attention with ``torch.compile`` (CUDA only).
+    """
+
+    def __init__(self, model, *, compile: bool = False) -> None:
+        cfg = model.config
+        self.model = model
+        self.n_q = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        self.device = next(model.parameters()).device
+        self.layers = []
+        for layer in model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                ln1=layer.input_layernorm.weight,
+                qkv=_fuse(att.q_proj, att.k_proj, att.v_proj),
+                qkv_b=_fuse_bias(att.q_proj, att.k_proj, att.v_proj),
+                q_norm=att.q_norm.weight if hasattr(att, "q_norm") else None,
+                k_norm=att.k_norm.weight if hasattr(att, "k_norm") else None,
+                o=att.o_proj.weight,
+                ln2=layer.post_attention_layernorm.weight,
+                gate_up=_fuse(mlp.gate_proj, mlp.up_proj),
+                down=mlp.down_proj.weight,
+            ))
+        self.use_varlen = self.device.type == "cuda" and _varlen() is not None
+        params = inspect.signature(_varlen()).parameters if self.use_varlen else {}
+        self._varlen_gqa = "enable_gqa" in params
+        self._varlen_window = "window_size" in params  # torch >= 2.11; 2.10 takes is_causal
+        self.pre = _pre_attention
+        self.post = _post_attention
+        self.compiled = bool(compile and self.device.type == "cuda")
+        if self.compiled:
+            # dynamic shapes: one graph serves every pack length, so packs need no padding to fixed sizes
+            self.pre = torch.compile(_pre_attention, dynamic=True)
+            self.post = torch.compile(_post_attention, dynamic=True)
+
+    # -------------------------------------------------------------------------------------------- attention
+
+    def _attention(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> torch.Tensor:
+        """q (Tq, n_q, D), k/v (Tk, n_kv, D) -> (Tq, n_q, D), attention within each packed sequence."""
+        if self.use_varlen:
+            kwargs: dict = {"scale": self.scale}
+            if self._varlen_window:
+                kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+            else:
+                kwargs["is_causal"] = causal
+            if self._varlen_gqa:
+                kwargs["enable_gqa"] = True
+            return _varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+        out = torch.empty_like(q)
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        for i in range(len(cq) - 1):
+            qi = q[cq[i] : cq[i + 1]].transpose(0, 1)
+            ki = k[ck[i] : ck[i + 1]].transpose(0, 1)
+            vi = v[ck[i] : ck[i + 1]].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0), is_causal=causal, scale=self.scale, enable_gqa=True
+            )
+            out[cq[i] : cq[i + 1]] = o[0].transpose(0, 1)
+        return out
+
+    # ---------------------------------------------------------------------------------------------- forward
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Hidden states after the final norm at the last token of every packed sequence.
+
+        Args:
+            ids: int (T,), the packed token ids, on the model's device.
+            positions: int (T,), position of each token within its own sequence.
+            cu: int32 (n + 1,), cumulative sequence lengths, ``cu[-1] == T``.
+            max_len: the longest sequence of the pack.
+
+        Returns:
+            (n, hidden) in the model's dtype.
+        """
+        m = self.model
+        x = m.embed_tokens(ids)
+        cos, sin = m.rotary_emb(x, positions.unsqueeze(0))
+        cos, sin = cos[0], sin[0]
+        last = (cu[1:] - 1).long()
+        n = len(last)
+        *body, final = self.layers
+        for ly in body:
+            q, k, v = self.pre(x, ly.ln1, ly.qkv, ly.qkv_b, ly.q_norm, ly.k_norm, cos, sin,
+                               self.n_q, self.n_kv, self.head_dim, self.eps)
+            a = self._attention(q, k, v, cu, cu, max_len, max_len, causal=True)
+            x = self.post(x, a.reshape(a.shape[0], -1), ly.o, ly.ln2, ly.gate_up, ly.down, self.eps)
+        q, k, v = self.pre(x, final.ln1, final.qkv, final.qkv_b, final.q_norm, final.k_norm, cos, sin,
+                           self.n_q, self.n_kv, self.head_dim, self.eps)
+        # The last token of a sequence attends to all of its sequence: no causal mask needed for one query.
+        cu_last = torch.arange(n + 1, device=cu.device, dtype=cu.dtype)
+        a = self._attention(q[last].contiguous(), k, v, cu_last, cu, 1, max_len, causal=False)
+        h = _post_attention(x[last], a.reshape(n, -1), final.o, final.ln2, final.gate_up, final.down, self.eps)
+        return m.norm(h)
+
+
+def _varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def pack_arrays(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and cumulative lengths of sequences packed back to back.
+
+    Returns:
+        ``(positions int64 (T,), cu_seqlens int32 (n + 1,))``.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    starts = np.repeat(cu[:-1].astype(np.int64), lengths)
+    positions = np.arange(int(cu[-1]), dtype=np.int64) - starts
+    return positions, cu
