@@ -157,9 +157,13 @@ def st_policy(model, tokenizer, texts: list[str], device: str) -> tuple[float, n
 
 
 def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int, workdir: Path,
-              compile: bool = True, skip_st: bool = False, long_docs: int = 0, device: str = "cuda",
-              dtype: str = "bfloat16") -> dict[str, Any]:
-    """One model size: ceiling, ST policy, model alone, full pipeline. Returns the record."""
+              compile: bool = True, st_docs: int | None = None, long_docs: int = 0, device: str = "cuda",
+              dtype: str = "bfloat16", profile: Path | None = None, levers: bool = False) -> dict[str, Any]:
+    """One model size: ceiling, ST policy, model alone, full pipeline. Returns the record.
+
+    The ST policy is slow, so it runs on the first ``st_docs`` documents (lengths are drawn independently, so
+    they follow the same distribution); its rate is compared with the pipeline's rate on all documents.
+    """
     import pyarrow as pa
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
@@ -219,12 +223,20 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int, 
     vec_e2e = np.stack(got.column("embedding").to_numpy(zero_copy_only=False))[np.argsort([int(i[1:]) for i in ids])]
     rec["e2e_vs_model_min_cosine"] = round(float((vec_e2e * vec_model).sum(1).min()), 5)
 
-    if not skip_st:
-        st_s, vec_st, st_tokens = st_policy(model, tok, texts, device)
+    if profile is not None:
+        _profile(emb, enc, profile / f"profile-{size}.txt")
+    if levers:
+        rec["levers"] = _levers(model, tokenizer_dir, texts[: min(st_docs or n_docs, n_docs)], batch_tokens,
+                                device, emb)
+    if st_docs != 0:
+        n_st = min(st_docs or n_docs, n_docs)
+        st_s, vec_st, st_tokens = st_policy(model, tok, texts[:n_st], device)
+        rec["st_docs"] = n_st
         rec["st_policy_tokens_per_s"] = round(st_tokens / st_s)
         rec["ratio_vs_sentence_transformers"] = round(rec["tokens_per_s"] / rec["st_policy_tokens_per_s"], 2)
-        rec["packed_vs_padded_min_cosine"] = round(float((vec_model * vec_st).sum(1).min()), 5)
-        rec["packed_vs_padded_mean_cosine"] = round(float((vec_model * vec_st).sum(1).mean()), 6)
+        cos = (vec_model[:n_st] * vec_st).sum(1)
+        rec["packed_vs_padded_min_cosine"] = round(float(cos.min()), 5)
+        rec["packed_vs_padded_mean_cosine"] = round(float(cos.mean()), 6)
     ceiling_tok = rec["ceiling_tflops"] * 1e12 / rec["flops_per_token"]
     rec["ceiling_tokens_per_s"] = round(ceiling_tok)
     rec["share_of_ceiling"] = round(rec["tokens_per_s"] / ceiling_tok, 3)
@@ -251,6 +263,52 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int, 
     return rec
 
 
+def _model_rate(emb, texts: list[str], device: str) -> int:
+    enc = emb.tokenizer.encode(texts)
+    emb.embed_texts(texts[:64])  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    emb.embed_encoded(enc)
+    _sync(device)
+    return round(int(enc.lengths.sum()) / (time.perf_counter() - t0))
+
+
+def _levers(model, tokenizer_dir: str, texts: list[str], batch_tokens: int, device: str, compiled) -> dict[str, int]:
+    """Model-only tokens/s of each forward path on the same texts: what each lever contributes."""
+    from transformers import AutoTokenizer
+
+    from pipeline.encoder import Embedder
+
+    def make(attention: str, budget: int, compile: bool):
+        return Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model="random",
+                                    path=tokenizer_dir, device=device, batch_tokens=budget, attention=attention,
+                                    compile=compile, max_length=8192)
+
+    return {
+        "padded_budget_16k_sdpa": _model_rate(make("padded", 16384, False), texts, device),
+        "packed_eager": _model_rate(make("packed", batch_tokens, False), texts, device),
+        "packed_compiled": _model_rate(compiled, texts, device),
+    }
+
+
+def _profile(emb, enc, path: Path, batches: int = 4) -> None:
+    """Kernel time of a few packed batches (torch.profiler), written as a table."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.tokens import Encoded
+
+    idx = np.concatenate(emb.plan_batches(enc.lengths)[:batches])
+    offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+    np.cumsum(enc.lengths[idx], out=offsets[1:])
+    sub = Encoded(np.concatenate([enc.sequence(int(i)) for i in idx]), offsets, np.arange(len(idx)),
+                  enc.chunk[idx], enc.span[idx], enc.truncated[idx])
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        emb.embed_encoded(sub)
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+
+
 def table(records: list[dict[str, Any]]) -> str:
     """A short text table of the records."""
     head = (f"{'size':>5} {'e2e tok/s':>10} {'model tok/s':>11} {'ST tok/s':>9} {'x ST':>5} "
@@ -266,14 +324,17 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def main(sizes: list[str], tokenizer_dir: str, docs: dict[str, int], batch_tokens: dict[str, int], out: Path,
-         compile: bool = True, long_docs: int = 0) -> list[dict[str, Any]]:
+         compile: bool = True, long_docs: int = 0, st_docs: dict[str, int] | None = None,
+         profile: bool = False, levers: bool = False) -> list[dict[str, Any]]:
     import tempfile
 
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             rec = run_bench(size, tokenizer_dir=tokenizer_dir, n_docs=docs[size], batch_tokens=batch_tokens[size],
-                            workdir=Path(tmp), compile=compile, long_docs=long_docs)
+                            workdir=Path(tmp), compile=compile, long_docs=long_docs,
+                            st_docs=(st_docs or {}).get(size), profile=out.parent if profile else None,
+                            levers=levers)
             rec["date"] = time.strftime("%Y-%m-%d")
             records.append(rec)
             log.warning("%s", json.dumps(rec))

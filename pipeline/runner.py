@@ -1,8 +1,9 @@
 """Runner: plan, load the model, then for each pending shard read -> tokenize -> batch -> encode -> write.
 
 Reading and tokenizing the next shard runs in a background thread while the current one is encoded (the
-tokenizer and Arrow release the GIL), so the model waits for input as little as possible. Each shard is
-committed on its own (part file, then done-marker), so an interrupted run loses at most the shards in flight.
+tokenizer and Arrow release the GIL), and the finished shard is written by another, so the model waits for
+input or output as little as possible. Each shard is committed on its own (part file, then done-marker), so an
+interrupted run loses at most the shards in flight.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,8 +188,22 @@ def _run(
         table = read_shard(manifest, shard, spec)
         return table, embedder.tokenizer.encode(table.column("text").to_pylist())
 
+    def commit(shard: Shard, table: pa.Table, enc: Encoded, vectors: np.ndarray, t0: float) -> None:
+        write_part(out, shard, output_table(table, enc, vectors, cfg))
+        seconds = time.perf_counter() - t0
+        tokens = int(enc.lengths.sum())
+        mark_done(out, shard, {"rows": table.num_rows, "sequences": len(enc), "tokens": tokens,
+                               "seconds": round(seconds, 4)})
+        summary.shards_done += 1
+        summary.docs += table.num_rows
+        summary.sequences += len(enc)
+        log.info("shard %d done: %d rows, %d tokens, %.2fs", shard.id, table.num_rows, tokens, seconds)
+
     bar = tqdm(total=sum(manifest.shard_rows(s) for s in pending), unit="doc", disable=cfg.quiet,
                dynamic_ncols=True, desc="embedding")
+    # Parts are written by one background thread while the next shard is encoded; at most one shard waits.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+    writing: Future | None = None
     start = time.perf_counter()
     try:
         for shard, (table, enc) in _prefetch(pending, load, PREFETCH):
@@ -209,21 +225,19 @@ def _run(
                 mark_failed(out, shard, str(exc))
                 summary.failed.append(shard.id)
                 raise exc from None
-            write_part(out, shard, output_table(table, enc, vectors, cfg))
-            seconds = time.perf_counter() - t0
-            tokens = int(enc.lengths.sum())
-            mark_done(out, shard, {"rows": table.num_rows, "sequences": len(enc), "tokens": tokens,
-                                   "seconds": round(seconds, 4)})
-            summary.shards_done += 1
-            summary.docs += table.num_rows
-            summary.sequences += len(enc)
-            log.info("shard %d done: %d rows, %d tokens, %.2fs", shard.id, table.num_rows, tokens, seconds)
+            if writing is not None:
+                writing.result()
+            writing = writer.submit(commit, shard, table, enc, vectors, t0)
             if stop is not None and stop.is_set():
+                writing.result()
                 summary.stopped_early = True
                 log.warning("stop requested: leaving %d shards for the next run",
                             len(pending) - summary.shards_done)
                 break
+        if writing is not None:
+            writing.result()
     finally:
+        writer.shutdown(wait=True)
         bar.close()
         summary.seconds = time.perf_counter() - start
     return summary
