@@ -54,7 +54,7 @@ def token_budget_batches(
     if budget < 1:
         raise ValueError(f"budget must be positive, got {budget}")
     n = len(lengths)
-    window = n if window is None or window <= 0 else window
+    window = max(n, 1) if window is None or window <= 0 else window  # n may be 0: a shard of rejected rows
     batches: list[np.ndarray] = []
     for lo in range(0, n, window):
         idx = np.arange(lo, min(lo + window, n), dtype=np.int64)

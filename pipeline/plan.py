@@ -111,7 +111,8 @@ class Manifest:
 
     @property
     def total_rows(self) -> int:
-        return sum(pf.rows - pf.rejected for pf in self.files)
+        """Documents to embed: planned rows less rejected rows and blank JSONL lines (both in ``skip``)."""
+        return sum(self.shard_rows(s) for s in self.shards)
 
     def shard_rows(self, shard: Shard) -> int:
         return shard.row_end - shard.row_start - len(shard.skip)
@@ -255,6 +256,7 @@ class _Scan:
     rejects: list[Reject]
     id_hashes: np.ndarray  # uint64, one per valid row with a real id
     id_rows: np.ndarray  # int64, the rows of those ids
+    blank: np.ndarray  # int64, blank JSONL lines: counted as rows, but no documents
 
 
 def _hash_ids(ids: pa.ChunkedArray) -> np.ndarray:
@@ -276,7 +278,9 @@ def _scan_file(info: InputFile, spec: FieldSpec, shard_size: int) -> _Scan:
     rejects: list[Reject] = []
     hashes: list[np.ndarray] = []
     id_rows: list[np.ndarray] = []
+    seen: list[np.ndarray] = []  # rows that hold a record (valid or not); the other JSONL rows are blank lines
     for raw in iter_raw(info, spec):
+        seen += [raw.rows.to_numpy(), np.array([r for r, _, _ in raw.bad], np.int64)]
         table, bad = extract(raw, info, spec, generated)
         rejects.extend(bad)
         if not generated and table.num_rows:
@@ -301,6 +305,8 @@ def _scan_file(info: InputFile, spec: FieldSpec, shard_size: int) -> _Scan:
         rejects,
         np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
         np.concatenate(id_rows) if id_rows else np.zeros(0, np.int64),
+        np.setdiff1d(np.arange(rows, dtype=np.int64), np.concatenate(seen)) if info.format == "jsonl"
+        else np.zeros(0, np.int64),
     )
 
 
@@ -334,6 +340,13 @@ def _add_files(out: Path, manifest: Manifest, new: list[InputFile], cfg: JobConf
     for info in new:
         log.info("scanning %s", info.path)
         scans.append(_scan_file(info, spec, cfg.shard_size))
+    for info, scan in zip(new, scans, strict=True):
+        if len(scan.rejects) > 1 and len(scan.rejects) >= scan.rows - len(scan.blank):
+            # Not a few bad records but a wrong setting (as a missing Parquet column is): even `skip` stops.
+            raise InputError(
+                f"{scan.rejects[0].message()}, and so is every other row of {info.path}: check --text-field "
+                "and --id-field"
+            )
     rejects = [r for scan in scans for r in scan.rejects]
     rejects += _duplicates(out, manifest, new, scans, spec, first_idx)
     if rejects and cfg.on_bad_record == "error":
@@ -359,7 +372,7 @@ def _add_files(out: Path, manifest: Manifest, new: list[InputFile], cfg: JobConf
             log.warning("%s: %d bad rows skipped, listed in %s", info.path, len(bad), out / "rejects")
         if not scan.generated_ids:
             np.savez(out / "plan" / f"ids-{idx:05d}.npz", hash=scan.id_hashes, row=scan.id_rows)
-        bad_rows = np.array([r.row for r in bad], dtype=np.int64)
+        bad_rows = np.union1d(np.array([r.row for r in bad], dtype=np.int64), scan.blank)
         for start, end, byte_start in scan.ranges:
             lo, hi = np.searchsorted(bad_rows, [start, end])
             skip = tuple(int(r) for r in bad_rows[lo:hi])

