@@ -74,8 +74,13 @@ def _fail(message: str, code: int = EXIT_ERROR) -> None:
 @click.version_option(package_name="embed-corpus")
 def main() -> None:
     """embed-corpus: turn Parquet/JSONL corpora into embedding vectors, resumably."""
+    configure_logging()
+
+
+def configure_logging() -> None:
+    """Warnings and errors on the console; each run's log file (``OUTPUT/logs/``) has more."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:  # the console shows warnings; the run's log file has more
+    for handler in logging.getLogger().handlers:
         handler.setLevel(logging.WARNING)
 
 
@@ -96,6 +101,20 @@ def run(job_file: str | None, overwrite: bool, **flags: Any) -> None:
     except ConfigError as exc:
         _fail(str(exc), 2)
         return
+    if cfg.gpus or cfg.workers > 1:
+        from pipeline.launch import parse_gpus, run_workers
+
+        try:
+            code = run_workers(cfg, workers=cfg.workers, gpus=parse_gpus(cfg.gpus) if cfg.gpus else None,
+                               lease=cfg.lease_seconds, overwrite=overwrite)
+        except (PipelineError, ConfigError) as exc:
+            _fail(str(exc))
+            return
+        if code == EXIT_STOPPED:
+            _fail("stopped before the end; rerun the same command to resume", EXIT_STOPPED)
+        elif code:
+            _fail("a worker failed (see above); rerun the same command to finish", code)
+        return
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -105,7 +124,10 @@ def run(job_file: str | None, overwrite: bool, **flags: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, on_signal)
     try:
-        summary = run_job(cfg, overwrite=overwrite, stop=stop)
+        from pipeline.launch import device_for_rank
+
+        cfg = dataclasses.replace(cfg, device=device_for_rank(cfg.device))
+        summary = run_job(cfg, overwrite=overwrite, stop=stop, lease_seconds=cfg.lease_seconds)
     except (PipelineError, ConfigError) as exc:
         _fail(str(exc))
         return
@@ -171,6 +193,30 @@ def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | Non
                              long_docs=long_docs, st_docs=n_st, profile=profile, levers=levers)
     click.echo(bench_mod.table(records))
     click.echo(f"results: {out_path}")
+
+
+from pipeline.cli_index import eval_cmd, index, search  # noqa: E402
+
+main.add_command(index)
+main.add_command(search)
+main.add_command(eval_cmd, "eval")
+
+
+@main.command("bench-job")
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False))
+def bench_job(job_file: str) -> None:
+    """A job's throughput against a plain loop with fixed batches of 32 over the same documents."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.bench import job_vs_plain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = job_vs_plain(job_file, Path(tmp))
+    click.echo(json.dumps(rec, indent=1))
+    click.echo(f"job: {rec['job_docs_per_s']} docs/s, {rec['job_tokens_per_s']:,} tokens/s | plain batch-32 loop: "
+               f"{rec['plain_docs_per_s']} docs/s, {rec['plain_tokens_per_s']:,} tokens/s | "
+               f"{rec['speedup']}x less time")
 
 
 if __name__ == "__main__":

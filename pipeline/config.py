@@ -90,6 +90,11 @@ class JobConfig:
     compile: bool | None = field(
         default=None, metadata=_opt("torch.compile the packed forward (default: on for CUDA).")
     )
+    workers: int = field(default=1, metadata=_opt("Worker processes on this machine (CPU; see --gpus for GPUs)."))
+    gpus: str | None = field(default=None, metadata=_opt("One worker per GPU: all, N, or ids like 0,1,3."))
+    lease_seconds: int = field(
+        default=300, metadata=_opt("A claim without heartbeat for this long is taken over by another worker.")
+    )
     device: str | None = field(default=None, metadata=_opt("cpu, cuda or cuda:N (default: cuda if present)."))
     quiet: bool = field(default=False, metadata=_opt("No progress bar (cron)."))
 
@@ -99,7 +104,7 @@ class JobConfig:
             choices = _literal_choices(f.type)
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
-        positive = ["shard_size", "batch_tokens", "sort_window", "chunk_tokens"]
+        positive = ["shard_size", "batch_tokens", "sort_window", "chunk_tokens", "workers", "lease_seconds"]
         for name in positive + ["dims", "max_length"]:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -192,7 +197,8 @@ def make_config(values: dict[str, Any]) -> JobConfig:
     for name in ("input", "keep"):
         if name in values and values[name] is not None:
             values[name] = tuple(str(v) for v in values[name])
-    ints = {"dims", "max_length", "shard_size", "batch_tokens", "sort_window", "chunk_tokens", "chunk_overlap"}
+    ints = {"dims", "max_length", "shard_size", "batch_tokens", "sort_window", "chunk_tokens", "chunk_overlap",
+            "workers", "lease_seconds"}
     for name in ints & values.keys():
         value = values[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

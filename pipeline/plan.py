@@ -178,7 +178,8 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False) -> Manifest:
         if manifest is None:
             manifest = Manifest(cfg.fingerprint(), settings, cfg.plan_settings())
         else:
-            _check_settings(out, manifest, settings, cfg.plan_settings())
+            _check_settings(out, manifest, settings)
+            manifest.plan = cfg.plan_settings()  # shard size and bad-record policy apply to files planned now
         new = _new_files(out, manifest, found)
         if new:
             _add_files(out, manifest, new, cfg)
@@ -192,14 +193,10 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _check_settings(out: Path, manifest: Manifest, settings: dict[str, Any], plan: dict[str, Any]) -> None:
+def _check_settings(out: Path, manifest: Manifest, settings: dict[str, Any]) -> None:
     changed = [k for k in settings if manifest.settings.get(k) != settings[k]]
-    changed += [k for k in plan if manifest.plan.get(k) != plan[k]]
     if changed:
-        detail = ", ".join(
-            f"{k}: {manifest.settings.get(k, manifest.plan.get(k))!r} -> {settings.get(k, plan.get(k))!r}"
-            for k in changed
-        )
+        detail = ", ".join(f"{k}: {manifest.settings.get(k)!r} -> {settings[k]!r}" for k in changed)
         raise ManifestMismatch(
             f"{out} was built with other settings ({detail}). Its vectors would not be comparable with new ones: "
             f"write to a new --output, or add --overwrite to discard {out} and start over."

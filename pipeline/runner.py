@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.claims import DEFAULT_LEASE, Claims
 from pipeline.config import JobConfig
 from pipeline.encoder import Embedder
 from pipeline.errors import EncodeError, InputError
@@ -112,7 +113,7 @@ def output_table(table: pa.Table, enc: Encoded, vectors: np.ndarray, cfg: JobCon
     return pa.table(cols)
 
 
-def _prefetch(items: list[Shard], load, depth: int) -> Iterator[tuple[Shard, object]]:
+def _prefetch(items: Iterable[Shard], load, depth: int) -> Iterator[tuple[Shard, object]]:
     """Yield ``(shard, load(shard))`` with up to ``depth`` shards loaded ahead in a background thread."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -146,15 +147,21 @@ def _prefetch(items: list[Shard], load, depth: int) -> Iterator[tuple[Shard, obj
 
 
 def run_job(
-    cfg: JobConfig, *, overwrite: bool = False, stop: threading.Event | None = None, embedder: Embedder | None = None
+    cfg: JobConfig,
+    *,
+    overwrite: bool = False,
+    stop: threading.Event | None = None,
+    embedder: Embedder | None = None,
+    lease_seconds: float = DEFAULT_LEASE,
 ) -> RunSummary:
-    """Embed every pending shard of the job; returns what was done.
+    """Embed every pending shard of the job, sharing them with any other worker on the same output.
 
     Args:
         cfg: the job.
         overwrite: discard an existing output first.
-        stop: when set, finish the current shard and return (used on SIGTERM).
+        stop: when set, finish the current shard, give back the others and return (used on SIGTERM).
         embedder: a model already loaded for this job (benchmarks); default: load ``cfg.model``.
+        lease_seconds: another worker's claim without a heartbeat for this long is taken over.
 
     Raises:
         InputError, ManifestMismatch, EncodeError, PipelineError: with a message for the user.
@@ -163,18 +170,42 @@ def run_job(
     out.mkdir(parents=True, exist_ok=True)
     handler = attach_log_file(out)
     try:
-        return _run(cfg, out, overwrite, stop, embedder)
+        return _run(cfg, out, overwrite, stop, embedder, lease_seconds)
     finally:
         logging.getLogger("pipeline").removeHandler(handler)
         handler.close()
 
 
+def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: threading.Event | None
+             ) -> Iterator[Shard]:
+    """Shards this worker claims, in manifest order, until none is left; waits while others hold live claims
+    (a dead worker's claims go stale after the lease and are taken over). Ends once ``halt`` or ``stop`` is set."""
+    out = claims.out
+
+    def ended() -> bool:
+        return halt.is_set() or (stop is not None and stop.is_set())
+
+    while not ended():
+        for shard in manifest.shards:
+            if ended():
+                return
+            if shard.id not in claims.held and not is_done(out, shard) and claims.try_claim(shard):
+                yield shard
+        left = [s for s in manifest.shards if s.id not in claims.held and not is_done(out, s)]
+        if not left:
+            return
+        log.info("%d shards are claimed by other workers; waiting for them or for their lease to run out", len(left))
+        halt.wait(min(5.0, claims.lease / 10))
+
+
 def _run(
-    cfg: JobConfig, out: Path, overwrite: bool, stop: threading.Event | None, embedder: Embedder | None
+    cfg: JobConfig, out: Path, overwrite: bool, stop: threading.Event | None, embedder: Embedder | None,
+    lease_seconds: float,
 ) -> RunSummary:
     from tqdm import tqdm
 
     manifest = prepare(cfg, overwrite=overwrite)
+    remove_stale_temp_files(out, 2 * lease_seconds)
     pending = [s for s in manifest.shards if not is_done(out, s)]
     summary = RunSummary(shards_total=len(manifest.shards))
     log.info("%s: %d shards, %d pending", out, len(manifest.shards), len(pending))
@@ -189,11 +220,15 @@ def _run(
         return table, embedder.tokenizer.encode(table.column("text").to_pylist())
 
     def commit(shard: Shard, table: pa.Table, enc: Encoded, vectors: np.ndarray, t0: float) -> None:
+        if not claims.owns(shard):
+            log.warning("shard %d: the claim was taken over by another worker; dropping this result", shard.id)
+            return
         write_part(out, shard, output_table(table, enc, vectors, cfg))
         seconds = time.perf_counter() - t0
         tokens = int(enc.lengths.sum())
         mark_done(out, shard, {"rows": table.num_rows, "sequences": len(enc), "tokens": tokens,
-                               "seconds": round(seconds, 4)})
+                               "seconds": round(seconds, 4), "worker": claims.worker})
+        claims.release(shard)
         summary.shards_done += 1
         summary.docs += table.num_rows
         summary.sequences += len(enc)
@@ -204,43 +239,60 @@ def _run(
     # Parts are written by one background thread while the next shard is encoded; at most one shard waits.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
     writing: Future | None = None
+    halt = threading.Event()  # set when this loop ends, so the claiming thread stops at once
     start = time.perf_counter()
-    try:
-        for shard, (table, enc) in _prefetch(pending, load, PREFETCH):
-            t0 = time.perf_counter()
-            first_chunk = enc.chunk == 0
+    with Claims(out, lease_seconds) as claims:
+        try:
+            for shard, (table, enc) in _prefetch(_claimed(manifest, claims, halt, stop), load, PREFETCH):
+                t0 = time.perf_counter()
+                first_chunk = enc.chunk == 0
 
-            def progress(batch: np.ndarray, enc: Encoded = enc, first_chunk: np.ndarray = first_chunk) -> None:
-                summary.tokens += int(enc.lengths[batch].sum())
-                bar.update(int(first_chunk[batch].sum()))
-                elapsed = time.perf_counter() - start
-                bar.set_postfix_str(f"{summary.tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+                def progress(batch: np.ndarray, enc: Encoded = enc, first_chunk: np.ndarray = first_chunk) -> None:
+                    summary.tokens += int(enc.lengths[batch].sum())
+                    bar.update(int(first_chunk[batch].sum()))
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix_str(f"{summary.tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
 
-            try:
-                vectors = embedder.embed_encoded(enc, window=cfg.sort_window, on_batch=progress)
-            except EncodeError as exc:
-                if exc.index is not None:
-                    doc_id = table.column("id")[int(enc.doc[exc.index])].as_py()
-                    exc = EncodeError(f"shard {shard.id}: document {doc_id!r}: {exc}", exc.index)
-                mark_failed(out, shard, str(exc))
-                summary.failed.append(shard.id)
-                raise exc from None
+                try:
+                    vectors = embedder.embed_encoded(enc, window=cfg.sort_window, on_batch=progress)
+                except EncodeError as exc:
+                    if exc.index is not None:
+                        doc_id = table.column("id")[int(enc.doc[exc.index])].as_py()
+                        exc = EncodeError(f"shard {shard.id}: document {doc_id!r}: {exc}", exc.index)
+                    mark_failed(out, shard, str(exc))
+                    summary.failed.append(shard.id)
+                    raise exc from None
+                if writing is not None:
+                    writing.result()
+                writing = writer.submit(commit, shard, table, enc, vectors, t0)
+                if stop is not None and stop.is_set():
+                    break
             if writing is not None:
                 writing.result()
-            writing = writer.submit(commit, shard, table, enc, vectors, t0)
-            if stop is not None and stop.is_set():
-                writing.result()
-                summary.stopped_early = True
-                log.warning("stop requested: leaving %d shards for the next run",
-                            len(pending) - summary.shards_done)
-                break
-        if writing is not None:
-            writing.result()
-    finally:
-        writer.shutdown(wait=True)
-        bar.close()
-        summary.seconds = time.perf_counter() - start
+        finally:
+            halt.set()
+            writer.shutdown(wait=True)
+            bar.close()
+            summary.seconds = time.perf_counter() - start
+    if stop is not None and stop.is_set() and any(not is_done(out, s) for s in manifest.shards):
+        summary.stopped_early = True
+        log.warning("stop requested: %d shards left for the next run",
+                    sum(not is_done(out, s) for s in manifest.shards))
     return summary
+
+
+def remove_stale_temp_files(out: Path, older_than: float) -> None:
+    """Delete temporary part/marker files left by killed workers (older than any live worker's could be)."""
+    now = time.time()
+    for folder in (out / "vectors", out / "shards"):
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(".*.tmp-*"):
+            try:
+                if now - path.stat().st_mtime > older_than:
+                    path.unlink()
+            except OSError:
+                pass
 
 
 def write_job_record(out: Path, cfg: JobConfig, embedder: Embedder) -> None:

@@ -199,7 +199,6 @@ def small_job(tmp_path, minilm_dir):
         ["--max-length", "64"],
         ["--dtype", "float16"],
         ["--long-docs", "chunk"],
-        ["--shard-size", "7"],
         ["--no-normalize"],
     ],
 )
@@ -305,3 +304,19 @@ def test_status_reports_failed_shards(small_job):
     st = json.loads(run_ok("status", out, "--json").output)
     assert (st["shards_done"], st["shards_failed"], st["shards_pending"]) == (4, 0, 0)
     assert_ids_once(read_vectors(out), ids)
+
+
+def test_new_shard_size_applies_to_newly_planned_files_only(small_job):
+    """The shard size shapes the plan, not the vectors: a rerun with another one keeps the planned shards and
+    cuts only the new files with it."""
+    corpus, out, args, ids = small_job
+    parts = part_mtimes(out)
+    new_docs = make_docs(30, seed=21, start=200)
+    write_jsonl(corpus / "more.jsonl", new_docs)
+    shard_flag = args.index("--shard-size")
+    rerun = [*args[:shard_flag], "--shard-size", "10", *args[shard_flag + 2 :]]
+    run_ok(*rerun)
+    after = part_mtimes(out)
+    assert {k: after[k] for k in parts} == parts
+    assert len(after) == len(parts) + 3  # 30 new rows in shards of 10
+    assert_ids_once(read_vectors(out), ids + [d["id"] for d in new_docs])
