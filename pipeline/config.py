@@ -23,6 +23,7 @@ ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 PromptName = Literal["query", "document"]
 Pooling = Literal["auto", "lasttoken", "mean", "cls"]
 Attention = Literal["auto", "padded", "packed"]
+Backend = Literal["local", "openai"]
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,13 @@ class JobConfig:
     compile: bool | None = field(
         default=None, metadata=_opt("torch.compile the packed forward (default: on for CUDA).")
     )
+    backend: Backend = field(
+        default="local",
+        metadata=_opt("local: the model runs here; openai: an OpenAI-compatible /v1/embeddings server."),
+    )
+    endpoint: str | None = field(default=None, metadata=_opt("Server base URL for --backend openai."))
+    api_model: str | None = field(default=None, metadata=_opt("Model name sent to the server (default: --model)."))
+    concurrency: int = field(default=4, metadata=_opt("Requests in flight with --backend openai."))
     workers: int = field(default=1, metadata=_opt("Worker processes on this machine (CPU; see --gpus for GPUs)."))
     gpus: str | None = field(default=None, metadata=_opt("One worker per GPU: all, N, or ids like 0,1,3."))
     lease_seconds: int = field(
@@ -104,7 +112,10 @@ class JobConfig:
             choices = _literal_choices(f.type)
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
-        positive = ["shard_size", "batch_tokens", "sort_window", "chunk_tokens", "workers", "lease_seconds"]
+        positive = ["shard_size", "batch_tokens", "sort_window", "chunk_tokens", "workers", "lease_seconds",
+                    "concurrency"]
+        if self.backend == "openai" and not self.endpoint:
+            raise ConfigError("endpoint: --backend openai needs --endpoint URL")
         for name in positive + ["dims", "max_length"]:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -198,7 +209,7 @@ def make_config(values: dict[str, Any]) -> JobConfig:
         if name in values and values[name] is not None:
             values[name] = tuple(str(v) for v in values[name])
     ints = {"dims", "max_length", "shard_size", "batch_tokens", "sort_window", "chunk_tokens", "chunk_overlap",
-            "workers", "lease_seconds"}
+            "workers", "lease_seconds", "concurrency"}
     for name in ints & values.keys():
         value = values[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

@@ -211,7 +211,7 @@ def _run(
     log.info("%s: %d shards, %d pending", out, len(manifest.shards), len(pending))
     if not pending:
         return summary
-    embedder = embedder or Embedder.from_config(cfg)
+    embedder = embedder or load_embedder(cfg)
     write_job_record(out, cfg, embedder)
     spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
 
@@ -293,6 +293,15 @@ def remove_stale_temp_files(out: Path, older_than: float) -> None:
                     path.unlink()
             except OSError:
                 pass
+
+
+def load_embedder(cfg: JobConfig):
+    """The job's embedder: the model loaded here, or a client of an OpenAI-compatible server."""
+    if cfg.backend == "openai":
+        from pipeline.remote import RemoteEmbedder
+
+        return RemoteEmbedder.from_config(cfg)
+    return Embedder.from_config(cfg)
 
 
 def write_job_record(out: Path, cfg: JobConfig, embedder: Embedder) -> None:

@@ -51,7 +51,7 @@ class Encoded:
     chunk: np.ndarray
     span: np.ndarray
     truncated: np.ndarray
-
+    texts: list[str] | None = None  # the framed text of each sequence, for backends that send text
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets).astype(np.int64)
