@@ -279,16 +279,19 @@ def _levers(model, tokenizer_dir: str, texts: list[str], batch_tokens: int, devi
 
     from pipeline.encoder import Embedder
 
-    def make(attention: str, budget: int, compile: bool):
+    def make(attention: str, budget: int, compile: bool, kernel: str = "auto"):
         return Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model="random",
                                     path=tokenizer_dir, device=device, batch_tokens=budget, attention=attention,
-                                    compile=compile, max_length=8192)
+                                    compile=compile, max_length=8192, packed_kernel=kernel)
 
-    return {
+    rates = {
         "padded_budget_16k_sdpa": _model_rate(make("padded", 16384, False), texts, device),
         "packed_eager": _model_rate(make("packed", batch_tokens, False), texts, device),
         "packed_compiled": _model_rate(compiled, texts, device),
+        "packed_compiled_budget_x2": _model_rate(make("packed", 2 * batch_tokens, True), texts, device),
     }
+    rates["packed_kernel"] = compiled.packed.kernel if compiled.packed is not None else "none"
+    return rates
 
 
 def _profile(emb, enc, path: Path, batches: int = 4) -> None:

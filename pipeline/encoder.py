@@ -239,6 +239,7 @@ class Embedder:
         batch_tokens: int = 16384,
         attention: str = "auto",
         compile: bool | None = None,
+        packed_kernel: str = "auto",
     ) -> Embedder:
         """Work out pooling, framing and prompts for a model already in memory (on ``device``, in eval mode).
 
@@ -285,7 +286,8 @@ class Embedder:
             )
         packed = None
         if attention == "packed" or (attention == "auto" and can_pack and device.startswith("cuda")):
-            packed = PackedDecoder(net, compile=device.startswith("cuda") if compile is None else compile)
+            packed = PackedDecoder(net, compile=device.startswith("cuda") if compile is None else compile,
+                                   kernel=packed_kernel)
         pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
         log.info("model %s: %s, pooling %s, dims %d, max_length %d, %s on %s, %s attention", model, model_type,
                  pooling, info.dims, max_length, compute_dtype, device, "packed" if packed else "padded")
@@ -309,12 +311,15 @@ class Embedder:
         dev = torch.device(self.device)
         lengths = enc.lengths[idx]
         if self.packed is not None:
-            from pipeline.packed import pack_arrays
+            from pipeline.packed import pack_arrays, padded_layout
 
             positions, cu = pack_arrays(lengths)
             ids = np.concatenate([enc.sequence(int(i)) for i in idx]).astype(np.int64)
+            layout = None
+            if self.packed.kernel == "sdpa":
+                layout = tuple(_to_device(a, dev) for a in padded_layout(lengths))
             out = self.packed.forward(_to_device(ids, dev), _to_device(positions, dev), _to_device(cu, dev),
-                                      int(lengths.max()))
+                                      int(lengths.max()), layout)
             return out.float()
         longest = int(lengths.max())
         ids = np.full((len(idx), longest), self.pad_id, dtype=np.int64)
