@@ -127,7 +127,7 @@ def test_budget_is_respected_and_changes_the_choice(tmp_path: Path) -> None:
     write_vector_output(tmp_path, x, shard_size=5000)
     big = build_index(tmp_path, max_memory="64M", recall_queries=200)
     assert big["factory"] == "Flat"
-    budget = "4500K"
+    budget = "5000K"
     expected = choose_index(20_000, 64, budget)
     assert family(expected.factory) == "IVF-SQ"
     small = build_index(tmp_path, max_memory=budget, recall_queries=200)

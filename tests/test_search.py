@@ -137,7 +137,7 @@ def test_search_json_shape(qwen_job: tuple[Path, dict[str, str]]) -> None:
     out, texts = qwen_job
     res = _cli("search", out, "Which bear eats bamboo?", "-k", "3", "--json", "--device", "cpu")
     assert res.exit_code == 0, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1
     obj = json.loads(lines[0])
     assert set(obj) == {"query", "results"} and obj["query"] == "Which bear eats bamboo?"
@@ -148,13 +148,13 @@ def test_search_json_shape(qwen_job: tuple[Path, dict[str, str]]) -> None:
     scores = [r["score"] for r in obj["results"]]
     assert scores == sorted(scores, reverse=True)
     human = _cli("search", out, "coffee", "-k", "2", "--device", "cpu")
-    assert human.exit_code == 0 and human.output.startswith("query: coffee") and "  1. " in human.output
+    assert human.exit_code == 0 and human.stdout.startswith("query: coffee") and "  1. " in human.output
 
 
 def test_search_queries_file_writes_jsonl(qwen_job: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     out, _ = qwen_job
     qfile = tmp_path / "q.jsonl"
-    qfile.write_text(json.dumps({"_id": "a", "text": "coffee"}) + "\n" + json.dumps({"_id": "b", "text": "reef"}) + "\n")
+    qfile.write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in (("a", "coffee"), ("b", "reef"))))
     dest = tmp_path / "results.jsonl"
     res = _cli("search", out, "--queries", qfile, "-k", "4", "--out", dest, "--device", "cpu")
     assert res.exit_code == 0, res.output
@@ -163,7 +163,7 @@ def test_search_queries_file_writes_jsonl(qwen_job: tuple[Path, dict[str, str]],
     pfile = tmp_path / "q.parquet"
     pq.write_table(pa.table({"id": ["x"], "query": ["panda"]}), pfile)
     res = _cli("search", out, "--queries", pfile, "-k", "1", "--device", "cpu")
-    assert res.exit_code == 0 and json.loads(res.output.splitlines()[0])["query_id"] == "x"
+    assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[0])["query_id"] == "x"
 
 
 def test_reranked_search_reorders_by_the_reranker(qwen_job: tuple[Path, dict[str, str]], reranker_dir: Path) -> None:
@@ -183,7 +183,7 @@ def test_reranked_search_reorders_by_the_reranker(qwen_job: tuple[Path, dict[str
     res = _cli("search", out, "panda", "-k", "2", "--json", "--rerank-model", reranker_dir, "--rerank-top", "5",
                "--device", "cpu")
     assert res.exit_code == 0, res.output
-    assert all({"score", "rerank_score"} <= set(r) for r in json.loads(res.output)["results"])
+    assert all({"score", "rerank_score"} <= set(r) for r in json.loads(res.stdout)["results"])
 
 
 def test_clear_errors(qwen_job: tuple[Path, dict[str, str]], tmp_path: Path, minilm_dir: Path) -> None:
@@ -290,3 +290,17 @@ def test_eval_reports_exact_index_and_reranked_columns(qwen_job: tuple[Path, dic
         assert report["columns"]["exact"][m] == pytest.approx(v, abs=1e-5)
     direct = run_eval(out, beir / "queries.jsonl", beir / "qrels" / "test.tsv", name="direct", device="cpu")
     assert direct["columns"]["exact"] == report["columns"]["exact"]
+
+
+def test_chunk_results_show_their_chunk_text(tmp_path: Path, tiny_qwen3_dir: Path) -> None:
+    doc = ("The giant panda is a bear native to south central China. It eats bamboo almost exclusively. Pandas are "
+           "good climbers. They spend most of the day eating and sleeping in the forests of Sichuan.")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "long", "text": doc}) + "\n")
+    out = _run(tmp_path, [corpus], str(tiny_qwen3_dir), long_docs="chunk", chunk_tokens=8, chunk_overlap=2,
+               max_length=30)
+    build_index(out)
+    results = Searcher(out, device="cpu").search(["bamboo"], k=20)[0]["results"]
+    assert len(results) > 3 and all(r["id"].startswith("long#") for r in results)
+    for r in results:
+        assert r["text"] and r["text"].strip() in doc and len(r["text"]) < len(doc)
