@@ -11,5 +11,7 @@ python - <<'PY'
 import pyarrow.dataset as ds
 t = ds.dataset("out/demo/vectors").to_table()
 print(f"\nout/demo/vectors: {t.num_rows} rows, columns {t.column_names}")
-print(t.select(["id", "n_tokens", "truncated"]).slice(0, 5).to_pandas().to_string(index=False))
 PY
+echo
+echo '$ embed-corpus search out/demo "how do I read a file line by line" -k 5'
+embed-corpus search out/demo "how do I read a file line by line" -k 5

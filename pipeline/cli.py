@@ -37,6 +37,8 @@ def config_options(func):
     """Decorate a click command with one option per ``JobConfig`` field (defaults None: only given flags
     override the job file)."""
     for f in reversed(dataclasses.fields(JobConfig)):
+        if f.metadata.get("cli") is False:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         tp = _base_type(f.type)
@@ -88,7 +90,9 @@ def configure_logging() -> None:
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False))
 @config_options
 @click.option("--overwrite", is_flag=True, help="Discard an existing output directory and start over.")
-def run(job_file: str | None, overwrite: bool, **flags: Any) -> None:
+@click.option("--index/--no-index", "build_index", default=None,
+              help="Build or update the FAISS index when the run completes (default: as the job file says).")
+def run(job_file: str | None, overwrite: bool, build_index: bool | None, **flags: Any) -> None:
     """Embed a corpus: JOB_FILE (YAML, same keys as the flags) and/or flags; flags win.
 
     Rerunning the same command resumes: finished shards are kept, unfinished ones redone, new input files
@@ -98,6 +102,8 @@ def run(job_file: str | None, overwrite: bool, **flags: Any) -> None:
 
     try:
         cfg = build_config(job_file, flags)
+        if build_index is not None:
+            cfg = dataclasses.replace(cfg, index=(cfg.index or {}) if build_index else None)
     except ConfigError as exc:
         _fail(str(exc), 2)
         return
@@ -114,6 +120,7 @@ def run(job_file: str | None, overwrite: bool, **flags: Any) -> None:
             _fail("stopped before the end; rerun the same command to resume", EXIT_STOPPED)
         elif code:
             _fail("a worker failed (see above); rerun the same command to finish", code)
+        _index_after_run(cfg)
         return
     stop = threading.Event()
 
@@ -139,6 +146,27 @@ def run(job_file: str | None, overwrite: bool, **flags: Any) -> None:
         )
     if summary.stopped_early:
         _fail("stopped before the end; rerun the same command to resume", EXIT_STOPPED)
+    _index_after_run(cfg)
+
+
+def _index_after_run(cfg: JobConfig) -> None:
+    """The job's ``index:`` step: build the index, or add the new parts to it (nightly)."""
+    if cfg.index is None:
+        return
+    from pipeline.index import ensure_index
+
+    try:
+        info = ensure_index(cfg.output, **cfg.index)
+    except PipelineError as exc:
+        _fail(f"index: {exc}")
+        return
+    if not cfg.quiet:
+        recall = info.get("recall@10")
+        click.echo(f"{cfg.output}/index: {info.get('factory')}, {info.get('ntotal'):,} vectors"
+                   + (f", recall@10 {recall:.3f}" if recall is not None else ""))
+    if info.get("rebuild_due"):
+        logging.getLogger("pipeline").warning("index: a rebuild is due (%s): embed-corpus index build %s",
+                                              "; ".join(info.get("rebuild_reasons", [])), cfg.output)
 
 
 @main.command()
@@ -217,6 +245,15 @@ def bench_job(job_file: str) -> None:
     click.echo(f"job: {rec['job_docs_per_s']} docs/s, {rec['job_tokens_per_s']:,} tokens/s | plain batch-32 loop: "
                f"{rec['plain_docs_per_s']} docs/s, {rec['plain_tokens_per_s']:,} tokens/s | "
                f"{rec['speedup']}x less time")
+
+
+from pipeline.slurm import slurm  # noqa: E402
+
+main.add_command(slurm)
+
+from pipeline.serve import serve  # noqa: E402
+
+main.add_command(serve)
 
 
 if __name__ == "__main__":

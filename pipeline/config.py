@@ -26,6 +26,9 @@ Attention = Literal["auto", "padded", "packed"]
 Backend = Literal["local", "openai"]
 
 
+INDEX_OPTIONS = {"factory", "max_memory", "metric", "target_recall", "gpu", "workers"}
+
+
 class ConfigError(ValueError):
     """A job file key or flag has an invalid value."""
 
@@ -105,6 +108,10 @@ class JobConfig:
     )
     device: str | None = field(default=None, metadata=_opt("cpu, cuda or cuda:N (default: cuda if present)."))
     quiet: bool = field(default=False, metadata=_opt("No progress bar (cron)."))
+    index: dict[str, Any] | None = field(
+        default=None,
+        metadata=_opt("Build (or update) the FAISS index when the run completes: `index build` options.", cli=False),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -128,6 +135,13 @@ class JobConfig:
             raise ConfigError(
                 f"chunk_overlap: {self.chunk_overlap} must be >= 0 and below chunk_tokens ({self.chunk_tokens})"
             )
+        if self.index is not None:
+            if not isinstance(self.index, dict):
+                raise ConfigError(f"index: {self.index!r} must be a mapping of `index build` options (or true)")
+            unknown = set(self.index) - INDEX_OPTIONS
+            if unknown:
+                raise ConfigError(f"index: unknown option(s) {', '.join(sorted(unknown))} "
+                                  f"(known: {', '.join(sorted(INDEX_OPTIONS))})")
         if self.instruction is not None and self.prompt_name is not None:
             raise ConfigError("instruction and prompt_name: give one of them, not both")
 
@@ -199,6 +213,10 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(names))})")
         if name in ("input", "keep"):
             value = (value,) if isinstance(value, str) else tuple(value or ())
+        if name == "index":
+            value = {} if value is True else None if value is False else value
+            if isinstance(value, dict):
+                value = {str(k).replace("-", "_"): v for k, v in value.items()}
         values[name] = value
     return values
 

@@ -202,7 +202,9 @@ class Embedder:
         """
         import torch
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
         path = resolve_model_path(model)
         device = device or default_device()
         if compute_dtype == "auto":
