@@ -110,27 +110,17 @@ class _Layer:
     down: torch.Tensor
 
 
-def _fuse(*linears) -> torch.Tensor:
-    """Concatenate the weights of several Linear layers along the output dimension and make each original
-    weight a view into the result (no extra memory once the old tensors are freed)."""
-    fused = torch.cat([lin.weight.data for lin in linears], dim=0)
-    start = 0
-    for lin in linears:
-        n = lin.weight.shape[0]
-        lin.weight.data = fused[start : start + n]
-        start += n
-    return fused
-
-
-def _fuse_bias(*linears) -> torch.Tensor | None:
-    if linears[0].bias is None:
+def _fuse(*linears, name: str = "weight") -> torch.Tensor | None:
+    """Concatenate the weights (or biases) of several Linear layers along the output dimension and make each
+    original tensor a view into the result (no extra memory once the old tensors are freed)."""
+    if getattr(linears[0], name) is None:
         return None
-    fused = torch.cat([lin.bias.data for lin in linears])
+    fused = torch.cat([getattr(lin, name).data for lin in linears], dim=0)
     start = 0
     for lin in linears:
-        n = lin.bias.shape[0]
-        lin.bias.data = fused[start : start + n]
-        start += n
+        param = getattr(lin, name)
+        param.data = fused[start : start + param.shape[0]]
+        start += param.shape[0]
     return fused
 
 
@@ -168,7 +158,7 @@ class PackedDecoder:
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight,
                 qkv=_fuse(att.q_proj, att.k_proj, att.v_proj),
-                qkv_b=_fuse_bias(att.q_proj, att.k_proj, att.v_proj),
+                qkv_b=_fuse(att.q_proj, att.k_proj, att.v_proj, name="bias"),
                 q_norm=att.q_norm.weight if hasattr(att, "q_norm") else None,
                 k_norm=att.k_norm.weight if hasattr(att, "k_norm") else None,
                 o=att.o_proj.weight,

@@ -314,14 +314,17 @@ def iter_parquet(
                 table = pf.read_row_group(rg, columns=present)
             except (pa.ArrowException, OSError) as exc:
                 raise InputError(f"{file.path}: row {first}: unreadable row group {rg} ({exc})") from exc
-            table = table.slice(lo - first, hi - lo)
-            for off in range(0, table.num_rows, SCAN_ROWS):
-                part = table.slice(off, SCAN_ROWS)
-                rows = pa.array(range(lo + off, lo + off + part.num_rows), pa.int64())
-                yield RawBatch(part, rows, [])
+            yield from _slices(table.slice(lo - first, hi - lo), lo)
         first += n
         if first >= end:
             break
+
+
+def _slices(table: pa.Table, first_row: int) -> Iterator[RawBatch]:
+    """``table`` (whose first row is row ``first_row`` of its file) in batches of ``SCAN_ROWS`` rows."""
+    for off in range(0, table.num_rows, SCAN_ROWS):
+        part = table.slice(off, SCAN_ROWS)
+        yield RawBatch(part, pa.array(range(first_row + off, first_row + off + part.num_rows), pa.int64()), [])
 
 
 def _arrow_table(file: InputFile) -> pa.Table:
@@ -342,10 +345,7 @@ def iter_arrow(
     table = _arrow_table(file)
     present = _check_columns(file, table.schema, columns, optional)
     end = table.num_rows if row_end is None else row_end
-    table = table.select(present)
-    for off in range(row_start, end, SCAN_ROWS):
-        part = table.slice(off, min(SCAN_ROWS, end - off))
-        yield RawBatch(part, pa.array(range(off, off + part.num_rows), pa.int64()), [])
+    yield from _slices(table.select(present).slice(row_start, max(0, end - row_start)), row_start)
 
 
 def file_row_count(file: InputFile) -> int | None:
