@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -26,12 +27,17 @@ DEFAULT_LEASE = 300.0
 
 
 def worker_name() -> str:
-    """``host:pid`` plus the launcher's rank where one is set (Slurm, torchrun, Kubernetes)."""
+    """``host:pid:token`` plus the launcher's rank where one is set (Slurm, torchrun, Kubernetes).
+
+    The random token keeps two live workers apart when host name and pid coincide (containers that share the
+    host's name, where every worker is pid 1): two workers with one name would each take the other's claims
+    for their own.
+    """
     from pipeline.launch import detect_rank
 
     rank = detect_rank()
     suffix = f":{rank.source}{rank.rank}" if rank.source != "local" else ""
-    return f"{socket.gethostname()}:{os.getpid()}{suffix}"
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}{suffix}"
 
 
 class Claims:
@@ -62,7 +68,10 @@ class Claims:
 
     def _owner(self, shard: Shard) -> tuple[str | None, float]:
         """(worker, seconds since its last heartbeat) of a claim; (None, inf) when there is none."""
-        path = self.path(shard)
+        return self._read(self.path(shard))
+
+    @staticmethod
+    def _read(path: Path) -> tuple[str | None, float]:
         try:
             age = time.time() - path.stat().st_mtime
             return json.loads(path.read_text()).get("worker"), age
@@ -88,6 +97,11 @@ class Claims:
         owner, _ = self._owner(shard)
         return owner == self.worker
 
+    def forget(self, shard: Shard) -> None:
+        """Stop holding (and heartbeating) a claim that another worker has taken over; its file is theirs."""
+        with self._lock:
+            self.held.discard(shard.id)
+
     def release(self, shard: Shard) -> None:
         """Give up a claim (after the shard's done-marker, or to leave it to others)."""
         with self._lock:
@@ -110,14 +124,30 @@ class Claims:
     # ------------------------------------------------------------------------------------------ heartbeat
 
     def _beat(self) -> None:
+        """Refresh the claims this worker still owns. A claim taken over by another worker (this one stalled
+        past its lease) is dropped, never refreshed: refreshing it would keep the new owner's claim alive in
+        this worker's name, and nobody would take the shard over if the new owner died."""
         while not self._stop.wait(max(0.5, self.lease / 5)):
             with self._lock:
                 held = list(self.held)
-            for sid in held:
-                try:
-                    os.utime(self.folder / f"{sid:06d}.claim")
-                except OSError:
-                    pass
+            if not held:
+                continue
+            lost = []
+            with locked(self.out / ".claims.lock"):  # no take-over between the check and the touch
+                for sid in held:
+                    path = self.folder / f"{sid:06d}.claim"
+                    if self._read(path)[0] != self.worker:
+                        lost.append(sid)
+                        continue
+                    try:
+                        os.utime(path)
+                    except OSError:
+                        lost.append(sid)
+            for sid in lost:
+                if sid in self.held:  # a shard committed meanwhile is released, not lost
+                    log.warning("shard %d: the claim was taken over by another worker; leaving the shard to it", sid)
+                    with self._lock:
+                        self.held.discard(sid)
 
     def __enter__(self) -> Claims:
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)

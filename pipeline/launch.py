@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,24 +66,56 @@ def device_for_rank(device: str | None, env: dict[str, str] | None = None) -> st
 
 
 def parse_gpus(spec: str) -> list[str]:
-    """``all`` | ``N`` | ``0,1,3`` -> the GPU ids to use (``all`` needs CUDA)."""
+    """``all`` | ``N`` | ``0,1,3`` -> one ``CUDA_VISIBLE_DEVICES`` value per worker.
+
+    Counts and ids are taken among the GPUs this process may use: where ``CUDA_VISIBLE_DEVICES`` is set (Slurm
+    sets it to the job's allocation) id ``0`` is its first entry, as in ``cuda:0``, so a worker never lands on a
+    GPU outside the allocation; otherwise the ids are those of ``torch.cuda.device_count()``.
+
+    Raises:
+        ConfigError: no GPU is visible, more GPUs are asked for than are visible, or the spec is malformed.
+    """
+    from pipeline.config import ConfigError
+
     spec = spec.strip()
-    if spec == "all":
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible:
-            return [v for v in visible.split(",") if v.strip()]
+    visible_env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible_env is not None:
+        visible = [v.strip() for v in visible_env.split(",") if v.strip()]
+    else:
         import torch
 
-        return [str(i) for i in range(torch.cuda.device_count())]
-    if "," in spec:
-        return [v.strip() for v in spec.split(",") if v.strip()]
-    n = int(spec)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [v for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(n)]
-    return ids[:n]
+        visible = [str(i) for i in range(torch.cuda.device_count())]
+    if not visible:
+        raise ConfigError(f"gpus: {spec!r}, but no CUDA device is visible (use --workers N for CPU workers)")
+    if spec == "all":
+        return visible
+    try:
+        if "," in spec:
+            wanted = [int(v) for v in spec.split(",") if v.strip()]
+        else:
+            wanted = list(range(int(spec)))
+    except ValueError:
+        raise ConfigError(f"gpus: {spec!r} is not all, a count, or a list of ids like 0,1,3") from None
+    if not wanted or len(set(wanted)) != len(wanted) or min(wanted) < 0 or max(wanted) >= len(visible):
+        raise ConfigError(f"gpus: {spec!r} does not fit the {len(visible)} visible GPUs (ids 0-{len(visible) - 1})")
+    return [visible[i] for i in wanted]
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on (a Slurm or cgroup cpuset), not all the machine's cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | None) -> None:
+    import threading
+
+    # First thing: a signal that arrives while torch and the model load must stop the run, not kill it.
+    flag = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: flag.set())
     os.environ.update(env)
     from pipeline.cli import configure_logging
 
@@ -92,13 +124,8 @@ def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | Non
         import torch
 
         torch.set_num_threads(threads)
-    import threading
-
     from pipeline.runner import run_job
 
-    flag = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda *_: flag.set())
     summary = run_job(cfg, stop=flag, lease_seconds=lease)
     if summary.failed:
         raise SystemExit(1)
@@ -119,47 +146,61 @@ def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = No
     from pipeline.plan import prepare
     from pipeline.status import job_status
 
-    manifest = prepare(cfg, overwrite=overwrite)
-    envs: list[dict[str, str]] = []
-    threads = None
-    if gpus:
-        envs = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
-        child_cfg = dataclasses.replace(cfg, device="cuda", quiet=True)
-    else:
-        envs = [{"CUDA_VISIBLE_DEVICES": ""} for _ in range(workers)]
-        child_cfg = dataclasses.replace(cfg, device="cpu", quiet=True)
-        threads = max(1, (os.cpu_count() or 1) // workers)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_child, args=(child_cfg, env, lease, threads), name=f"worker-{i}")
-             for i, env in enumerate(envs)]
-    for p in procs:
-        p.start()
-    log.info("%d workers started on %s", len(procs), cfg.output)
+    procs: list[mp.process.BaseProcess] = []
+    received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
         for p in procs:
             if p.is_alive() and p.pid:
                 os.kill(p.pid, signum)
 
+    # Installed before planning, so that a signal during a long plan stops the run (75) instead of killing it.
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    total = manifest.total_rows
-    bar = tqdm(total=total, unit="doc", disable=cfg.quiet, dynamic_ncols=True, desc=f"embedding x{len(procs)}")
     try:
-        while any(p.is_alive() for p in procs):
-            time.sleep(poll)
-            st = job_status(cfg.output)
-            bar.n = st.docs_done
-            bar.set_postfix_str(f"{st.tokens_per_s:,.0f} tok/s", refresh=False)
-            bar.refresh()
-        for p in procs:
-            p.join()
+        manifest = prepare(cfg, overwrite=overwrite)
+        if received:
+            log.warning("signal %d before the workers started: nothing done", received[0])
+            return 75
+        envs: list[dict[str, str]] = []
+        threads = None
+        if gpus:
+            envs = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
+            child_cfg = dataclasses.replace(cfg, device="cuda", quiet=True)
+        else:
+            envs = [{"CUDA_VISIBLE_DEVICES": ""} for _ in range(workers)]
+            child_cfg = dataclasses.replace(cfg, device="cpu", quiet=True)
+            threads = max(1, _cpu_count() // workers)
+        ctx = mp.get_context("spawn")
+        for i, env in enumerate(envs):
+            p = ctx.Process(target=_child, args=(child_cfg, env, lease, threads), name=f"worker-{i}")
+            p.start()
+            procs.append(p)
+        for p in procs if received else []:  # a signal that came while they were being started
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, received[-1])
+        log.info("%d workers started on %s", len(procs), cfg.output)
+        bar = tqdm(total=manifest.total_rows, unit="doc", disable=cfg.quiet, dynamic_ncols=True,
+                   desc=f"embedding x{len(procs)}")
+        try:
+            while any(p.is_alive() for p in procs):
+                mp.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=poll)  # or a child ends
+                st = job_status(cfg.output)
+                bar.n = st.docs_done
+                bar.set_postfix_str(f"{st.tokens_per_s:,.0f} tok/s", refresh=False)
+                bar.refresh()
+            for p in procs:
+                p.join()
+        finally:
+            bar.close()
     finally:
-        bar.close()
         for sig, handler in old.items():
             signal.signal(sig, handler)
     codes = [p.exitcode for p in procs]
     st = job_status(cfg.output)
-    failed = [i for i, c in enumerate(codes) if c not in (0, 75)]
+    # A worker killed by the signal this parent forwarded (before it could install its handler) was stopped.
+    stopped = {-s for s in received}
+    failed = [i for i, c in enumerate(codes) if c not in (0, 75) and c not in stopped]
     if failed:
         claims = sorted(Path(cfg.output, "shards").glob("*.claim"))
         log.error("workers %s failed (exit codes %s); shards left claimed: %s; failed shards: %s. Rerun the same "

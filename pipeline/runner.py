@@ -185,17 +185,27 @@ def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: th
     def ended() -> bool:
         return halt.is_set() or (stop is not None and stop.is_set())
 
+    pause = 0.25  # between looks at others' claims: short at first (a peer finishing its last shard), then
+    # longer, up to a tenth of the lease, so that many idle workers do not keep scanning a shared filesystem
     while not ended():
         for shard in manifest.shards:
             if ended():
                 return
             if shard.id not in claims.held and not is_done(out, shard) and claims.try_claim(shard):
+                pause = 0.25
                 yield shard
-        left = [s for s in manifest.shards if s.id not in claims.held and not is_done(out, s)]
-        if not left:
+        pending = [s for s in manifest.shards if not is_done(out, s)]
+        if not pending:
             return
+        left = [s for s in pending if s.id not in claims.held]
+        if not left:
+            # Only this worker's own shards are in flight. Keep watching until they are committed: one whose
+            # result is dropped (its claim was taken over while this worker stalled) is back in play.
+            halt.wait(0.2)
+            continue
         log.info("%d shards are claimed by other workers; waiting for them or for their lease to run out", len(left))
-        halt.wait(min(5.0, claims.lease / 10))
+        pause = min(2 * pause, 5.0, claims.lease / 10)
+        halt.wait(pause)
 
 
 def _run(
@@ -222,6 +232,7 @@ def _run(
     def commit(shard: Shard, table: pa.Table, enc: Encoded, vectors: np.ndarray, t0: float) -> None:
         if not claims.owns(shard):
             log.warning("shard %d: the claim was taken over by another worker; dropping this result", shard.id)
+            claims.forget(shard)
             return
         write_part(out, shard, output_table(table, enc, vectors, cfg))
         seconds = time.perf_counter() - t0
