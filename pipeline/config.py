@@ -83,8 +83,10 @@ class JobConfig:
     on_bad_record: OnBadRecord = field(
         default="error", metadata=_opt("error: stop with file/row/field; skip: record in rejects/.", plan=True)
     )
-    batch_tokens: int = field(
-        default=16_384, metadata=_opt("Token budget per forward pass (padded: count x longest; packed: sum).")
+    batch_tokens: int | None = field(
+        default=None,
+        metadata=_opt("Tokens per forward pass (padded: count x longest; packed: sum). "
+                      "Default: 4096 on CPU, 16384 padded on GPU, 32768 packed."),
     )
     sort_window: int = field(default=50_000, metadata=_opt("Documents sorted by length together."))
     attention: Attention = field(

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 QWEN_EOS = "<|endoftext|>"
 DECODER_TYPES = {"qwen2", "qwen3", "qwen3_moe", "mistral", "llama", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"}
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384, "packed": 32768}
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
@@ -238,7 +239,7 @@ class Embedder:
         long_docs: str = "truncate",
         chunk_tokens: int = 512,
         chunk_overlap: int = 0,
-        batch_tokens: int = 16384,
+        batch_tokens: int | None = None,
         attention: str = "auto",
         compile: bool | None = None,
         packed_kernel: str = "auto",
@@ -290,6 +291,8 @@ class Embedder:
         if attention == "packed" or (attention == "auto" and can_pack and device.startswith("cuda")):
             packed = PackedDecoder(net, compile=device.startswith("cuda") if compile is None else compile,
                                    kernel=packed_kernel)
+        if batch_tokens is None:  # measured: small padded batches suit CPU caches; packed GPU batches want more
+            batch_tokens = DEFAULT_BATCH_TOKENS["packed" if packed else "cuda" if device.startswith("cuda") else "cpu"]
         pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
         log.info("model %s: %s, pooling %s, dims %d, max_length %d, %s on %s, %s attention", model, model_type,
                  pooling, info.dims, max_length, compute_dtype, device, "packed" if packed else "padded")

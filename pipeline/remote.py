@@ -322,7 +322,7 @@ class RemoteEmbedder:
             tokenizer, local = framing
         emb = cls(
             cfg.endpoint or "", model=cfg.model, api_model=cfg.api_model or cfg.model, tokenizer=tokenizer,
-            local=local, dims=cfg.dims, normalize=cfg.normalize, batch_tokens=cfg.batch_tokens,
+            local=local, dims=cfg.dims, normalize=cfg.normalize, batch_tokens=cfg.batch_tokens or 16384,
             concurrency=cfg.concurrency,
             api_key=os.environ.get("EMBED_CORPUS_API_KEY") or os.environ.get("OPENAI_API_KEY") or None,
             max_retries=int(_env_number("EMBED_CORPUS_HTTP_RETRIES", 8, int)),
