@@ -200,3 +200,21 @@ class ModelGuard:
 
         monkeypatch.setattr(Embedder, "from_config", classmethod(refuse))
         monkeypatch.setattr(Embedder, "load", classmethod(refuse))
+
+
+# A few sentences on distinct topics, for search and serving tests; and the query instruction they use.
+SENTENCES = [
+    "The giant panda is a bear native to south central China, known for its black and white coat.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "The Treaty of Westphalia in 1648 ended the Thirty Years' War in the Holy Roman Empire.",
+    "A binary search tree keeps keys in sorted order so lookups take logarithmic time.",
+    "Mount Kilimanjaro is the highest mountain in Africa, rising 5,895 metres above sea level.",
+    "Espresso is brewed by forcing hot water under pressure through finely ground coffee.",
+    "The mitochondrion is the organelle that produces most of the cell's supply of ATP.",
+    "Jazz originated in New Orleans in the late nineteenth and early twentieth centuries.",
+    "Rust guarantees memory safety through ownership and borrowing checked at compile time.",
+    "The Great Barrier Reef is the world's largest coral reef system, off Queensland, Australia.",
+    "Impressionist painters such as Monet captured the changing effects of light outdoors.",
+    "Inflation measures how quickly the general level of prices for goods and services rises.",
+]
+INSTRUCTION = "Find the passage that answers the trivia question"

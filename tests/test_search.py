@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from helpers import INSTRUCTION, SENTENCES
 
 from pipeline.cli import main
 from pipeline.config import make_config
@@ -21,21 +22,6 @@ from pipeline.runner import run_job
 from pipeline.search import Searcher
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "pydoc.parquet"
-FALLBACK = [
-    "The giant panda is a bear native to south central China, known for its black and white coat.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    "The Treaty of Westphalia in 1648 ended the Thirty Years' War in the Holy Roman Empire.",
-    "A binary search tree keeps keys in sorted order so lookups take logarithmic time.",
-    "Mount Kilimanjaro is the highest mountain in Africa, rising 5,895 metres above sea level.",
-    "Espresso is brewed by forcing hot water under pressure through finely ground coffee.",
-    "The mitochondrion is the organelle that produces most of the cell's supply of ATP.",
-    "Jazz originated in New Orleans in the late nineteenth and early twentieth centuries.",
-    "Rust guarantees memory safety through ownership and borrowing checked at compile time.",
-    "The Great Barrier Reef is the world's largest coral reef system, off Queensland, Australia.",
-    "Impressionist painters such as Monet captured the changing effects of light outdoors.",
-    "Inflation measures how quickly the general level of prices for goods and services rises.",
-]
-INSTRUCTION = "Find the passage that answers the trivia question"
 
 
 def _run(tmp: Path, inputs: list[Path], model: str, **extra) -> Path:
@@ -56,7 +42,7 @@ def minilm_job(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> tu
         texts = dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True))
     else:
         corpus = tmp / "corpus.jsonl"
-        texts = {f"doc{i}": t for i, t in enumerate(FALLBACK)}
+        texts = {f"doc{i}": t for i, t in enumerate(SENTENCES)}
         corpus.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in texts.items()))
     out = _run(tmp, [corpus], str(minilm_dir), shard_size=25)
     build_index(out)
@@ -67,7 +53,7 @@ def minilm_job(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> tu
 def qwen_job(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_dir: Path) -> tuple[Path, dict[str, str]]:
     """A tiny Qwen3 job with Matryoshka dims 32 and a query instruction, with a built index."""
     tmp = tmp_path_factory.mktemp("qwen_search")
-    texts = {f"doc{i}": t for i, t in enumerate(FALLBACK)}
+    texts = {f"doc{i}": t for i, t in enumerate(SENTENCES)}
     corpus = tmp / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in texts.items()))
     out = _run(tmp, [corpus], str(tiny_qwen3_dir), dims=32, query_instruction=INSTRUCTION, shard_size=5)
@@ -232,8 +218,8 @@ def test_index_cli_build_and_update(qwen_job: tuple[Path, dict[str, str]], tmp_p
 
 def test_embed_more_then_update_equals_a_full_build(tmp_path: Path, tiny_qwen3_dir: Path) -> None:
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    first.write_text("".join(json.dumps({"id": f"a{i}", "text": t}) + "\n" for i, t in enumerate(FALLBACK[:6])))
-    second.write_text("".join(json.dumps({"id": f"b{i}", "text": t}) + "\n" for i, t in enumerate(FALLBACK[6:])))
+    first.write_text("".join(json.dumps({"id": f"a{i}", "text": t}) + "\n" for i, t in enumerate(SENTENCES[:6])))
+    second.write_text("".join(json.dumps({"id": f"b{i}", "text": t}) + "\n" for i, t in enumerate(SENTENCES[6:])))
     grown = tmp_path / "grown"
     kw = {"model": str(tiny_qwen3_dir), "device": "cpu", "quiet": True, "shard_size": 3}
     run_job(make_config({"input": (str(first),), "output": str(grown), **kw}))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import MODEL, embeddings, read_vectors, run_ok, write_jsonl
+from helpers import INSTRUCTION, MODEL, SENTENCES, embeddings, read_vectors, run_ok, write_jsonl
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -27,22 +27,6 @@ from pipeline.index import build_index  # noqa: E402
 from pipeline.runner import run_job  # noqa: E402
 from pipeline.serve import ApiError, Batcher, ServeOptions, ServerThread, Service  # noqa: E402
 from pipeline.tokens import Encoded  # noqa: E402
-
-SENTENCES = [
-    "The giant panda is a bear native to south central China, known for its black and white coat.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    "The Treaty of Westphalia in 1648 ended the Thirty Years' War in the Holy Roman Empire.",
-    "A binary search tree keeps keys in sorted order so lookups take logarithmic time.",
-    "Mount Kilimanjaro is the highest mountain in Africa, rising 5,895 metres above sea level.",
-    "Espresso is brewed by forcing hot water under pressure through finely ground coffee.",
-    "The mitochondrion is the organelle that produces most of the cell's supply of ATP.",
-    "Jazz originated in New Orleans in the late nineteenth and early twentieth centuries.",
-    "Rust guarantees memory safety through ownership and borrowing checked at compile time.",
-    "The Great Barrier Reef is the world's largest coral reef system, off Queensland, Australia.",
-    "Impressionist painters such as Monet captured the changing effects of light outdoors.",
-    "Inflation measures how quickly the general level of prices for goods and services rises.",
-]
-INSTRUCTION = "Find the passage that answers the trivia question"
 
 
 def _job(tmp: Path, model: str, **extra) -> tuple[Path, dict[str, str]]:
