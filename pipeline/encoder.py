@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 QWEN_EOS = "<|endoftext|>"
 DECODER_TYPES = {"qwen2", "qwen3", "qwen3_moe", "mistral", "llama", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"}
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384, "packed": 32768}
-DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
 def format_instruction(instruction: str) -> str:
