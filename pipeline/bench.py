@@ -158,11 +158,14 @@ def st_policy(model, tokenizer, texts: list[str], device: str) -> tuple[float, n
 
 def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int, workdir: Path,
               compile: bool = True, st_docs: int | None = None, long_docs: int = 0, device: str = "cuda",
-              dtype: str = "bfloat16", profile: Path | None = None, levers: bool = False) -> dict[str, Any]:
+              dtype: str = "bfloat16", profile: Path | None = None, levers: bool = False,
+              reference_docs: int = 32) -> dict[str, Any]:
     """One model size: ceiling, ST policy, model alone, full pipeline. Returns the record.
 
     The ST policy is slow, so it runs on the first ``st_docs`` documents (lengths are drawn independently, so
-    they follow the same distribution); its rate is compared with the pipeline's rate on all documents.
+    they follow the same distribution); its rate is compared with the pipeline's rate on all documents. The
+    first ``reference_docs`` documents are also run one at a time through a float32 copy of the model: how close
+    each bf16 path comes to it (cosine) says which is the more exact, not only whether two bf16 paths agree.
     """
     import pyarrow as pa
     import pyarrow.dataset as ds
@@ -186,6 +189,8 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int, 
     emb = Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model=f"random:{size}",
                                path=tokenizer_dir, device=device, batch_tokens=batch_tokens, compile=compile,
                                max_length=8192)
+    rec["attention_kernel"] = emb.packed.kernel if emb.packed is not None else "padded"
+    rec["fp32_residual"] = bool(emb.packed is not None and emb.packed.fp32_residual)
     enc = emb.tokenizer.encode(texts)
     lengths = enc.lengths
     rec["tokens"] = int(lengths.sum())
@@ -225,11 +230,9 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int, 
 
     if profile is not None:
         _profile(emb, enc, profile / f"profile-{size}.txt")
-    if levers:
-        rec["levers"] = _levers(model, tokenizer_dir, texts[: min(st_docs or n_docs, n_docs)], batch_tokens,
-                                device, emb)
+    n_st = min(st_docs or n_docs, n_docs)
+    vec_st = None
     if st_docs != 0:
-        n_st = min(st_docs or n_docs, n_docs)
         st_s, vec_st, st_tokens = st_policy(model, tok, texts[:n_st], device)
         rec["st_docs"] = n_st
         rec["st_policy_tokens_per_s"] = round(st_tokens / st_s)
@@ -237,6 +240,14 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int, 
         cos = (vec_model[:n_st] * vec_st).sum(1)
         rec["packed_vs_padded_min_cosine"] = round(float(cos.min()), 5)
         rec["packed_vs_padded_mean_cosine"] = round(float(cos.mean()), 6)
+    others: dict[str, np.ndarray] = {}
+    if levers:
+        rec["levers"], others = _levers(model, tokenizer_dir, texts[:n_st], batch_tokens, device, emb, vec_st)
+    if reference_docs:
+        candidates = {"pipeline": vec_model[:n_st], **others}
+        if vec_st is not None:
+            candidates["sentence_transformers_policy"] = vec_st
+        rec["vs_float32_reference"] = float32_reference(model, enc, reference_docs, candidates)
     ceiling_tok = rec["ceiling_tflops"] * 1e12 / rec["flops_per_token"]
     rec["ceiling_tokens_per_s"] = round(ceiling_tok)
     rec["share_of_ceiling"] = round(rec["tokens_per_s"] / ceiling_tok, 3)
@@ -249,6 +260,8 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int, 
                                         path=tokenizer_dir, device=device, batch_tokens=max(batch_tokens, 32768),
                                         compile=compile, max_length=32768)
         long_enc = emb_long.tokenizer.encode(long_texts)
+        emb_long.embed_texts(long_texts[:2])  # warm-up: packs of two lengths (see _model_rate)
+        _sync(device)
         _peak_gib(device, reset=True)
         t0 = time.perf_counter()
         emb_long.embed_encoded(long_enc)
@@ -263,35 +276,95 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int, 
     return rec
 
 
-def _model_rate(emb, texts: list[str], device: str) -> int:
+def _model_rate(emb, texts: list[str], device: str) -> tuple[int, np.ndarray]:
+    """Model-only tokens/s on pre-tokenized ``texts`` and the vectors. The warm-up runs packs of two lengths,
+    so that a compiled forward has made its dynamic-length graph before the clock starts."""
     enc = emb.tokenizer.encode(texts)
-    emb.embed_texts(texts[:64])  # warm-up
+    emb.embed_texts(texts[:64])
+    emb.embed_texts(texts[64:256])
     _sync(device)
     t0 = time.perf_counter()
-    emb.embed_encoded(enc)
+    vecs = emb.embed_encoded(enc)
     _sync(device)
-    return round(int(enc.lengths.sum()) / (time.perf_counter() - t0))
+    return round(int(enc.lengths.sum()) / (time.perf_counter() - t0)), vecs
 
 
-def _levers(model, tokenizer_dir: str, texts: list[str], batch_tokens: int, device: str, compiled) -> dict[str, int]:
-    """Model-only tokens/s of each forward path on the same texts: what each lever contributes."""
+def _levers(model, tokenizer_dir: str, texts: list[str], batch_tokens: int, device: str, default,
+            vec_st: np.ndarray | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Model-only tokens/s of each forward path on the same texts, from the padded policy to the default, one
+    lever added at a time: what each contributes; with each path's min cosine against the sentence-transformers
+    policy.
+
+    Returns:
+        ``(rates and cosines, {name: vectors} of the bf16-residual and padded paths)``.
+    """
+    import torch
     from transformers import AutoTokenizer
 
     from pipeline.encoder import Embedder
 
-    def make(attention: str, budget: int, compile: bool, kernel: str = "auto"):
+    def make(attention: str, budget: int, compile: bool, **options):
         return Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model="random",
                                     path=tokenizer_dir, device=device, batch_tokens=budget, attention=attention,
-                                    compile=compile, max_length=8192, packed_kernel=kernel)
+                                    compile=compile, max_length=8192, packed_options=options)
 
-    rates = {
-        "padded_budget_16k_sdpa": _model_rate(make("padded", 16384, False), texts, device),
-        "packed_eager": _model_rate(make("packed", batch_tokens, False), texts, device),
-        "packed_compiled": _model_rate(compiled, texts, device),
-        "packed_compiled_budget_x2": _model_rate(make("packed", 2 * batch_tokens, True), texts, device),
+    bf16 = {"fp32_residual": False}
+    ladder = {
+        "padded_budget_16k_sdpa": lambda: make("padded", 16384, False),
+        "packed_varlen_eager_bf16_residual": lambda: make("packed", batch_tokens, False, kernel="varlen", **bf16),
+        "packed_varlen_compiled_all_dims_dynamic_bf16_residual": lambda: make(
+            "packed", batch_tokens, True, kernel="varlen", all_dims_dynamic=True, **bf16),
+        "packed_triton_compiled_all_dims_dynamic_bf16_residual": lambda: make(
+            "packed", batch_tokens, True, kernel="triton", all_dims_dynamic=True, **bf16),
+        "packed_triton_compiled_bf16_residual": lambda: make("packed", batch_tokens, True, kernel="triton", **bf16),
+        "default": lambda: default,
+        "default_budget_x2": lambda: make("packed", 2 * batch_tokens, True),
     }
-    rates["packed_kernel"] = compiled.packed.kernel if compiled.packed is not None else "none"
-    return rates
+    out: dict[str, Any] = {"default_is": "packed {} {}, {} residual".format(
+        default.packed.kernel, "compiled" if default.packed.compiled else "eager",
+        "fp32" if default.packed.fp32_residual else "bf16") if default.packed is not None else "padded"}
+    vectors: dict[str, np.ndarray] = {}
+    for name, build in ladder.items():
+        torch._dynamo.reset()  # compiled code is cached per function: each lever compiles its own
+        try:
+            rate, vecs = _model_rate(build(), texts, device)
+        except Exception as exc:  # noqa: BLE001 - a lever this machine cannot run is reported, not fatal
+            out[name] = {"error": repr(exc)[:300]}
+            continue
+        out[name] = {"tokens_per_s": rate}
+        if vec_st is not None:
+            out[name]["min_cosine_vs_st_policy"] = round(float((vecs * vec_st).sum(1).min()), 5)
+        if name.endswith("bf16_residual") or name.startswith("padded"):
+            vectors[name] = vecs
+    torch._dynamo.reset()
+    return out, vectors
+
+
+def float32_reference(model, enc, n: int, candidates: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Cosine of each candidate's first ``n`` vectors against a float32 copy of ``model`` run one sequence at
+    a time (no padding, no packing, transformers' own forward, last token after the final norm)."""
+    import copy
+
+    import torch
+
+    ref_model = copy.deepcopy(model).float()
+    dev = next(ref_model.parameters()).device
+    n = min(n, len(enc))
+    ref = np.empty((n, model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(n):
+            ids = torch.from_numpy(enc.sequence(i).astype(np.int64)).to(dev)[None]
+            hidden = ref_model(input_ids=ids).last_hidden_state[0, -1]
+            ref[i] = torch.nn.functional.normalize(hidden, dim=-1).cpu().numpy()
+    del ref_model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    out = {}
+    for name, vecs in candidates.items():
+        cos = (vecs[:n] * ref).sum(1)
+        out[name] = {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6)}
+    out["docs"] = {"min": n, "mean": n}
+    return out
 
 
 def _profile(emb, enc, path: Path, batches: int = 4) -> None:
@@ -315,20 +388,30 @@ def _profile(emb, enc, path: Path, batches: int = 4) -> None:
 def table(records: list[dict[str, Any]]) -> str:
     """A short text table of the records."""
     head = (f"{'size':>5} {'e2e tok/s':>10} {'model tok/s':>11} {'ST tok/s':>9} {'x ST':>5} "
-            f"{'ceiling':>8} {'e2e/model':>9} {'cos min':>8}")
+            f"{'ceiling':>8} {'e2e/model':>9} {'cos min':>8} {'kernel':>7}")
     lines = [head]
     for r in records:
         lines.append(
             f"{r['model_size']:>5} {r['tokens_per_s']:>10,} {r['model_tokens_per_s']:>11,} "
             f"{r.get('st_policy_tokens_per_s', 0):>9,} {r.get('ratio_vs_sentence_transformers', 0):>5} "
-            f"{r['share_of_ceiling']:>8.0%} {r['e2e_over_model']:>9} {r.get('packed_vs_padded_min_cosine', 0):>8}"
+            f"{r['share_of_ceiling']:>8.0%} {r['e2e_over_model']:>9} {r.get('packed_vs_padded_min_cosine', 0):>8} "
+            f"{r.get('attention_kernel', '?'):>7}"
         )
+        for name, lever in r.get("levers", {}).items():
+            if isinstance(lever, dict):
+                lines.append(f"  lever {name:<54} " + (
+                    f"{lever['tokens_per_s']:>9,} tok/s  cos vs ST >= {lever.get('min_cosine_vs_st_policy', '-')}"
+                    if "tokens_per_s" in lever else lever.get("error", "")))
+        for name, cos in r.get("vs_float32_reference", {}).items():
+            if name != "docs":
+                lines.append(f"  vs float32 reference: {name:<54} min {cos['min']:.6f}  mean {cos['mean']:.6f}")
     return "\n".join(lines)
 
 
 def main(sizes: list[str], tokenizer_dir: str, docs: dict[str, int], batch_tokens: dict[str, int], out: Path,
          compile: bool = True, long_docs: int = 0, st_docs: dict[str, int] | None = None,
-         profile: bool = False, levers: bool = False) -> list[dict[str, Any]]:
+         profile: bool = False, levers: bool = False, reference_docs: int = 32,
+         device: str = "cuda") -> list[dict[str, Any]]:
     import tempfile
 
     records = []
@@ -337,7 +420,7 @@ def main(sizes: list[str], tokenizer_dir: str, docs: dict[str, int], batch_token
             rec = run_bench(size, tokenizer_dir=tokenizer_dir, n_docs=docs[size], batch_tokens=batch_tokens[size],
                             workdir=Path(tmp), compile=compile, long_docs=long_docs,
                             st_docs=(st_docs or {}).get(size), profile=out.parent if profile else None,
-                            levers=levers)
+                            levers=levers, reference_docs=reference_docs, device=device)
             rec["date"] = time.strftime("%Y-%m-%d")
             records.append(rec)
             log.warning("%s", json.dumps(rec))

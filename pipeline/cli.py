@@ -199,10 +199,13 @@ def status(output: str, as_json: bool) -> None:
 @click.option("--batch-tokens", type=int, default=None, help="Packed tokens per forward (default 32768; 0.6B 65536).")
 @click.option("--long-docs", type=int, default=0, help="Also measure this many documents of 8K-32K tokens.")
 @click.option("--compile/--no-compile", default=True, show_default=True)
+@click.option("--reference-docs", type=int, default=32, show_default=True,
+              help="Documents also run one at a time through a float32 copy of the model (0: none).")
+@click.option("--device", default="cuda", show_default=True, help="cuda (the figures) or cpu (a smoke run).")
 @click.option("--out", "out_path", type=click.Path(), default="bench.json", show_default=True)
 def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | None, docs: int | None,
           st_docs: int | None, profile: bool, levers: bool, batch_tokens: int | None, long_docs: int, compile: bool,
-          out_path: str) -> None:
+          reference_docs: int, device: str, out_path: str) -> None:
     """GPU throughput: the pipeline vs the sentence-transformers policy, on random Qwen3 weights."""
     import tempfile
     from pathlib import Path
@@ -218,7 +221,8 @@ def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | Non
     n_st = {s: st_docs or (3000 if s in small else 1500) for s in sizes}
     budget = {s: batch_tokens or (65536 if s in small else 32768) for s in sizes}
     records = bench_mod.main(list(sizes), tokenizer_dir, n_docs, budget, Path(out_path), compile=compile,
-                             long_docs=long_docs, st_docs=n_st, profile=profile, levers=levers)
+                             long_docs=long_docs, st_docs=n_st, profile=profile, levers=levers,
+                             reference_docs=reference_docs, device=device)
     click.echo(bench_mod.table(records))
     click.echo(f"results: {out_path}")
 

@@ -241,11 +241,12 @@ class Embedder:
         batch_tokens: int | None = None,
         attention: str = "auto",
         compile: bool | None = None,
-        packed_kernel: str = "auto",
+        packed_options: dict[str, Any] | None = None,
     ) -> Embedder:
         """Work out pooling, framing and prompts for a model already in memory (on ``device``, in eval mode).
 
-        ``path`` is where its sentence-transformers files (pooling, prompts, max length) are looked up.
+        ``path`` is where its sentence-transformers files (pooling, prompts, max length) are looked up;
+        ``packed_options`` go to ``PackedDecoder`` (``kernel``, ``fp32_residual``, ``all_dims_dynamic``).
         """
         from pipeline.packed import PackedDecoder, supports_packing
 
@@ -289,7 +290,7 @@ class Embedder:
         packed = None
         if attention == "packed" or (attention == "auto" and can_pack and device.startswith("cuda")):
             packed = PackedDecoder(net, compile=device.startswith("cuda") if compile is None else compile,
-                                   kernel=packed_kernel)
+                                   **(packed_options or {}))
         if batch_tokens is None:  # measured: small padded batches suit CPU caches; packed GPU batches want more
             batch_tokens = DEFAULT_BATCH_TOKENS["packed" if packed else "cuda" if device.startswith("cuda") else "cpu"]
         pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
@@ -315,13 +316,11 @@ class Embedder:
         dev = torch.device(self.device)
         lengths = enc.lengths[idx]
         if self.packed is not None:
-            from pipeline.packed import pack_arrays, padded_layout
+            from pipeline.packed import pack_arrays
 
             positions, cu = pack_arrays(lengths)
             ids = np.concatenate([enc.sequence(int(i)) for i in idx]).astype(np.int64)
-            layout = None
-            if self.packed.kernel == "sdpa":
-                layout = tuple(_to_device(a, dev) for a in padded_layout(lengths))
+            layout = tuple(_to_device(a, dev) for a in self.packed.host_layout(lengths))
             out = self.packed.forward(_to_device(ids, dev), _to_device(positions, dev), _to_device(cu, dev),
                                       int(lengths.max()), layout)
             return out.float()

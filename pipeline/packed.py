@@ -2,16 +2,21 @@
 
 The sequences of a batch are concatenated into one stream of ``T`` tokens; attention stays causal within
 each sequence through cumulative sequence lengths (``cu_seqlens``), so no token is ever computed for padding.
-On CUDA, attention is ``torch.nn.attention.varlen.varlen_attn`` (flash attention on packed tensors, GQA
-native); elsewhere it is one causal SDPA call per sequence (for tests and CPU runs).
+On CUDA, attention is the project's Triton kernel (``attention.py``: flash attention on packed tensors, GQA
+native, measured 1.4x torch's varlen FlashAttention-2 on an H200), else ``torch.nn.attention.varlen.varlen_attn``;
+elsewhere the pack is laid out padded for SDPA (for tests and CPU runs).
 
-What is computed differs from the transformers forward in three ways, none of which changes the result:
+What is computed differs from the transformers forward in four ways, none of which changes the result beyond
+rounding:
 - the projections of each layer are fused: q/k/v as one GEMM and gate/up as one GEMM (the original module
   weights become views of the fused tensors, so no memory is duplicated);
 - the last layer computes queries, attention output and MLP only at the pooled (last) positions;
+- the residual stream is kept in float32 (``fp32_residual``, the default): each layer's bf16 output is added to
+  it without rounding the sum back to bf16, as mixed-precision training computes it, so the vectors are closer
+  to the float32 model's than a bf16 residual stream leaves them;
 - with ``compile=True``, the work around attention (norms, projections, rope, MLP) is compiled by
-  ``torch.compile`` with dynamic shapes (one graph for every pack length); attention runs eagerly between,
-  so the real maximum length of each pack goes to the kernel without recompiling.
+  ``torch.compile`` with a dynamic token dimension (one graph for every pack length); attention runs
+  eagerly between, so each pack's own lengths go to the kernel without recompiling.
 """
 
 from __future__ import annotations
@@ -43,11 +48,11 @@ def supports_packing(model) -> bool:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm exactly as transformers' Qwen3RMSNorm: statistics in float32, scale in the input dtype."""
-    dtype = x.dtype
+    """RMSNorm as transformers' Qwen3RMSNorm: statistics in float32, scaled in the weight's dtype (the input's
+    for a bf16 stream; a float32 residual stream is normalised back to the compute dtype)."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    return weight * h.to(weight.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -127,23 +132,31 @@ def _fuse(*linears, name: str = "weight") -> torch.Tensor | None:
 class PackedDecoder:
     """Runs a Qwen3/Qwen2 ``AutoModel`` on packed sequences and returns last-token hidden states.
 
-    Two attention kernels give the same result:
+    Three attention kernels give the same result:
 
-    - ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` on the packed tensors (flash attention 2).
+    - ``"triton"``: ``attention.causal_packed``, the project's flash-attention kernel on the packed tensors
+      (CUDA with Triton; the fastest measured, see ``attention.py``);
+    - ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` on the packed tensors (FlashAttention-2);
     - ``"sdpa"``: the pack is laid out as right-padded (B, heads, L, D) batches (sequences of a pack have
       similar lengths, since batches are cut from length-sorted windows, so little is padded) and run through
       ``scaled_dot_product_attention(is_causal=True)`` without a mask (right padding + causal: no real query
-      sees a pad). Used where varlen attention is missing (CPU, older torch). Forcing cuDNN attention here
-      was measured slower end to end on an H100 (56k vs 72k tok/s, 4B): every new pack shape builds a
-      cuDNN plan.
+      sees a pad). Used where neither of the others runs (CPU, older torch). cuDNN attention was measured
+      slower end to end: per-shape plans on an H100 (56k vs 72k tok/s, 4B), and on an H200 its ragged
+      (packed) form rebuilt its plan on every call (4.9 TFLOP/s).
 
     Args:
         model: a loaded ``Qwen3Model`` (or ``Qwen2Model``), on its device and dtype, in eval mode.
         compile: compile the per-layer work around attention with ``torch.compile`` (CUDA only).
-        kernel: ``"auto"`` (varlen where available, else sdpa), ``"varlen"`` or ``"sdpa"``.
+        kernel: ``"auto"`` (triton, else varlen on CUDA; sdpa elsewhere), ``"triton"``, ``"varlen"`` or ``"sdpa"``.
+        fp32_residual: keep the residual stream in float32 (see the module docstring).
+        all_dims_dynamic: compile every dimension as dynamic, not only the tokens' (measured slower; kept
+            for the benchmark's lever table).
     """
 
-    def __init__(self, model, *, compile: bool = False, kernel: str = "auto") -> None:
+    def __init__(self, model, *, compile: bool = False, kernel: str = "auto", fp32_residual: bool = True,
+                 all_dims_dynamic: bool = False) -> None:
+        from pipeline import attention
+
         cfg = model.config
         self.model = model
         self.n_q = cfg.num_attention_heads
@@ -152,6 +165,7 @@ class PackedDecoder:
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5
         self.device = next(model.parameters()).device
+        self.fp32_residual = fp32_residual
         self.layers = []
         for layer in model.layers:
             att, mlp = layer.self_attn, layer.mlp
@@ -166,29 +180,61 @@ class PackedDecoder:
                 gate_up=_fuse(mlp.gate_proj, mlp.up_proj),
                 down=mlp.down_proj.weight,
             ))
-        self.use_varlen = self.device.type == "cuda" and _varlen() is not None
-        params = inspect.signature(_varlen()).parameters if self.use_varlen else {}
+        on_cuda = self.device.type == "cuda"
+        dtype = next(model.parameters()).dtype
+        can = {
+            "triton": attention.available() and attention.supports_head_dim(self.head_dim)
+            and ((on_cuda and dtype in (torch.bfloat16, torch.float16)) or attention.interpreted()),
+            "varlen": on_cuda and _varlen() is not None,
+            "sdpa": True,
+        }
+        if kernel == "auto":  # Triton's CPU interpreter (tests) only when asked for by name
+            kernel = next(k for k in ("triton", "varlen", "sdpa") if can[k] and (on_cuda or k == "sdpa"))
+        if kernel not in can:
+            raise ValueError(f"unknown attention kernel {kernel!r} (triton, varlen, sdpa)")
+        if not can[kernel]:
+            need = {"triton": "CUDA, Triton and bf16/fp16 weights", "varlen": "CUDA and torch >= 2.10"}[kernel]
+            raise ValueError(f"the {kernel} attention kernel needs {need}")
+        self.kernel = kernel
+        params = inspect.signature(_varlen()).parameters if can["varlen"] else {}
         self._varlen_gqa = "enable_gqa" in params
         self._varlen_window = "window_size" in params  # torch >= 2.11; 2.10 takes is_causal
-        if kernel == "auto":
-            kernel = "varlen" if self.use_varlen else "sdpa"
-        if kernel == "varlen" and not self.use_varlen:
-            raise ValueError("varlen attention needs CUDA and torch >= 2.10")
-        self.kernel = kernel
         fns = {"pre": _pre_attention, "post": _post_attention, "pre_pad": _pre_attention_padded,
                "post_pad": _post_attention_padded}
-        self.compiled = bool(compile and self.device.type == "cuda")
+        self.compiled = bool(compile and on_cuda)
         if self.compiled:
-            # dynamic shapes: one graph serves every pack length, so packs need no padding to fixed sizes
-            fns = {k: torch.compile(f, dynamic=True) for k, f in fns.items()}
+            # One graph serves every pack length (packs need no padding to fixed sizes): the first call compiles
+            # for its length, the second, of another length, recompiles with the token dimension dynamic, and
+            # that graph serves every later pack. Only that dimension: with all dimensions dynamic
+            # (``dynamic=True``) the generated kernels know no hidden size, and on an H200 the model ran 6%
+            # (4B) and 10% (0.6B) slower.
+            fns = {k: torch.compile(f, dynamic=True if all_dims_dynamic else None) for k, f in fns.items()}
         self.pre, self.post, self.pre_pad, self.post_pad = fns["pre"], fns["post"], fns["pre_pad"], fns["post_pad"]
-        log.info("packed forward: %s attention%s", self.kernel, ", compiled" if self.compiled else "")
+        log.info("packed forward: %s attention%s%s", self.kernel, ", compiled" if self.compiled else "",
+                 ", float32 residual" if fp32_residual else "")
+
+    def host_layout(self, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
+        """What the kernel needs to know of a pack besides its cumulative lengths, computed on the host: the
+        padded layout (sdpa) or the query-block tables of the causal layers and of the last layer (triton)."""
+        if self.kernel == "sdpa":
+            return padded_layout(lengths)
+        if self.kernel == "triton":
+            from pipeline.attention import block_table
+
+            return block_table(lengths), block_table(np.ones(len(lengths), dtype=np.int64))
+        return ()
 
     # -------------------------------------------------------------------------------------------- attention
 
-    def _attention(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> torch.Tensor:
-        """Varlen flash attention: q (Tq, n_q, D), k/v (Tk, n_kv, D) -> (Tq, n_q, D), within each sequence."""
+    def _attention(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, blocks=None) -> torch.Tensor:
+        """Causal attention within each sequence: q (Tq, n_q, D), k/v (Tk, n_kv, D) -> (Tq, n_q, D). With fewer
+        queries than keys (``max_q == 1``: one per sequence), each query is its sequence's last position."""
+        if self.kernel == "triton":
+            from pipeline.attention import causal_packed
+
+            return causal_packed(q, k, v, cu_q, cu_k, blocks, self.scale)
         kwargs: dict = {"scale": self.scale}
+        causal = max_q != 1  # one query per sequence: its last position sees every key, no mask
         if self._varlen_window:
             kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
         else:
@@ -201,7 +247,7 @@ class PackedDecoder:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_len: int,
-                layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                layout: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         """Hidden states after the final norm at the last token of every packed sequence.
 
         Args:
@@ -209,32 +255,35 @@ class PackedDecoder:
             positions: int (T,), position of each token within its own sequence.
             cu: int32 (n + 1,), cumulative sequence lengths, ``cu[-1] == T``.
             max_len: the longest sequence of the pack.
-            layout: for the ``sdpa`` kernel, ``padded_layout(lengths)`` on the device.
+            layout: ``host_layout(lengths)``, on the device.
 
         Returns:
-            (n, hidden) in the model's dtype.
+            (n, hidden), float32 with the float32 residual stream, else the model's dtype.
         """
         if self.kernel == "sdpa":
-            if layout is None:
-                raise ValueError("the sdpa kernel needs the padded layout of the pack")
+            if len(layout) != 3:
+                raise ValueError("the sdpa kernel needs the padded layout of the pack (host_layout)")
             return self._forward_padded(ids, positions, layout, len(cu) - 1, max_len)
+        blocks, last_blocks = layout if self.kernel == "triton" else (None, None)
         m = self.model
         x = m.embed_tokens(ids)
         cos, sin = m.rotary_emb(x, positions.unsqueeze(0))
         cos, sin = cos[0], sin[0]
+        if self.fp32_residual:
+            x = x.float()
         last = (cu[1:] - 1).long()
         n = len(last)
         *body, final = self.layers
         for ly in body:
             q, k, v = self.pre(x, ly.ln1, ly.qkv, ly.qkv_b, ly.q_norm, ly.k_norm, cos, sin,
                                self.n_q, self.n_kv, self.head_dim, self.eps)
-            a = self._attention(q, k, v, cu, cu, max_len, max_len, causal=True)
+            a = self._attention(q, k, v, cu, cu, max_len, max_len, blocks)
             x = self.post(x, a.reshape(a.shape[0], -1), ly.o, ly.ln2, ly.gate_up, ly.down, self.eps)
         q, k, v = self.pre(x, final.ln1, final.qkv, final.qkv_b, final.q_norm, final.k_norm, cos, sin,
                            self.n_q, self.n_kv, self.head_dim, self.eps)
-        # The last token of a sequence attends to all of its sequence: no causal mask needed for one query.
+        # the last layer only at each sequence's last position: one query per sequence, over all its keys
         cu_last = torch.arange(n + 1, device=cu.device, dtype=cu.dtype)
-        a = self._attention(q[last].contiguous(), k, v, cu_last, cu, 1, max_len, causal=False)
+        a = self._attention(q[last].contiguous(), k, v, cu_last, cu, 1, max_len, last_blocks)
         h = _post_attention(x[last], a.reshape(n, -1), final.o, final.ln2, final.gate_up, final.down, self.eps)
         return m.norm(h)
 
@@ -244,6 +293,8 @@ class PackedDecoder:
         x = m.embed_tokens(ids)
         cos, sin = m.rotary_emb(x, positions.unsqueeze(0))
         cos, sin = cos[0], sin[0]
+        if self.fp32_residual:
+            x = x.float()
         *body, final = self.layers
         args = (self.n_q, self.n_kv, self.head_dim, self.eps)
         for ly in body:

@@ -19,6 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU, Triton kernels run in Triton's NumPy interpreter, so their logic is tested on the CPU too. It
+# must be chosen before anything imports triton (transformers does, when a model class is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pipeline.synthetic import build_qwen_tokenizer, make_qwen3_embedding_dir  # noqa: E402
 
 

@@ -92,10 +92,23 @@ def test_text_ending_in_the_end_token_gets_exactly_one(embedders):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_packed_varlen_equals_padded_bf16_on_gpu(tiny_qwen3_dir):
+@pytest.mark.parametrize("kernel", ["triton", "varlen"])
+@pytest.mark.parametrize("fp32_residual", [True, False])
+def test_packed_equals_padded_bf16_on_gpu(tiny_qwen3_dir, kernel, fp32_residual):
     padded = Embedder.load(str(tiny_qwen3_dir), device="cuda", attention="padded", compute_dtype="bfloat16")
     packed = Embedder.load(str(tiny_qwen3_dir), device="cuda", attention="packed", compute_dtype="bfloat16",
-                           compile=False)
-    assert packed.packed.kernel == "varlen"
+                           compile=False, packed_options={"kernel": kernel, "fp32_residual": fp32_residual})
+    assert packed.packed.kernel == kernel
     cos = (padded.embed_texts(TEXTS) * packed.embed_texts(TEXTS)).sum(1)
     assert cos.min() >= 0.999, cos
+
+
+def test_auto_kernel_is_the_fastest_this_machine_runs(tiny_qwen3_dir):
+    from pipeline import attention
+
+    emb = Embedder.load(str(tiny_qwen3_dir), device="cpu", attention="packed")
+    assert emb.packed.kernel == "sdpa"  # Triton's interpreter is for tests that name it
+    if torch.cuda.is_available():
+        gpu = Embedder.load(str(tiny_qwen3_dir), device="cuda", attention="packed", compute_dtype="bfloat16",
+                            compile=False)
+        assert gpu.packed.kernel == ("triton" if attention.available() else "varlen")
