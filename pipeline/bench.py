@@ -320,24 +320,31 @@ def _levers(model, tokenizer_dir: str, texts: list[str], batch_tokens: int, devi
         "packed_triton_compiled_bf16_residual": lambda: make("packed", batch_tokens, True, kernel="triton", **bf16),
         "default": lambda: default,
         "default_budget_x2": lambda: make("packed", 2 * batch_tokens, True),
+        # the default's numerics with the pack laid out padded for SDPA: what packing alone changes
+        "default_numerics_padded_layout_sdpa": lambda: make("packed", batch_tokens, False, kernel="sdpa"),
     }
     out: dict[str, Any] = {"default_is": "packed {} {}, {} residual".format(
         default.packed.kernel, "compiled" if default.packed.compiled else "eager",
         "fp32" if default.packed.fp32_residual else "bf16") if default.packed is not None else "padded"}
     vectors: dict[str, np.ndarray] = {}
-    for name, build in ladder.items():
+    reference = {"st_policy": vec_st}
+    for name in ("default", *(n for n in ladder if n != "default")):  # the default first: others compare to it
         torch._dynamo.reset()  # compiled code is cached per function: each lever compiles its own
         try:
-            rate, vecs = _model_rate(build(), texts, device)
+            rate, vecs = _model_rate(ladder[name](), texts, device)
         except Exception as exc:  # noqa: BLE001 - a lever this machine cannot run is reported, not fatal
             out[name] = {"error": repr(exc)[:300]}
             continue
         out[name] = {"tokens_per_s": rate}
-        if vec_st is not None:
-            out[name]["min_cosine_vs_st_policy"] = round(float((vecs * vec_st).sum(1).min()), 5)
+        for other, ref in reference.items():
+            if ref is not None and name != other:
+                out[name][f"min_cosine_vs_{other}"] = round(float((vecs * ref).sum(1).min()), 5)
+        if name == "default":
+            reference["default"] = vecs
         if name.endswith("bf16_residual") or name.startswith("padded"):
             vectors[name] = vecs
     torch._dynamo.reset()
+    out = {k: out[k] for k in ("default_is", *ladder) if k in out}
     return out, vectors
 
 
@@ -402,6 +409,7 @@ def table(records: list[dict[str, Any]]) -> str:
             if isinstance(lever, dict):
                 lines.append(f"  lever {name:<54} " + (
                     f"{lever['tokens_per_s']:>9,} tok/s  cos vs ST >= {lever.get('min_cosine_vs_st_policy', '-')}"
+                    f"  vs default >= {lever.get('min_cosine_vs_default', '-')}"
                     if "tokens_per_s" in lever else lever.get("error", "")))
         for name, cos in r.get("vs_float32_reference", {}).items():
             if name != "docs":
