@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import attention
+
 log = logging.getLogger(__name__)
 
 PACKED_TYPES = {"qwen3", "qwen2"}
@@ -155,8 +157,6 @@ class PackedDecoder:
 
     def __init__(self, model, *, compile: bool = False, kernel: str = "auto", fp32_residual: bool = True,
                  all_dims_dynamic: bool = False) -> None:
-        from pipeline import attention
-
         cfg = model.config
         self.model = model
         self.n_q = cfg.num_attention_heads
@@ -219,9 +219,7 @@ class PackedDecoder:
         if self.kernel == "sdpa":
             return padded_layout(lengths)
         if self.kernel == "triton":
-            from pipeline.attention import block_table
-
-            return block_table(lengths), block_table(np.ones(len(lengths), dtype=np.int64))
+            return attention.block_table(lengths), attention.block_table(np.ones(len(lengths), dtype=np.int64))
         return ()
 
     # -------------------------------------------------------------------------------------------- attention
@@ -230,9 +228,7 @@ class PackedDecoder:
         """Causal attention within each sequence: q (Tq, n_q, D), k/v (Tk, n_kv, D) -> (Tq, n_q, D). With fewer
         queries than keys (``max_q == 1``: one per sequence), each query is its sequence's last position."""
         if self.kernel == "triton":
-            from pipeline.attention import causal_packed
-
-            return causal_packed(q, k, v, cu_q, cu_k, blocks, self.scale)
+            return attention.causal_packed(q, k, v, cu_q, cu_k, blocks, self.scale)
         kwargs: dict = {"scale": self.scale}
         causal = max_q != 1  # one query per sequence: its last position sees every key, no mask
         if self._varlen_window:
