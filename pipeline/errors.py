@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+EXIT_ERROR = 1
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on a signal with work left; rerun the same command to resume
+
 
 class PipelineError(Exception):
     """Base of every error the user can act on."""

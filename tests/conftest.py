@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
 Everything runs offline: no model hub, no network. The Qwen3 stand-ins are built once per session from the
-real Qwen BPE vocabulary (``dashscope``'s ``qwen.tiktoken``) with random weights; see ``pipeline/synthetic.py``.
+real Qwen BPE vocabulary (``dashscope``'s ``qwen.tiktoken``) with random weights; see ``pipeline/bench/synthetic.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pipeline.synthetic import build_qwen_tokenizer, make_qwen3_embedding_dir  # noqa: E402
+from pipeline.bench.qwen_tokenizer import build_qwen_tokenizer  # noqa: E402
+from pipeline.bench.synthetic import make_qwen3_embedding_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

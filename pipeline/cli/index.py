@@ -1,0 +1,210 @@
+"""Command line: ``embed-corpus index build|update``, ``embed-corpus search``, ``embed-corpus eval``.
+
+Thin: parse, call ``pipeline.index`` (store, search, evaluate), print. Errors the user can act
+on are printed as one ``error: ...`` line with exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from pipeline.cli.common import fail as _fail
+from pipeline.errors import PipelineError
+
+
+def _quiet_model_loading() -> None:
+    """No weight-loading progress bars on stderr: search and eval print results, not model loading."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _recall_line(info: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in info.get("search_params", {}).items()) or "exact"
+    return (f"recall@1/10/100 {info['recall@1']:.3f}/{info['recall@10']:.3f}/{info['recall@100']:.3f} "
+            f"at {params} (target recall@10 {info['tuning']['target']}"
+            f"{'' if info['tuning']['reached'] else ', NOT reached'})")
+
+
+@click.group()
+def index() -> None:
+    """Build or extend the FAISS index of an output directory (OUTPUT/index/)."""
+
+
+@index.command("build")
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.option("--factory", default=None, help="faiss index_factory string (default: chosen from the budget).")
+@click.option("--max-memory", default="4G", show_default=True, help="Budget for the index and its training sample.")
+@click.option("--metric", type=click.Choice(["ip", "l2"]), default="ip", show_default=True,
+              help="ip: inner product (cosine on normalised vectors); l2: Euclidean.")
+@click.option("--target-recall", type=float, default=0.95, show_default=True,
+              help="recall@10 that nprobe/efSearch is tuned to reach.")
+@click.option("--gpu/--no-gpu", default=False, show_default=True, help="Train and add on the GPU (faiss-gpu).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes adding disjoint parts to copies of the trained index, merged at the end.")
+@click.option("--json", "as_json", is_flag=True, help="Print info.json instead of a summary.")
+def build(output: str, factory: str | None, max_memory: str, metric: str, target_recall: float, gpu: bool,
+          workers: int, as_json: bool) -> None:
+    """Build the index of OUTPUT from its finished vector parts; the old index stays usable until the swap."""
+    from pipeline.index.choice import format_size
+    from pipeline.index.store import build_index, choice_for
+
+    try:
+        choice = choice_for(output, factory=factory, max_memory=max_memory, metric=metric)
+        if not as_json:
+            click.echo(f"index: {choice.factory}: {choice.reason}")
+        info = build_index(output, factory=factory, max_memory=max_memory, metric=metric,
+                           target_recall=target_recall, gpu=gpu, workers=workers)
+    except PipelineError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    if info.get("gpu_note"):
+        click.echo(info["gpu_note"], err=True)
+    click.echo(f"built {info['factory']}: {info['ntotal']:,} vectors of {info['dims']} dims, {_recall_line(info)}, "
+               f"{format_size(info['size_bytes'])} on disk, {info['build_seconds']:.1f}s")
+    click.echo(f"recorded in {output.rstrip('/')}/index/info.json")
+
+
+@index.command("update")
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.option("--target-recall", type=float, default=None, help="Default: the target of the last build.")
+@click.option("--max-memory", default=None, help="Default: the budget of the last build.")
+@click.option("--gpu/--no-gpu", default=False, show_default=True, help="Add on the GPU (faiss-gpu).")
+@click.option("--json", "as_json", is_flag=True, help="Print info.json instead of a summary.")
+def update(output: str, target_recall: float | None, max_memory: str | None, gpu: bool, as_json: bool) -> None:
+    """Add the vector parts of OUTPUT that are not in its index yet; re-measure recall; say if a rebuild is due."""
+    from pipeline.index.store import update_index
+
+    try:
+        info = update_index(output, target_recall=target_recall, max_memory=max_memory, gpu=gpu)
+    except PipelineError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    if info.get("built"):
+        click.echo(f"no index yet: built {info['factory']} with {info['ntotal']:,} vectors, {_recall_line(info)}")
+    elif info["added"] == 0:
+        click.echo(f"index up to date: {info['ntotal']:,} vectors from {len(info['parts'])} parts")
+    else:
+        click.echo(f"added {info['added']:,} vectors from {len(info['added_parts'])} new parts: {info['ntotal']:,} "
+                   f"in all, {_recall_line(info)}")
+    for reason in info.get("rebuild_reasons", []):
+        click.echo(f"rebuild due: {reason} (run `embed-corpus index build {output}`)", err=True)
+
+
+def _print_human(entry: dict[str, Any]) -> None:
+    click.echo(f"query: {entry['query']}")
+    for rank, r in enumerate(entry["results"], 1):
+        text = (r.get("text") or "").replace("\n", " ")
+        text = text if len(text) <= 100 else text[:97] + "..."
+        rr = f"  rerank {r['rerank_score']:.4f}" if "rerank_score" in r else ""
+        click.echo(f"{rank:>3}. {r['score']:.4f}{rr}  {r['id']}  {text}")
+
+
+@click.command("search")
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.argument("text", required=False)
+@click.option("-k", "--top-k", "k", type=int, default=10, show_default=True, help="Results per query.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per query: {query, results: [{id, score, text}]}.")
+@click.option("--queries", "queries_file", type=click.Path(dir_okay=False), default=None,
+              help="JSONL or Parquet file of queries (field text or query, optional _id/id); results as JSONL.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
+              help="With --queries: write the JSONL here (default: stdout).")
+@click.option("--rerank-model", default=None, help="Re-score the candidates with this reranker (Qwen3-Reranker or "
+              "a cross-encoder).")
+@click.option("--rerank-top", type=int, default=100, show_default=True, help="Candidates given to the reranker.")
+@click.option("--rerank-instruction", default=None, help="Qwen3-Reranker task instruction.")
+@click.option("--model", default=None, help="Refuse to run unless this is the job's model (a safety check).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N.")
+def search(output: str, text: str | None, k: int, as_json: bool, queries_file: str | None, out_file: str | None,
+           rerank_model: str | None, rerank_top: int, rerank_instruction: str | None, model: str | None,
+           device: str | None) -> None:
+    """Search the index of OUTPUT for TEXT (or every query of --queries), embedded as the job embeds queries."""
+    from pipeline.index.search import Searcher, search_file
+
+    if (text is None) == (queries_file is None):
+        _fail("give either a query TEXT or --queries FILE")
+        return
+    if text is not None and not text.strip():
+        _fail("empty query: give some text to search for")
+        return
+    if k < 1 or rerank_top < 1:
+        _fail("-k and --rerank-top must be at least 1")
+        return
+    _quiet_model_loading()
+    try:
+        searcher = Searcher(output, model=model, device=device)
+        reranker = None
+        if rerank_model:
+            from pipeline.model.rerank import load_reranker
+
+            reranker = load_reranker(rerank_model, device=device, instruction=rerank_instruction)
+        kwargs = {"reranker": reranker, "rerank_top": rerank_top}
+        if queries_file is not None:
+            sink = open(out_file, "w", encoding="utf-8") if out_file else None  # noqa: SIM115 - closed below
+            try:
+                count = 0
+                for entry in search_file(searcher, queries_file, k, **kwargs):
+                    line = json.dumps(entry, ensure_ascii=False)
+                    if sink:
+                        sink.write(line + "\n")
+                    else:
+                        click.echo(line)
+                    count += 1
+            finally:
+                if sink:
+                    sink.close()
+            if out_file:
+                click.echo(f"{count} queries searched; results in {out_file}", err=True)
+            return
+        entry = searcher.search([text], k, **kwargs)[0]
+    except PipelineError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(entry, ensure_ascii=False))
+    else:
+        _print_human(entry)
+
+
+@click.command("eval")
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.option("--queries", required=True, type=click.Path(dir_okay=False), help="BEIR queries.jsonl.")
+@click.option("--qrels", required=True, type=click.Path(), help="BEIR qrels TSV, or the qrels/ folder.")
+@click.option("--split", default="test", show_default=True, help="qrels split when --qrels is a folder.")
+@click.option("--rerank-model", default=None, help="Add a column: the index's candidates re-scored by this model.")
+@click.option("--rerank-top", type=int, default=100, show_default=True, help="Candidates given to the reranker.")
+@click.option("--rerank-instruction", default=None, help="Qwen3-Reranker task instruction.")
+@click.option("--ignore-identical-ids", is_flag=True, help="Drop results whose id equals the query id (BEIR option).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+def eval_cmd(output: str, queries: str, qrels: str, split: str, rerank_model: str | None, rerank_top: int,
+             rerank_instruction: str | None, ignore_identical_ids: bool, device: str | None, as_json: bool) -> None:
+    """nDCG@10, Recall@10/100 and MRR@10 of exact search and of the index of OUTPUT (BEIR layout)."""
+    from pipeline.index.evaluate import format_table, run_eval
+
+    _quiet_model_loading()
+    try:
+        report = run_eval(output, queries, qrels, split=split, rerank_model=rerank_model, rerank_top=rerank_top,
+                          rerank_instruction=rerank_instruction, device=device,
+                          ignore_identical_ids=ignore_identical_ids)
+    except PipelineError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    click.echo(format_table(report))
+    click.echo(f"report: {report['path']}")

@@ -1,0 +1,116 @@
+"""``embed-corpus run`` and ``embed-corpus status``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import threading
+from typing import Any
+
+import click
+
+from pipeline.cli.common import config_options, fail
+from pipeline.errors import EXIT_STOPPED, PipelineError
+from pipeline.job.config import ConfigError, JobConfig, build_config
+
+
+@click.command()
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@config_options
+@click.option("--overwrite", is_flag=True, help="Discard an existing output directory and start over.")
+@click.option("--index/--no-index", "build_index", default=None,
+              help="Build or update the FAISS index when the run completes (default: as the job file says).")
+def run(job_file: str | None, overwrite: bool, build_index: bool | None, **flags: Any) -> None:
+    """Embed a corpus: JOB_FILE (YAML, same keys as the flags) and/or flags; flags win.
+
+    Rerunning the same command resumes: finished shards are kept, unfinished ones redone, new input files
+    embedded. SIGTERM/SIGUSR1 finish the current shard and exit with code 75.
+    """
+    from pipeline.job.runner import run_job
+
+    try:
+        cfg = build_config(job_file, flags)
+        if build_index is not None:
+            cfg = dataclasses.replace(cfg, index=(cfg.index or {}) if build_index else None)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+        return
+    if cfg.gpus or cfg.workers > 1:
+        from pipeline.job.launch import parse_gpus, run_workers
+
+        try:
+            code = run_workers(cfg, workers=cfg.workers, gpus=parse_gpus(cfg.gpus) if cfg.gpus else None,
+                               lease=cfg.lease_seconds, overwrite=overwrite)
+        except (PipelineError, ConfigError) as exc:
+            fail(str(exc))
+            return
+        if code == EXIT_STOPPED:
+            fail("stopped before the end; rerun the same command to resume", EXIT_STOPPED)
+        elif code:
+            fail("a worker failed (see above); rerun the same command to finish", code)
+        _index_after_run(cfg)
+        return
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger("pipeline").warning("signal %d: finishing the current shard, then stopping", signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
+    try:
+        from pipeline.job.ranks import device_for_rank
+
+        cfg = dataclasses.replace(cfg, device=device_for_rank(cfg.device))
+        summary = run_job(cfg, overwrite=overwrite, stop=stop, lease_seconds=cfg.lease_seconds)
+    except (PipelineError, ConfigError) as exc:
+        fail(str(exc))
+        return
+    if not cfg.quiet:
+        click.echo(
+            f"{cfg.output}: {summary.shards_done} shards embedded now ({summary.docs:,} documents, "
+            f"{summary.tokens:,} tokens in {summary.seconds:.1f}s: {summary.docs_per_s:,.1f} docs/s, "
+            f"{summary.tokens_per_s:,.0f} tokens/s)"
+        )
+    if summary.stopped_early:
+        fail("stopped before the end; rerun the same command to resume", EXIT_STOPPED)
+    _index_after_run(cfg)
+
+
+def _index_after_run(cfg: JobConfig) -> None:
+    """The job's ``index:`` step: build the index, or add the new parts to it (nightly)."""
+    if cfg.index is None:
+        return
+    from pipeline.index.store import ensure_index
+
+    try:
+        info = ensure_index(cfg.output, **cfg.index)
+    except PipelineError as exc:
+        fail(f"index: {exc}")
+        return
+    if not cfg.quiet:
+        recall = info.get("recall@10")
+        click.echo(f"{cfg.output}/index: {info.get('factory')}, {info.get('ntotal'):,} vectors"
+                   + (f", recall@10 {recall:.3f}" if recall is not None else ""))
+    if info.get("rebuild_due"):
+        logging.getLogger("pipeline").warning("index: a rebuild is due (%s): embed-corpus index build %s",
+                                              "; ".join(info.get("rebuild_reasons", [])), cfg.output)
+
+
+@click.command()
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(output: str, as_json: bool) -> None:
+    """Shards done / pending / failed, documents, tokens, throughput and ETA of OUTPUT."""
+    from pipeline.job.status import job_status
+
+    try:
+        st = job_status(output)
+    except PipelineError as exc:
+        fail(str(exc))
+        return
+    click.echo(json.dumps(st.to_dict(), indent=1) if as_json else "\n".join(st.lines()))
+
+

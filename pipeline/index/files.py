@@ -1,0 +1,143 @@
+"""The index files of an output: ``OUTPUT/index/`` (info.json, index and id-map generations), atomic installs.
+
+Layout::
+
+    OUTPUT/index/info.json              what is current: factory, metric, dims, ntotal, search parameters,
+                                        measured recall@1/10/100, size, build time, the parts in it, file names
+    OUTPUT/index/index-GEN.faiss        the index (FAISS id = position = row of the id map)
+    OUTPUT/index/ids-GEN.parquet        id map: position -> id, shard, row in the part (+ doc_id/token span)
+    OUTPUT/index/queries-GEN.npz        the held-out recall queries (positions and vectors), reused by updates
+    OUTPUT/index/.lock                  one build or update at a time
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+from pipeline.index.recall import set_search_params
+from pipeline.index.vectors import LOCATOR_COLUMNS, Part
+
+INDEX_DIR = "index"
+INFO = "info.json"
+INFO_VERSION = 1
+ID_MAP_ROW_GROUP = 65536
+
+
+
+
+def index_dir(output: str | Path) -> Path:
+    return Path(output) / INDEX_DIR
+
+
+def read_info(output: str | Path) -> dict[str, Any]:
+    """``OUTPUT/index/info.json``.
+
+    Raises:
+        PipelineError: there is no index yet.
+    """
+    path = index_dir(output) / INFO
+    if not path.exists():
+        raise PipelineError(f"{Path(output)} has no index ({path} does not exist): build it with "
+                            f"`embed-corpus index build {output}`")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable ({exc}); rebuild with `embed-corpus index build {output}`") from exc
+
+
+def load_index(output: str | Path, info: dict[str, Any] | None = None):
+    """The current index with its recorded search parameters applied, and its info.
+
+    Returns:
+        ``(faiss.Index, info dict)``.
+
+    Raises:
+        PipelineError: no index, or its file is missing.
+    """
+    import faiss
+
+    info = info or read_info(output)
+    path = index_dir(output) / info["files"]["index"]
+    if not path.exists():
+        raise PipelineError(f"{path} is missing; rebuild with `embed-corpus index build {output}`")
+    index = faiss.read_index(str(path))
+    set_search_params(index, info.get("search_params") or {})
+    return index, info
+
+
+def new_generation() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def install(tmp: Path, final: Path) -> None:
+    fsync_file(tmp)
+    os.replace(tmp, final)
+
+
+def collect_garbage(folder: Path, keep: set[str]) -> None:
+    """Remove files of killed or superseded builds (everything but the lock, info.json and ``keep``)."""
+    for p in folder.iterdir():
+        if p.is_file() and p.name not in keep and p.name not in (INFO, ".lock"):
+            p.unlink(missing_ok=True)
+
+
+def job_record(out: Path) -> dict[str, Any]:
+    path = out / "job.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def id_map_schema(parts: Sequence[Part]) -> pa.Schema:
+    fields = [pa.field("id", pa.string()), pa.field("shard", pa.int32()), pa.field("row", pa.int32())]
+    cols = set(parts[0].columns) if parts else set()
+    if "doc_id" in cols:
+        fields += [pa.field("doc_id", pa.string()), pa.field("token_start", pa.int32()),
+                   pa.field("token_end", pa.int32())]
+    return pa.schema(fields)
+
+
+def write_id_map(path: Path, parts: Sequence[Part], previous: Path | None = None) -> int:
+    """Write the id map: the rows of ``previous`` (an earlier id map) then one row per vector of ``parts``."""
+    schema = pq.read_schema(previous) if previous is not None else id_map_schema(parts)
+    extra = [f.name for f in schema if f.name in LOCATOR_COLUMNS]
+    rows = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        if previous is not None:
+            for batch in pq.ParquetFile(previous).iter_batches(batch_size=ID_MAP_ROW_GROUP):
+                writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=ID_MAP_ROW_GROUP)
+                rows += batch.num_rows
+        for part in parts:
+            table = pq.read_table(part.path, columns=["id", *extra])
+            cols = {"id": table.column("id").cast(pa.string()),
+                    "shard": pa.array(np.full(table.num_rows, part.shard, dtype=np.int32)),
+                    "row": pa.array(np.arange(table.num_rows, dtype=np.int32))}
+            for name in extra:
+                cols[name] = table.column(name).cast(schema.field(name).type)
+            writer.write_table(pa.table(cols, schema=schema), row_group_size=ID_MAP_ROW_GROUP)
+            rows += table.num_rows
+    return rows

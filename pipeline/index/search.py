@@ -1,0 +1,351 @@
+"""Search: embed queries the way the job recorded, search its index, map positions back to ids and texts.
+
+Queries go through ``job.record.query_embedder(OUTPUT)``: the job's model, pooling, max length, output dims and
+normalisation, with its query instruction (``query_instruction``, else the model's ``query`` prompt). The index
+returns positions; the id map (``OUTPUT/index/ids-*.parquet``) turns them into ids, shards and rows; texts are not
+stored with the vectors, so they are read back from the input files through the manifest, for the top k only.
+
+Results are ``{"query": ..., "results": [{"id", "score", "text"}, ...]}``; with a reranker each result also has
+``rerank_score`` and the list is ordered by it. Scores: inner product for ``ip`` indexes (cosine on normalised
+vectors), minus the squared distance for ``l2`` ones, so larger is always closer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+from pipeline.index.files import index_dir, load_index, read_info
+
+log = logging.getLogger(__name__)
+
+SMALL_ID_MAP = 2_000_000  # id maps up to this many rows are loaded whole; larger ones by row group on demand
+SHARD_CACHE = 8
+QUERY_BATCH = 256
+
+
+class IdMap:
+    """Position -> (id, shard, row[, doc_id, token_start, token_end]) from the id map Parquet file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = pq.ParquetFile(path)
+        meta = self.file.metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.table = self.file.read() if meta.num_rows <= SMALL_ID_MAP else None
+        self._groups: OrderedDict[int, pa.Table] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, positions: np.ndarray) -> pa.Table:
+        """Rows for ``positions`` (int64, all valid), in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.table is not None:
+            return self.table.take(pa.array(positions))
+        groups = np.searchsorted(self.starts, positions, side="right") - 1
+        pieces = []
+        for g in np.unique(groups):
+            table = self._group(int(g))
+            sel = np.flatnonzero(groups == g)
+            pieces.append((sel, table.take(pa.array(positions[sel] - self.starts[g]))))
+        merged = pa.concat_tables([t for _, t in pieces])
+        order = np.argsort(np.concatenate([s for s, _ in pieces]), kind="stable")
+        return merged.take(pa.array(order))
+
+    def _group(self, g: int) -> pa.Table:
+        if g in self._groups:
+            self._groups.move_to_end(g)
+            return self._groups[g]
+        table = self.file.read_row_group(g)
+        self._groups[g] = table
+        if len(self._groups) > 64:
+            self._groups.popitem(last=False)
+        return table
+
+
+class TextSource:
+    """Texts (and kept columns) of indexed vectors, read back from the inputs through the manifest.
+
+    Only the shards of the requested rows are read (a few at a time are cached). When the inputs cannot be read
+    any more (moved, changed), texts are None and a warning says why, once.
+    """
+
+    def __init__(self, output: Path, job: dict[str, Any], tokenizer=None) -> None:
+        from pipeline.job.plan import load_manifest
+        from pipeline.job.records import FieldSpec
+
+        cfg = job.get("config", {})
+        self.manifest = load_manifest(output)
+        self.spec = FieldSpec(cfg.get("text_field", "text"), cfg.get("id_field", "id"), tuple(cfg.get("keep") or ()))
+        self.keep = tuple(cfg.get("keep") or ())
+        self.shards = {s.id: s for s in self.manifest.shards} if self.manifest else {}
+        self.doc_prompt = (job.get("model") or {}).get("prompt", "")
+        self.tokenizer = tokenizer
+        self._cache: OrderedDict[int, dict[str, int] | None] = OrderedDict()
+        self._tables: dict[int, pa.Table] = {}
+        self._warned = False
+
+    def _shard(self, shard_id: int) -> tuple[dict[str, int], pa.Table] | None:
+        from pipeline.job.runner import read_shard
+
+        if shard_id in self._cache:
+            self._cache.move_to_end(shard_id)
+            rows = self._cache[shard_id]
+            return (rows, self._tables[shard_id]) if rows is not None else None
+        shard = self.shards.get(shard_id)
+        result = None
+        if shard is None:
+            self._warn(f"shard {shard_id} is not in the manifest")
+        else:
+            try:
+                table = read_shard(self.manifest, shard, self.spec)
+                ids = table.column("id").to_pylist()
+                result = ({doc: i for i, doc in enumerate(ids)}, table)
+            except (PipelineError, OSError) as exc:
+                self._warn(str(exc))
+        self._cache[shard_id] = result[0] if result else None
+        if result:
+            self._tables[shard_id] = result[1]
+        if len(self._cache) > SHARD_CACHE:
+            old, _ = self._cache.popitem(last=False)
+            self._tables.pop(old, None)
+        return result
+
+    def _warn(self, why: str) -> None:
+        if not self._warned:
+            log.warning("texts unavailable: %s", why)
+            self._warned = True
+
+    def lookup(self, rows: pa.Table) -> tuple[list[str | None], list[dict[str, Any]]]:
+        """Texts and kept columns for id-map rows; chunk rows give their chunk's text."""
+        n = rows.num_rows
+        texts: list[str | None] = [None] * n
+        fields: list[dict[str, Any]] = [{} for _ in range(n)]
+        if self.manifest is None:
+            self._warn("no manifest.json in the output")
+            return texts, fields
+        shard_col = rows.column("shard").to_pylist()
+        key_col = rows.column("doc_id" if "doc_id" in rows.column_names else "id").to_pylist()
+        chunked = "doc_id" in rows.column_names
+        spans = (list(zip(rows.column("token_start").to_pylist(), rows.column("token_end").to_pylist(), strict=True))
+                 if chunked else None)
+        for i in range(n):
+            found = self._shard(shard_col[i])
+            if found is None or key_col[i] not in found[0]:
+                continue
+            index, table = found
+            j = index[key_col[i]]
+            text = table.column("text")[j].as_py()
+            if chunked and spans is not None:
+                text = self._chunk_text(text, *spans[i])
+            texts[i] = text
+            fields[i] = {name: table.column(name)[j].as_py() for name in self.keep}
+        return texts, fields
+
+    def _chunk_text(self, text: str, start: int, end: int) -> str:
+        """The tokens ``[start, end)`` of a chunked document, decoded (the whole text without a tokenizer)."""
+        if self.tokenizer is None:
+            return text
+        prompt_ids = self.tokenizer(self.doc_prompt, add_special_tokens=False)["input_ids"] if self.doc_prompt else []
+        ids = self.tokenizer(self.doc_prompt + text, add_special_tokens=False)["input_ids"][len(prompt_ids):]
+        return self.tokenizer.decode(ids[start:end])
+
+
+def _same_model(given: str, recorded: str) -> bool:
+    from pipeline.model.encoder import resolve_model_path
+
+    if given == recorded:
+        return True
+    try:
+        a, b = Path(resolve_model_path(given)), Path(resolve_model_path(recorded))
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    except PipelineError:
+        return False
+
+
+class Searcher:
+    """Search one output directory's index.
+
+    Args:
+        output: the job's output directory (with ``job.json`` and ``index/``).
+        model: the model the caller means to embed queries with; refused unless it is the job's (vectors of two
+            models are not comparable). None: the job's.
+        device: where the query model runs.
+        embedder: an already loaded query embedder (tests, or to share one); must match the job.
+
+    Raises:
+        PipelineError: no index, no ``job.json``, another model, dims that differ between the job and the index,
+            or an index built from other vectors than the job's current ones.
+
+    Example:
+        >>> s = Searcher("out/")                                   # doctest: +SKIP
+        >>> s.search(["how do pandas eat?"], k=3)[0]["results"][0]  # doctest: +SKIP
+        {'id': 'doc17', 'score': 0.71, 'text': 'Giant pandas eat bamboo ...'}
+    """
+
+    def __init__(self, output: str | Path, *, model: str | None = None, device: str | None = None,
+                 embedder=None) -> None:
+        from pipeline.job.record import query_embedder, read_job_record
+
+        self.out = Path(output)
+        self.info = read_info(self.out)
+        self.job = read_job_record(self.out)
+        recorded = self.job["config"]["model"]
+        if model is not None and not _same_model(model, recorded):
+            raise PipelineError(f"the index of {self.out} holds vectors of model {recorded!r}; queries must be "
+                                f"embedded with the same model, not {model!r}")
+        job_dims = int(self.job["model"]["dims"])
+        if job_dims != int(self.info["dims"]):
+            raise PipelineError(f"dims mismatch: the job embeds to {job_dims} dims but the index holds "
+                                f"{self.info['dims']}-dim vectors; rebuild it with `embed-corpus index build "
+                                f"{self.out}`")
+        fp = self.info.get("job_fingerprint")
+        if fp and self.job.get("fingerprint") and fp != self.job["fingerprint"]:
+            raise PipelineError(f"the index of {self.out} was built from vectors made with other settings "
+                                f"(fingerprint {fp}, the job's is now {self.job['fingerprint']}); rebuild it with "
+                                f"`embed-corpus index build {self.out}`")
+        try:
+            self.embedder = embedder or query_embedder(self.out, device=device)
+        except ValueError as exc:  # e.g. a query prompt longer than the job's max_length
+            raise PipelineError(f"cannot embed queries as the job of {self.out} does: {exc}") from exc
+        info = self.embedder.info
+        if info.dims != int(self.info["dims"]):
+            raise PipelineError(f"dims mismatch: queries embed to {info.dims} dims, the index holds "
+                                f"{self.info['dims']}-dim vectors")
+        if embedder is not None and not _same_model(info.model, recorded):
+            raise PipelineError(f"the query embedder uses {info.model!r}, the index holds vectors of {recorded!r}")
+        self.index, _ = load_index(self.out, self.info)
+        self.ids = IdMap(index_dir(self.out) / self.info["files"]["ids"])
+        self.texts = TextSource(self.out, self.job, getattr(self.embedder.tokenizer, "tokenizer", None))
+        self.metric = self.info["metric"]
+
+    def embed(self, queries: Sequence[str]) -> np.ndarray:
+        """float32 (len(queries), dims) query vectors, as the job would embed them.
+
+        Raises:
+            PipelineError: an empty query.
+        """
+        for i, q in enumerate(queries):
+            if not isinstance(q, str) or not q.strip():
+                where = f" (query {i + 1})" if len(queries) > 1 else ""
+                raise PipelineError(f"empty query{where}: give some text to search for")
+        return self.embedder.embed_texts(list(queries))
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores float32 (nq, k), positions int64 (nq, k))``; larger scores are closer; -1 = no result."""
+        dist, pos = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        return (dist if self.metric == "ip" else -dist), pos
+
+    def search(self, queries: Sequence[str], k: int = 10, *, reranker=None, rerank_top: int = 100,
+               with_text: bool = True, query_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Search each query; see the module docstring for the result shape.
+
+        Args:
+            queries: query texts.
+            k: results per query.
+            reranker: a ``pipeline.rerank.Reranker``; the top ``rerank_top`` are re-scored, the best k returned.
+            rerank_top: candidates handed to the reranker.
+            with_text: read the texts of the results (always done when reranking).
+            query_ids: ids echoed as ``query_id``.
+
+        Raises:
+            PipelineError: empty query, ``k`` < 1, or a candidate's text cannot be read for the reranker.
+        """
+        if k < 1:
+            raise PipelineError(f"-k: {k} must be at least 1")
+        depth = max(k, rerank_top) if reranker is not None else k
+        scores, positions = self.search_vectors(self.embed(queries), depth)
+        out = []
+        for qi, query in enumerate(queries):
+            valid = positions[qi] >= 0
+            pos, sc = positions[qi][valid], scores[qi][valid]
+            rows = self.ids.take(pos)
+            ids = rows.column("id").to_pylist()
+            texts, fields = self.texts.lookup(rows) if (with_text or reranker is not None) else (
+                [None] * len(ids), [{} for _ in ids])
+            results = [{"id": ids[i], "score": float(sc[i]), "text": texts[i], **({"fields": fields[i]}
+                                                                                  if fields[i] else {})}
+                       for i in range(len(ids))]
+            if reranker is not None:
+                results = self._rerank(reranker, query, results, k)
+            else:
+                results = results[:k]
+            entry: dict[str, Any] = {"query": query, "results": results}
+            if query_ids is not None:
+                entry = {"query_id": query_ids[qi], **entry}
+            out.append(entry)
+        return out
+
+    @staticmethod
+    def _rerank(reranker, query: str, results: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+        missing = [r["id"] for r in results if r["text"] is None]
+        if missing:
+            raise PipelineError(f"cannot rerank: the text of {missing[0]!r} cannot be read from the inputs")
+        rr = reranker.score(query, [r["text"] for r in results])
+        order = np.argsort(-rr, kind="stable")  # ties keep the first-stage order
+        return [{**results[i], "rerank_score": float(rr[i])} for i in order[:k]]
+
+
+def read_queries(path: str | Path) -> tuple[list[str], list[str] | None]:
+    """Queries from a JSONL or Parquet file: field ``text`` (or ``query``), optional ``_id``/``id``.
+
+    Returns:
+        ``(texts, ids or None)``.
+
+    Raises:
+        PipelineError: unreadable file, a line that is not a JSON object, or no text field.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        names = table.column_names
+        text_field = "text" if "text" in names else "query" if "query" in names else None
+        if text_field is None:
+            raise PipelineError(f"{path}: no 'text' or 'query' column (columns: {', '.join(names)})")
+        id_field = "_id" if "_id" in names else "id" if "id" in names else None
+        texts = [str(t) if t is not None else "" for t in table.column(text_field).to_pylist()]
+        ids = [str(i) for i in table.column(id_field).to_pylist()] if id_field else None
+        return texts, ids
+    texts, ids = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PipelineError(f"{path}: line {lineno}: not JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise PipelineError(f"{path}: line {lineno}: not a JSON object")
+            text = obj.get("text", obj.get("query"))
+            if not isinstance(text, str):
+                raise PipelineError(f"{path}: line {lineno}: field 'text' (or 'query') is missing or not a string")
+            texts.append(text)
+            qid = obj.get("_id", obj.get("id"))
+            ids.append(str(qid) if qid is not None else str(lineno))
+    return texts, ids
+
+
+def search_file(searcher: Searcher, path: str | Path, k: int, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Results for every query of a JSONL/Parquet file, in batches (see ``read_queries``)."""
+    texts, ids = read_queries(path)
+    for i, q in enumerate(texts):
+        if not q.strip():
+            raise PipelineError(f"{path}: query {i + 1}{f' ({ids[i]})' if ids else ''} is empty")
+    for start in range(0, len(texts), QUERY_BATCH):
+        batch = texts[start : start + QUERY_BATCH]
+        batch_ids = ids[start : start + QUERY_BATCH] if ids else None
+        yield from searcher.search(batch, k, query_ids=batch_ids, **kwargs)

@@ -1,0 +1,178 @@
+"""Vectors: the finished vector parts of an output directory, read back as float32 NumPy batches.
+
+A part (``OUTPUT/vectors/part-NNNNNN.parquet``) counts only once its done-marker exists: a part without one may
+be rewritten by a resumed run. Parts are taken in shard order; a vector's *position* is its row number in the
+concatenation of the parts in that order, which is also its FAISS id in an index and its row in the id map.
+
+Everything here streams: a part is read one batch at a time, and exact search keeps a running top-k heap, so
+memory stays bounded by a batch whatever the number of vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+from pipeline.job.sink import read_markers
+
+log = logging.getLogger(__name__)
+
+EMBEDDING = "embedding"
+LOCATOR_COLUMNS = ("doc_id", "token_start", "token_end")  # chunk mode: which document and which tokens
+
+
+@dataclass(frozen=True)
+class Part:
+    """One complete vector part.
+
+    Attributes:
+        shard: the shard id (from the manifest) the part belongs to.
+        path: the Parquet file.
+        rows: number of vectors.
+        dims: vector size.
+        dtype: ``float32`` or ``float16`` as stored (always read as float32).
+        finished_at: the done-marker's time; a later value means the part was rewritten.
+        columns: the part's column names.
+    """
+
+    shard: int
+    path: Path
+    rows: int
+    dims: int
+    dtype: str
+    finished_at: float
+    columns: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def complete_parts(output: str | Path) -> list[Part]:
+    """The parts of ``output`` whose done-marker exists, in shard order.
+
+    Only Parquet footers are read. Raises:
+        PipelineError: a marker names a missing part, or parts disagree on the vector size.
+    """
+    out = Path(output)
+    done, _failed = read_markers(out)
+    parts: list[Part] = []
+    for shard in sorted(done):
+        marker = done[shard]
+        path = out / "vectors" / str(marker.get("part") or f"part-{shard:06d}.parquet")
+        if not path.exists():
+            raise PipelineError(f"{path}: shard {shard} is marked done but its part is missing; rerun the job")
+        parts.append(_describe_part(path, shard, float(marker.get("finished_at", 0.0))))
+    dims = {p.dims for p in parts}
+    if len(dims) > 1:
+        raise PipelineError(f"{out}: vector parts have different sizes {sorted(dims)}; the output mixes two jobs")
+    return parts
+
+
+def _describe_part(path: Path, shard: int, finished_at: float) -> Part:
+    schema = pq.read_schema(path)
+    if EMBEDDING not in schema.names:
+        raise PipelineError(f"{path}: no {EMBEDDING!r} column")
+    tp = schema.field(EMBEDDING).type
+    if not pa.types.is_fixed_size_list(tp):
+        raise PipelineError(f"{path}: column {EMBEDDING!r} is {tp}, not a fixed-size list of floats")
+    dtype = "float16" if pa.types.is_float16(tp.value_type) else "float32"
+    rows = pq.read_metadata(path).num_rows
+    return Part(shard, path, rows, tp.list_size, dtype, finished_at, tuple(schema.names))
+
+
+def as_matrix(column: pa.Array | pa.ChunkedArray, dims: int) -> np.ndarray:
+    """A ``fixed_size_list<float>[dims]`` column -> C-contiguous float32 (n, dims)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(-1, dims), dtype=np.float32)
+
+
+def iter_batches(part: Part, batch_rows: int = 65536, columns: Sequence[str] = ()) -> Iterator[
+    tuple[np.ndarray, pa.RecordBatch]
+]:
+    """Yield ``(vectors float32 (b, dims), record batch of the other requested columns)`` for one part."""
+    names = [EMBEDDING, *[c for c in columns if c != EMBEDDING]]
+    pf = pq.ParquetFile(part.path)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=names):
+        yield as_matrix(batch.column(EMBEDDING), part.dims), batch
+
+
+def read_part_vectors(part: Part) -> np.ndarray:
+    """All vectors of one part, float32 (rows, dims)."""
+    table = pq.read_table(part.path, columns=[EMBEDDING])
+    return as_matrix(table.column(EMBEDDING), part.dims)
+
+
+def offsets(parts: Sequence[Part]) -> np.ndarray:
+    """int64 (len(parts) + 1,): part i holds positions ``[offsets[i], offsets[i + 1])``."""
+    out = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([p.rows for p in parts], out=out[1:])
+    return out
+
+
+def read_rows(parts: Sequence[Part], positions: np.ndarray, reader=None) -> np.ndarray:
+    """The vectors at the given global positions, float32 (len(positions), dims), in the order given.
+
+    Each part that holds at least one position is read once (one part at a time in memory).
+    """
+    reader = reader or read_part_vectors
+    positions = np.asarray(positions, dtype=np.int64)
+    if not len(parts):
+        return np.empty((0, 0), dtype=np.float32)
+    out = np.empty((len(positions), parts[0].dims), dtype=np.float32)
+    if not len(positions):
+        return out
+    bounds = offsets(parts)
+    which = np.searchsorted(bounds, positions, side="right") - 1
+    for i in np.unique(which):
+        sel = np.flatnonzero(which == i)
+        vectors = reader(parts[int(i)])
+        out[sel] = vectors[positions[sel] - bounds[i]]
+    return out
+
+
+def exact_search(
+    parts: Sequence[Part], queries: np.ndarray, k: int, metric: str, *, batch_rows: int = 131072, reader=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k over all vectors of ``parts``, streamed part by part.
+
+    Args:
+        parts: the parts, in position order.
+        queries: float32 (nq, dims).
+        k: neighbours per query (fewer exist when the parts hold fewer vectors: ids are then -1).
+        metric: ``ip`` (larger is closer) or ``l2`` (squared distance, smaller is closer).
+        batch_rows: vectors scored at once.
+        reader: read a part's vectors (default ``read_part_vectors``); tests count reads through it.
+
+    Returns:
+        ``(scores float32 (nq, k), positions int64 (nq, k))``, best first.
+    """
+    import faiss
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    keep_max = metric == "ip"
+    heap = faiss.ResultHeap(len(queries), k, keep_max=keep_max)
+    fmetric = faiss.METRIC_INNER_PRODUCT if keep_max else faiss.METRIC_L2
+    start = 0
+    for part in parts:
+        if reader is not None:
+            chunks: Iterator[np.ndarray] = iter([reader(part)])
+        else:
+            chunks = (v for v, _ in iter_batches(part, batch_rows))
+        for vectors in chunks:
+            kk = min(k, len(vectors))
+            if kk:
+                dist, idx = faiss.knn(queries, vectors, kk, metric=fmetric)
+                heap.add_result(np.ascontiguousarray(dist), np.ascontiguousarray(idx + start))
+            start += len(vectors)
+    heap.finalize()
+    return heap.D, heap.I

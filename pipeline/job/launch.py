@@ -1,0 +1,168 @@
+"""Launch: ranks from external launchers, and several local worker processes (``--workers N`` / ``--gpus``).
+
+Work is shared through shard claims (``claims.py``), never by a fixed split, so the rank only names a worker
+and picks its GPU; any number of workers may join or leave. Local workers are spawned processes, one per GPU
+with its own ``CUDA_VISIBLE_DEVICES`` (or N CPU workers sharing the cores); the parent plans once, shows one
+progress bar from the shard markers, waits for the children, and reports the shards of a worker that failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import signal
+from pathlib import Path
+
+from pipeline.job.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+def parse_gpus(spec: str) -> list[str]:
+    """``all`` | ``N`` | ``0,1,3`` -> one ``CUDA_VISIBLE_DEVICES`` value per worker.
+
+    Counts and ids are taken among the GPUs this process may use: where ``CUDA_VISIBLE_DEVICES`` is set (Slurm
+    sets it to the job's allocation) id ``0`` is its first entry, as in ``cuda:0``, so a worker never lands on a
+    GPU outside the allocation; otherwise the ids are those of ``torch.cuda.device_count()``.
+
+    Raises:
+        ConfigError: no GPU is visible, more GPUs are asked for than are visible, or the spec is malformed.
+    """
+    from pipeline.job.config import ConfigError
+
+    spec = spec.strip()
+    visible_env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible_env is not None:
+        visible = [v.strip() for v in visible_env.split(",") if v.strip()]
+    else:
+        import torch
+
+        visible = [str(i) for i in range(torch.cuda.device_count())]
+    if not visible:
+        raise ConfigError(f"gpus: {spec!r}, but no CUDA device is visible (use --workers N for CPU workers)")
+    if spec == "all":
+        return visible
+    try:
+        if "," in spec:
+            wanted = [int(v) for v in spec.split(",") if v.strip()]
+        else:
+            wanted = list(range(int(spec)))
+    except ValueError:
+        raise ConfigError(f"gpus: {spec!r} is not all, a count, or a list of ids like 0,1,3") from None
+    if not wanted or len(set(wanted)) != len(wanted) or min(wanted) < 0 or max(wanted) >= len(visible):
+        raise ConfigError(f"gpus: {spec!r} does not fit the {len(visible)} visible GPUs (ids 0-{len(visible) - 1})")
+    return [visible[i] for i in wanted]
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on (a Slurm or cgroup cpuset), not all the machine's cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | None) -> None:
+    import threading
+
+    # First thing: a signal that arrives while torch and the model load must stop the run, not kill it.
+    flag = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: flag.set())
+    os.environ.update(env)
+    from pipeline.util import configure_logging
+
+    configure_logging()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from pipeline.job.runner import run_job
+
+    summary = run_job(cfg, stop=flag, lease_seconds=lease)
+    if summary.failed:
+        raise SystemExit(1)
+    if summary.stopped_early:
+        raise SystemExit(75)
+
+
+def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = None, lease: float,
+                overwrite: bool = False, poll: float = 1.0) -> int:
+    """Plan once, run one process per GPU (or ``workers`` CPU processes) on the same output, and wait.
+
+    Returns:
+        0 when every shard is done; 75 when stopped by a signal with work left; 1 when a worker failed
+        (its shards are named in the log and are taken over by the next run after the lease).
+    """
+    from tqdm import tqdm
+
+    from pipeline.job.plan import prepare
+    from pipeline.job.status import job_status
+
+    procs: list[mp.process.BaseProcess] = []
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signum)
+
+    # Installed before planning, so that a signal during a long plan stops the run (75) instead of killing it.
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        manifest = prepare(cfg, overwrite=overwrite)
+        if received:
+            log.warning("signal %d before the workers started: nothing done", received[0])
+            return 75
+        envs: list[dict[str, str]] = []
+        threads = None
+        if gpus:
+            envs = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
+            child_cfg = dataclasses.replace(cfg, device="cuda", quiet=True)
+        else:
+            envs = [{"CUDA_VISIBLE_DEVICES": ""} for _ in range(workers)]
+            child_cfg = dataclasses.replace(cfg, device="cpu", quiet=True)
+            threads = max(1, _cpu_count() // workers)
+        ctx = mp.get_context("spawn")
+        for i, env in enumerate(envs):
+            p = ctx.Process(target=_child, args=(child_cfg, env, lease, threads), name=f"worker-{i}")
+            p.start()
+            procs.append(p)
+        for p in procs if received else []:  # a signal that came while they were being started
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, received[-1])
+        log.info("%d workers started on %s", len(procs), cfg.output)
+        bar = tqdm(total=manifest.total_rows, unit="doc", disable=cfg.quiet, dynamic_ncols=True,
+                   desc=f"embedding x{len(procs)}")
+        try:
+            while any(p.is_alive() for p in procs):
+                mp.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=poll)  # or a child ends
+                st = job_status(cfg.output)
+                bar.n = st.docs_done
+                bar.set_postfix_str(f"{st.tokens_per_s:,.0f} tok/s", refresh=False)
+                bar.refresh()
+            for p in procs:
+                p.join()
+        finally:
+            bar.close()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    codes = [p.exitcode for p in procs]
+    st = job_status(cfg.output)
+    # A worker killed by the signal this parent forwarded (before it could install its handler) was stopped.
+    stopped = {-s for s in received}
+    failed = [i for i, c in enumerate(codes) if c not in (0, 75) and c not in stopped]
+    if failed:
+        claims = sorted(Path(cfg.output, "shards").glob("*.claim"))
+        log.error("workers %s failed (exit codes %s); shards left claimed: %s; failed shards: %s. Rerun the same "
+                  "command: their shards are taken over once the lease (%ss) runs out.", failed,
+                  [codes[i] for i in failed], [c.name.split(".")[0] for c in claims], sorted(st.failures), lease)
+        return 1
+    if st.shards_pending:
+        return 75
+    return 0

@@ -1,0 +1,67 @@
+"""The job record (``OUTPUT/job.json``): how a job's vectors were made, so that queries are embedded the same way.
+
+A run writes it once its model has loaded (settings, the resolved framing: pooling, prefix/suffix tokens, max
+length, prompts, dims; versions). ``search``, ``eval`` and ``serve`` read it to build the query side.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.job.config import JobConfig
+from pipeline.model.encoder import Embedder
+from pipeline.util import write_json_atomic
+
+JOB_RECORD = "job.json"
+
+
+def write_job_record(out: Path, cfg: JobConfig, embedder: Embedder) -> None:
+    """``OUTPUT/job.json``: the settings and the resolved model framing, to embed queries the same way."""
+    import torch
+    import transformers
+
+    from pipeline import __version__
+
+    write_json_atomic(out / JOB_RECORD, {
+        "fingerprint": cfg.fingerprint(),
+        "config": cfg.to_dict(),
+        "model": embedder.info.to_dict(),
+        "versions": {"embed-corpus": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "updated_at": time.time(),
+    })
+
+
+def read_job_record(output: str | Path) -> dict[str, Any]:
+    """``OUTPUT/job.json`` as written by a run (config, resolved model framing, versions).
+
+    Raises:
+        PipelineError: there is none (no run has loaded a model for this output yet).
+    """
+    path = Path(output) / JOB_RECORD
+    if not path.exists():
+        raise PipelineError(f"{path} does not exist: run `embed-corpus run` for this output first")
+    return json.loads(path.read_text())
+
+
+def query_embedder(output: str | Path, *, device: str | None = None, batch_tokens: int = 16384) -> Embedder:
+    """The embedder for search queries of a job: same model, pooling, max length, dims and normalisation as its
+    documents, with the query instruction (``query_instruction``, else the model's ``query`` prompt, else none).
+
+    Raises:
+        PipelineError: ``output`` has no ``job.json`` (no run has loaded a model there yet).
+    """
+    job = read_job_record(output)
+    cfg, model = job["config"], job["model"]
+    instruction = cfg.get("query_instruction")
+    prompt_name = "query" if instruction is None and "query" in model.get("prompts", {}) else None
+    return Embedder.load(
+        cfg["model"], device=device, compute_dtype=cfg.get("compute_dtype", "auto"), pooling=model["pooling"],
+        max_length=model["max_length"], dims=cfg.get("dims"), normalize=cfg.get("normalize", True),
+        instruction=instruction, prompt_name=prompt_name, batch_tokens=batch_tokens, compile=False,
+        trust_remote_code=cfg.get("trust_remote_code", False),
+    )

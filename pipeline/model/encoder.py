@@ -1,0 +1,449 @@
+"""Encoder: load a model, find how it pools and frames its inputs, and turn token batches into vectors.
+
+Pooling comes from the model's sentence-transformers files (``modules.json`` -> ``1_Pooling/config.json``)
+where present, else from its type (decoder models such as Qwen3 pool the last token, encoders mean-pool).
+The forward pass is padded on the right with an attention mask: for causal models the last real token never
+sees the padding after it, and for bidirectional models the mask hides it. Vectors are pooled in float32,
+cut to ``dims`` (Matryoshka), and L2-normalised; a non-finite vector raises instead of being written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import EncodeError, PipelineError
+from pipeline.model.tokens import Encoded, SequenceFormat, TextTokenizer
+
+log = logging.getLogger(__name__)
+
+QWEN_EOS = "<|endoftext|>"
+DECODER_TYPES = {"qwen2", "qwen3", "qwen3_moe", "mistral", "llama", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"}
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384, "packed": 32768}
+
+
+def format_instruction(instruction: str) -> str:
+    """The Qwen3-Embedding query prompt for a task instruction (no space after ``Query:``)."""
+    return f"Instruct: {instruction}\nQuery:"
+
+
+def resolve_model_path(model: str) -> str:
+    """``pkg:PACKAGE/sub/path`` -> a folder inside an installed Python package; other values pass through
+    (a local folder, or a hub id that transformers downloads as usual)."""
+    if not model.startswith("pkg:"):
+        return model
+    package, _, sub = model[4:].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(f"model {model!r}: Python package {package!r} is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not path.exists():
+        raise PipelineError(f"model {model!r}: {path} does not exist")
+    return str(path)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to load a model and frame its inputs, as plain values (a job's settings, or a query side's).
+
+    ``device`` None: CUDA where present; ``compute_dtype`` auto: bfloat16 on GPU, float32 on CPU; ``pooling`` auto:
+    from the model's sentence-transformers files or its type; ``max_length`` None: the model's limit; ``dims``
+    None: the model's size; ``batch_tokens`` None: ``DEFAULT_BATCH_TOKENS`` of the forward path; ``attention``
+    auto: packed for Qwen on CUDA; ``compile`` None: on for CUDA.
+    """
+
+    model: str
+    device: str | None = None
+    compute_dtype: str = "auto"
+    pooling: str = "auto"
+    max_length: int | None = None
+    dims: int | None = None
+    normalize: bool = True
+    instruction: str | None = None
+    prompt_name: str | None = None
+    long_docs: str = "truncate"
+    chunk_tokens: int = 512
+    chunk_overlap: int = 0
+    batch_tokens: int | None = None
+    attention: str = "auto"
+    compile: bool | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a job recorded about its model, so queries can later be embedded exactly the same way."""
+
+    model: str
+    path: str
+    model_type: str
+    hidden_size: int
+    dims: int
+    pooling: str
+    normalize: bool
+    max_length: int
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    prompt: str
+    prompts: dict[str, str]
+    compute_dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _st_files(path: str) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    """Pooling mode, sentence-transformers config and bert config from a local model folder (or the hub)."""
+    root = Path(path)
+    if not root.is_dir():
+        root = _hub_folder(path)
+    if root is None:
+        return None, {}, {}
+    pooling = None
+    for module in _read_json(root / "modules.json") if (root / "modules.json").exists() else []:
+        if str(module.get("type", "")).endswith("Pooling"):
+            conf = _read_json(root / module.get("path", "") / "config.json")
+            for key, mode in (("pooling_mode_lasttoken", "lasttoken"), ("pooling_mode_mean_tokens", "mean"),
+                              ("pooling_mode_cls_token", "cls")):
+                if conf.get(key):
+                    pooling = mode
+                    break
+            else:
+                if conf:
+                    raise PipelineError(f"{root}: unsupported pooling in {module.get('path')}/config.json: {conf}")
+    return pooling, _read_json(root / "config_sentence_transformers.json"), _read_json(
+        root / "sentence_bert_config.json"
+    )
+
+
+def _hub_folder(model_id: str) -> Path | None:
+    """The local snapshot of a hub model's small sentence-transformers files (downloads them if needed)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*/config.json"]))
+    except Exception as exc:  # noqa: BLE001 - offline or private: fall back to the model type
+        log.info("no sentence-transformers files for %s (%s); pooling from the model type", model_id, exc)
+        return None
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Embedder:
+    """A model, its tokenizer and its framing: text in, vectors out.
+
+    Use ``Embedder.load(...)`` (or ``from_loaded`` with a model already in memory); ``embed_texts`` for a
+    list of strings, ``embed_encoded`` for tokenized input.
+
+    Two forward paths give the same vectors: ``padded`` (right padding, attention mask, transformers SDPA;
+    any model) and ``packed`` (padding-free varlen attention, Qwen2/Qwen3 with last-token pooling; see
+    ``packed.py``). ``attention="auto"`` takes packed on CUDA where the model allows it.
+    """
+
+    def __init__(self, model, tokenizer: TextTokenizer, info: ModelInfo, device: str, batch_tokens: int,
+                 *, pad_id: int = 0, packed=None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.device = device
+        self.batch_tokens = batch_tokens
+        self.pad_id = pad_id
+        self.packed = packed
+
+    @property
+    def attention(self) -> str:
+        return "packed" if self.packed is not None else "padded"
+
+    @classmethod
+    def from_options(cls, opts: ModelOptions) -> Embedder:
+        """Load ``opts.model`` with the framing and forward path ``opts`` describe (see ``load``)."""
+        return cls.load(**asdict(opts))
+
+    @classmethod
+    def load(cls, model: str, *, device: str | None = None, compute_dtype: str = "auto",
+             trust_remote_code: bool = False, **options: Any) -> Embedder:
+        """Load a model and its tokenizer through transformers (a local folder, ``pkg:``, or a hub id), then
+        ``from_loaded``. ``options`` are those of ``from_loaded``.
+
+        Raises:
+            PipelineError: the model cannot be loaded, or an option does not fit it.
+        """
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+        path = resolve_model_path(model)
+        device = device or default_device()
+        if compute_dtype == "auto":
+            compute_dtype = "float32" if device == "cpu" else "bfloat16"
+        try:
+            hf_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            net = AutoModel.from_pretrained(
+                path, dtype=_torch_dtype(compute_dtype), trust_remote_code=trust_remote_code,
+                attn_implementation="sdpa",
+            )
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"model {model!r}: cannot load ({exc})") from exc
+        net.eval().to(torch.device(device))
+        return cls.from_loaded(net, hf_tok, model=model, path=path, device=device, **options)
+
+    @classmethod
+    def from_loaded(
+        cls,
+        net,
+        hf_tok,
+        *,
+        model: str,
+        path: str,
+        device: str,
+        pooling: str = "auto",
+        max_length: int | None = None,
+        dims: int | None = None,
+        normalize: bool = True,
+        instruction: str | None = None,
+        prompt_name: str | None = None,
+        long_docs: str = "truncate",
+        chunk_tokens: int = 512,
+        chunk_overlap: int = 0,
+        batch_tokens: int | None = None,
+        attention: str = "auto",
+        compile: bool | None = None,
+        packed_options: dict[str, Any] | None = None,
+    ) -> Embedder:
+        """Work out pooling, framing and prompts for a model already in memory (on ``device``, in eval mode).
+
+        ``path`` is where its sentence-transformers files (pooling, prompts, max length) are looked up;
+        ``packed_options`` go to ``PackedDecoder`` (``kernel``, ``fp32_residual``, ``all_dims_dynamic``).
+        """
+        from pipeline.model.packed import PackedDecoder, supports_packing
+
+        config = net.config
+        compute_dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
+        st_pooling, st_config, bert_config = _st_files(path)
+        model_type = getattr(config, "model_type", "")
+        is_decoder = model_type in DECODER_TYPES or bool(getattr(config, "is_decoder", False))
+        if pooling == "auto":
+            pooling = st_pooling or ("lasttoken" if is_decoder else "mean")
+        hidden = int(config.hidden_size)
+        if dims is not None and dims > hidden:
+            raise PipelineError(f"dims: {dims} is larger than the model's {hidden} dimensions")
+        limit = _model_max_length(config, hf_tok, bert_config)
+        max_length = min(max_length, limit) if max_length else limit
+        hf_tok.model_max_length = 1 << 30  # we truncate ourselves; silence the tokenizer's length warning
+        fmt = _sequence_format(hf_tok, model_type, max_length)
+        prompts = dict(st_config.get("prompts") or {})
+        if instruction is not None:
+            prompt = format_instruction(instruction)
+        elif prompt_name is not None:
+            if prompt_name not in prompts:
+                known = ", ".join(prompts) or "none"
+                raise PipelineError(f"prompt_name: the model defines no prompt {prompt_name!r} (it has: {known})")
+            prompt = prompts[prompt_name]
+        else:
+            default = st_config.get("default_prompt_name")
+            prompt = prompts.get(default, "") if default else ""
+        tok = TextTokenizer(hf_tok, fmt, prompt=prompt, long_docs=long_docs, chunk_tokens=chunk_tokens,
+                            chunk_overlap=chunk_overlap)
+        info = ModelInfo(
+            model=model, path=path, model_type=model_type, hidden_size=hidden, dims=dims or hidden,
+            pooling=pooling, normalize=normalize, max_length=max_length, prefix=fmt.prefix, suffix=fmt.suffix,
+            prompt=prompt, prompts=prompts, compute_dtype=compute_dtype,
+        )
+        can_pack = supports_packing(net) and pooling == "lasttoken"
+        if attention == "packed" and not can_pack:
+            raise PipelineError(
+                f"attention: packed needs a Qwen2/Qwen3 model with last-token pooling ({model_type}, {pooling})"
+            )
+        packed = None
+        if attention == "packed" or (attention == "auto" and can_pack and device.startswith("cuda")):
+            packed = PackedDecoder(net, compile=device.startswith("cuda") if compile is None else compile,
+                                   **(packed_options or {}))
+        if batch_tokens is None:  # measured: small padded batches suit CPU caches; packed GPU batches want more
+            batch_tokens = DEFAULT_BATCH_TOKENS["packed" if packed else "cuda" if device.startswith("cuda") else "cpu"]
+        pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
+        log.info("model %s: %s, pooling %s, dims %d, max_length %d, %s on %s, %s attention", model, model_type,
+                 pooling, info.dims, max_length, compute_dtype, device, "packed" if packed else "padded")
+        return cls(net, tok, info, device, batch_tokens, pad_id=pad_id, packed=packed)
+
+    # ------------------------------------------------------------------------------------------ batching
+
+    def plan_batches(self, lengths: np.ndarray, window: int | None = None) -> list[np.ndarray]:
+        """Token-budget batches for this forward path (packed: sum of lengths; padded: count x longest)."""
+        from pipeline.model.batching import token_budget_batches
+
+        cost = "packed" if self.packed is not None else "padded"
+        return token_budget_batches(lengths, self.batch_tokens, window=window, cost=cost)
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _forward(self, enc: Encoded, idx: np.ndarray):
+        """Pooled float32 hidden states (len(idx), hidden) of the sequences ``idx``, on the model's device."""
+        import torch
+
+        dev = torch.device(self.device)
+        lengths = enc.lengths[idx]
+        if self.packed is not None:
+            from pipeline.model.packed import pack_arrays
+
+            positions, cu = pack_arrays(lengths)
+            ids = np.concatenate([enc.sequence(int(i)) for i in idx]).astype(np.int64)
+            layout = tuple(_to_device(a, dev) for a in self.packed.host_layout(lengths))
+            out = self.packed.forward(_to_device(ids, dev), _to_device(positions, dev), _to_device(cu, dev),
+                                      int(lengths.max()), layout)
+            return out.float()
+        longest = int(lengths.max())
+        ids = np.full((len(idx), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(idx), longest), dtype=np.int64)
+        for row, i in enumerate(idx):
+            seq = enc.sequence(int(i))
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        attention = _to_device(mask, dev)
+        hidden = self.model(input_ids=_to_device(ids, dev), attention_mask=attention).last_hidden_state
+        return pool(hidden, attention, torch.from_numpy(lengths).to(dev), self.info.pooling)
+
+    def _forward_safe(self, enc: Encoded, idx: np.ndarray) -> list[tuple[np.ndarray, Any]]:
+        """Forward a batch; on out-of-memory split it in halves and retry (a single sequence that does not fit
+        raises)."""
+        import torch
+
+        try:
+            return [(idx, self._forward(enc, idx))]
+        except torch.OutOfMemoryError as exc:
+            if len(idx) == 1:
+                raise EncodeError(
+                    f"one sequence of {int(enc.lengths[idx[0]])} tokens does not fit in GPU memory; "
+                    "lower --max-length or use --long-docs chunk"
+                ) from exc
+            torch.cuda.empty_cache()
+            half = len(idx) // 2
+            log.warning("out of memory on a batch of %d sequences; splitting it", len(idx))
+            return self._forward_safe(enc, idx[:half]) + self._forward_safe(enc, idx[half:])
+
+    def embed_encoded(self, enc: Encoded, *, window: int | None = None, on_batch=None) -> np.ndarray:
+        """Vectors for every sequence of ``enc``, computed in token-budget batches.
+
+        Vectors stay on the device until the whole input is done (one copy back, no sync per batch).
+
+        Args:
+            enc: tokenized sequences.
+            window: sequences sorted by length together (default: all).
+            on_batch: called with each batch's index array after it is queued.
+
+        Returns:
+            float32 (len(enc), dims), in the order of ``enc``; normalised if the job says so.
+
+        Raises:
+            EncodeError: a vector has NaN or infinite values (the sequence index is in the message).
+        """
+        import torch
+
+        dev = torch.device(self.device)
+        out = torch.empty((len(enc), self.info.dims), dtype=torch.float32, device=dev)
+        with torch.inference_mode():
+            for batch in self.plan_batches(enc.lengths, window):
+                for idx, pooled in self._forward_safe(enc, batch):
+                    out[torch.from_numpy(idx).to(dev)] = finish(pooled, self.info.dims, self.info.normalize)
+                if on_batch is not None:
+                    on_batch(batch)
+            bad = ~torch.isfinite(out).all(dim=1)
+            result = out.cpu().numpy()
+        if bad.any():
+            first = int(torch.nonzero(bad)[0, 0])
+            raise EncodeError(f"{int(bad.sum())} non-finite vectors (NaN/inf), the first for sequence {first}",
+                              index=first)
+        return result
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed a list of texts (one vector per text; with chunking, the first chunk's)."""
+        enc = self.tokenizer.encode(texts)
+        vecs = self.embed_encoded(enc)
+        return vecs[np.flatnonzero(enc.chunk == 0)]
+
+
+def _to_device(array: np.ndarray, dev):
+    """Host array -> device tensor; through pinned memory and an asynchronous copy on CUDA."""
+    import torch
+
+    t = torch.from_numpy(array)
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t
+
+
+def pool(hidden, mask, lengths, mode: str):
+    """Pool right-padded hidden states (B, L, H) into float32 (B, H).
+
+    ``lasttoken``: each sequence's own last position; ``mean``: average over the attention mask (special
+    tokens included, as sentence-transformers does); ``cls``: the first position.
+    """
+    import torch
+
+    hidden = hidden.float()
+    if mode == "lasttoken":
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, lengths - 1]
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    if mode == "cls":
+        return hidden[:, 0]
+    raise PipelineError(f"pooling: unknown mode {mode!r}")
+
+
+def finish(pooled, dims: int, normalize: bool):
+    """Matryoshka cut to ``dims`` then L2-normalise (float32)."""
+    import torch
+
+    vec = pooled[:, :dims]
+    if normalize:
+        vec = torch.nn.functional.normalize(vec, p=2, dim=-1)
+    return vec
+
+
+def _model_max_length(config, tokenizer, bert_config: dict[str, Any]) -> int:
+    if bert_config.get("max_seq_length"):
+        return int(bert_config["max_seq_length"])
+    candidates = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    sane = [int(c) for c in candidates if c and c < 1_000_000]
+    return min(sane) if sane else 512
+
+
+def _sequence_format(tokenizer, model_type: str, max_length: int) -> SequenceFormat:
+    """Find the special tokens the tokenizer puts around content; Qwen models get exactly one EOS."""
+    if model_type.startswith("qwen"):
+        eos = tokenizer.convert_tokens_to_ids(QWEN_EOS)
+        if eos is None or eos == tokenizer.unk_token_id:
+            raise PipelineError(f"the tokenizer has no {QWEN_EOS} token")
+        return SequenceFormat((), (int(eos),), max_length, strip_suffix=True)
+    probe = "hello"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return SequenceFormat(tuple(full[:i]), tuple(full[i + len(bare) :]), max_length)
+    raise PipelineError("cannot tell where the tokenizer puts its special tokens")

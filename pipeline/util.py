@@ -1,0 +1,55 @@
+"""Shared helpers of every layer: atomic JSON writes, file locks, logging set-up. Imports nothing of the pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary name, fsync, then rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on ``path``, held for the ``with`` block (planning, claims, index)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def configure_logging() -> None:
+    """Warnings and errors on the console; each run's log file (``OUTPUT/logs/``) has more."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
+
+
+def attach_log_file(out: Path) -> logging.Handler:
+    """Log this process's ``pipeline`` messages (INFO and up) to ``OUTPUT/logs/run-<time>-<pid>.log``."""
+    folder = out / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("pipeline")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler

@@ -1,0 +1,292 @@
+"""Search and eval end to end: self-retrieval with the packaged model, the job's query framing on a tiny Qwen3,
+the JSON shape, reranked search, BEIR-style eval, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from helpers import INSTRUCTION, REPO, SENTENCES
+
+from pipeline.cli.main import main
+from pipeline.errors import PipelineError
+from pipeline.index.search import Searcher
+from pipeline.index.store import build_index, update_index
+from pipeline.job.config import make_config
+from pipeline.job.runner import run_job
+
+SAMPLE = REPO / "data" / "sample" / "pydoc.parquet"
+
+
+def _run(tmp: Path, inputs: list[Path], model: str, **extra) -> Path:
+    out = tmp / "out"
+    cfg = make_config({"input": tuple(str(p) for p in inputs), "output": str(out), "model": model,
+                       "device": "cpu", "batch_tokens": 2048, "quiet": True, **extra})
+    run_job(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm_job(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> tuple[Path, dict[str, str]]:
+    """The sample corpus (or a fallback of real sentences) embedded with MiniLM, with a built index."""
+    tmp = tmp_path_factory.mktemp("minilm_search")
+    if SAMPLE.exists():
+        corpus = SAMPLE
+        table = pq.read_table(SAMPLE, columns=["id", "text"])
+        texts = dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True))
+    else:
+        corpus = tmp / "corpus.jsonl"
+        texts = {f"doc{i}": t for i, t in enumerate(SENTENCES)}
+        corpus.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in texts.items()))
+    out = _run(tmp, [corpus], str(minilm_dir), shard_size=25)
+    build_index(out)
+    return out, texts
+
+
+@pytest.fixture(scope="module")
+def qwen_job(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_dir: Path) -> tuple[Path, dict[str, str]]:
+    """A tiny Qwen3 job with Matryoshka dims 32 and a query instruction, with a built index."""
+    tmp = tmp_path_factory.mktemp("qwen_search")
+    texts = {f"doc{i}": t for i, t in enumerate(SENTENCES)}
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in texts.items()))
+    out = _run(tmp, [corpus], str(tiny_qwen3_dir), dims=32, query_instruction=INSTRUCTION, shard_size=5)
+    build_index(out)
+    return out, texts
+
+
+@pytest.fixture(scope="module")
+def reranker_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_noeos_dir: Path) -> Path:
+    from pipeline.bench.synthetic import make_qwen3_reranker_dir
+
+    return make_qwen3_reranker_dir(tmp_path_factory.mktemp("reranker"), "tiny",
+                                   tokenizer_dir=qwen_tokenizer_noeos_dir, seed=1)
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+# ------------------------------------------------------------------------------------------ retrieval
+
+
+def test_each_document_finds_itself_at_rank_1(minilm_job: tuple[Path, dict[str, str]]) -> None:
+    out, texts = minilm_job
+    searcher = Searcher(out)
+    ids = list(texts)
+    results = searcher.search([texts[i] for i in ids], k=2)
+    for doc_id, entry in zip(ids, results, strict=True):
+        top = entry["results"][0]
+        if top["id"] != doc_id:  # only a document whose embedded (truncated) text is identical may tie with it
+            assert entry["results"][1]["id"] == doc_id and top["score"] == pytest.approx(
+                entry["results"][1]["score"], abs=1e-5)
+        assert top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert results[0]["results"][0]["text"] == texts[results[0]["results"][0]["id"]]
+
+
+def test_query_embedding_uses_the_jobs_instruction_and_dims(qwen_job: tuple[Path, dict[str, str]],
+                                                            tiny_qwen3_dir: Path) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    out, _ = qwen_job
+    searcher = Searcher(out, device="cpu")
+    query = "Which bear eats bamboo?"
+    got = searcher.embed([query])[0]
+    assert got.shape == (32,)
+    # reference: the Qwen3-Embedding query format, one <|endoftext|>, last token, first 32 dims, L2-normalised
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
+    model = AutoModel.from_pretrained(tiny_qwen3_dir, dtype=torch.float32).eval()
+    ids = tok(f"Instruct: {INSTRUCTION}\nQuery:{query}", add_special_tokens=False)["input_ids"]
+    ids = [t for t in ids if t != 151643] + [151643]
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1, :32]
+    ref = torch.nn.functional.normalize(hidden, dim=0).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    plain = tok(query, add_special_tokens=False)["input_ids"] + [151643]
+    with torch.no_grad():
+        bare = torch.nn.functional.normalize(model(input_ids=torch.tensor([plain])).last_hidden_state[0, -1, :32],
+                                             dim=0).numpy()
+    assert not np.allclose(got, bare, atol=1e-3)  # the instruction matters, so the check above has power
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_search_json_shape(qwen_job: tuple[Path, dict[str, str]]) -> None:
+    out, texts = qwen_job
+    res = _cli("search", out, "Which bear eats bamboo?", "-k", "3", "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    obj = json.loads(lines[0])
+    assert set(obj) == {"query", "results"} and obj["query"] == "Which bear eats bamboo?"
+    assert len(obj["results"]) == 3
+    for r in obj["results"]:
+        assert set(r) == {"id", "score", "text"} and r["text"] == texts[r["id"]]
+        assert isinstance(r["score"], float)
+    scores = [r["score"] for r in obj["results"]]
+    assert scores == sorted(scores, reverse=True)
+    human = _cli("search", out, "coffee", "-k", "2", "--device", "cpu")
+    assert human.exit_code == 0 and human.stdout.startswith("query: coffee") and "  1. " in human.output
+
+
+def test_search_queries_file_writes_jsonl(qwen_job: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    out, _ = qwen_job
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in (("a", "coffee"), ("b", "reef"))))
+    dest = tmp_path / "results.jsonl"
+    res = _cli("search", out, "--queries", qfile, "-k", "4", "--out", dest, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(ln) for ln in dest.read_text().splitlines()]
+    assert [r["query_id"] for r in rows] == ["a", "b"] and all(len(r["results"]) == 4 for r in rows)
+    pfile = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": ["x"], "query": ["panda"]}), pfile)
+    res = _cli("search", out, "--queries", pfile, "-k", "1", "--device", "cpu")
+    assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[0])["query_id"] == "x"
+
+
+def test_reranked_search_reorders_by_the_reranker(qwen_job: tuple[Path, dict[str, str]], reranker_dir: Path) -> None:
+    from pipeline.model.rerank import load_reranker
+
+    out, _ = qwen_job
+    reranker = load_reranker(str(reranker_dir), device="cpu")
+    searcher = Searcher(out, device="cpu")
+    entry = searcher.search(["Which bear eats bamboo?"], k=4, reranker=reranker, rerank_top=10)[0]
+    rr = [r["rerank_score"] for r in entry["results"]]
+    assert len(rr) == 4 and rr == sorted(rr, reverse=True)
+    alone = reranker.score("Which bear eats bamboo?", [r["text"] for r in entry["results"]])
+    np.testing.assert_allclose(rr, alone, atol=1e-5)
+    candidates = searcher.search(["Which bear eats bamboo?"], k=10)[0]["results"]
+    best = reranker.score("Which bear eats bamboo?", [r["text"] for r in candidates]).max()
+    assert rr[0] == pytest.approx(best, abs=1e-5)
+    res = _cli("search", out, "panda", "-k", "2", "--json", "--rerank-model", reranker_dir, "--rerank-top", "5",
+               "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert all({"score", "rerank_score"} <= set(r) for r in json.loads(res.stdout)["results"])
+
+
+def test_clear_errors(qwen_job: tuple[Path, dict[str, str]], tmp_path: Path, minilm_dir: Path) -> None:
+    out, _ = qwen_job
+    no_index = tmp_path / "no_index"
+    shutil.copytree(out, no_index, ignore=shutil.ignore_patterns("index"))
+    res = _cli("search", no_index, "panda")
+    assert res.exit_code == 1 and "error:" in res.output and "index build" in res.output
+    res = _cli("search", out, "panda", "--model", minilm_dir)
+    assert res.exit_code == 1 and "holds vectors of model" in res.output
+    res = _cli("search", out, "   ")
+    assert res.exit_code == 1 and "empty query" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": ""}) + "\n")
+    res = _cli("search", out, "--queries", bad, "--device", "cpu")
+    assert res.exit_code == 1 and "query 2" in res.output and "empty" in res.output
+    res = _cli("search", out)
+    assert res.exit_code == 1 and "TEXT or --queries" in res.output
+    other_dims = tmp_path / "other_dims"
+    shutil.copytree(out, other_dims)
+    job = json.loads((other_dims / "job.json").read_text())
+    job["model"]["dims"] = 16  # as if the job had been rerun with --dims 16 after the index was built
+    (other_dims / "job.json").write_text(json.dumps(job))
+    res = _cli("search", other_dims, "panda")
+    assert res.exit_code == 1 and "dims mismatch" in res.output
+    with pytest.raises(PipelineError, match="empty query"):
+        Searcher(out, device="cpu").search([""], k=1)
+
+
+def test_index_cli_build_and_update(qwen_job: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(qwen_job[0], copy)
+    res = _cli("index", "build", copy, "--factory", "HNSW8", "--max-memory", "64M")
+    assert res.exit_code == 0, res.output
+    assert "index: HNSW8" in res.output and "recall@1/10/100" in res.output
+    info = json.loads((copy / "index" / "info.json").read_text())
+    assert info["factory"] == "HNSW8" and "recall@10" in info
+    res = _cli("index", "update", copy)
+    assert res.exit_code == 0 and "up to date" in res.output
+    res = _cli("index", "build", tmp_path, "--max-memory", "lots")
+    assert res.exit_code == 1 and "error:" in res.output
+
+
+# ------------------------------------------------------------------------------------------ nightly update, eval
+
+
+def test_embed_more_then_update_equals_a_full_build(tmp_path: Path, tiny_qwen3_dir: Path) -> None:
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps({"id": f"a{i}", "text": t}) + "\n" for i, t in enumerate(SENTENCES[:6])))
+    second.write_text("".join(json.dumps({"id": f"b{i}", "text": t}) + "\n" for i, t in enumerate(SENTENCES[6:])))
+    grown = tmp_path / "grown"
+    kw = {"model": str(tiny_qwen3_dir), "device": "cpu", "quiet": True, "shard_size": 3}
+    run_job(make_config({"input": (str(first),), "output": str(grown), **kw}))
+    build_index(grown, factory="Flat")
+    run_job(make_config({"input": (str(first), str(second)), "output": str(grown), **kw}))  # the nightly run
+    info = update_index(grown)
+    assert info["added"] == 6 and info["ntotal"] == 12
+    full = tmp_path / "full"
+    run_job(make_config({"input": (str(first), str(second)), "output": str(full), **kw}))
+    build_index(full, factory="Flat")
+    q = ["coffee", "a reef in Australia", "memory safety"]
+    a = Searcher(grown, device="cpu").search(q, k=5)
+    b = Searcher(full, device="cpu").search(q, k=5)
+    for x, y in zip(a, b, strict=True):
+        assert [r["id"] for r in x["results"]] == [r["id"] for r in y["results"]]
+        np.testing.assert_allclose([r["score"] for r in x["results"]], [r["score"] for r in y["results"]],
+                                   atol=1e-6)
+
+
+def test_eval_reports_exact_index_and_reranked_columns(qwen_job: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                      reranker_dir: Path) -> None:
+    from pipeline.index.evaluate import run_eval
+    from pipeline.index.metrics import evaluate
+
+    out, texts = qwen_job
+    beir = tmp_path / "toyset"
+    (beir / "qrels").mkdir(parents=True)
+    queries = {"q1": "Which bear eats bamboo?", "q2": "How do plants make sugar?", "q3": "coffee brewing",
+               "q9": "no judgements for this one"}
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
+    qrels = {"q1": {"doc0": 2, "doc6": 1}, "q2": {"doc1": 1}, "q3": {"doc5": 1, "doc3": 0}}
+    (beir / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{r}\n" for q, docs in qrels.items()
+                                                 for d, r in docs.items()))
+    res = _cli("eval", out, "--queries", beir / "queries.jsonl", "--qrels", beir / "qrels", "--device", "cpu",
+               "--rerank-model", reranker_dir, "--rerank-top", "5")
+    assert res.exit_code == 0, res.output
+    assert "nDCG@10".lower() in res.output.lower() and "index+rerank" in res.output
+    report = json.loads((out / "eval" / "toyset-test.json").read_text())
+    assert report["queries"] == 3 and set(report["columns"]) == {"exact", "index", "index+rerank"}
+    assert set(report["columns"]["exact"]) == {"ndcg@10", "recall@10", "recall@100", "mrr@10"}
+    assert report["columns"]["exact"] == report["columns"]["index"]  # a flat index is exact
+    # the exact column equals the metrics of a brute-force numpy ranking of all documents
+    searcher = Searcher(out, device="cpu")
+    qv = searcher.embed([queries[q] for q in qrels])
+    docs = list(texts)
+    from pipeline.index import vectors as vec
+
+    dv = np.concatenate([vec.read_part_vectors(p) for p in vec.complete_parts(out)])
+    ids = pq.read_table(out / "index" / searcher.info["files"]["ids"]).column("id").to_pylist()
+    run = {q: {ids[j]: float(qv[i] @ dv[j]) for j in range(len(docs))} for i, q in enumerate(qrels)}
+    mean, _ = evaluate(qrels, run)
+    for m, v in mean.items():
+        assert report["columns"]["exact"][m] == pytest.approx(v, abs=1e-5)
+    direct = run_eval(out, beir / "queries.jsonl", beir / "qrels" / "test.tsv", name="direct", device="cpu")
+    assert direct["columns"]["exact"] == report["columns"]["exact"]
+
+
+def test_chunk_results_show_their_chunk_text(tmp_path: Path, tiny_qwen3_dir: Path) -> None:
+    doc = ("The giant panda is a bear native to south central China. It eats bamboo almost exclusively. Pandas are "
+           "good climbers. They spend most of the day eating and sleeping in the forests of Sichuan.")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "long", "text": doc}) + "\n")
+    out = _run(tmp_path, [corpus], str(tiny_qwen3_dir), long_docs="chunk", chunk_tokens=8, chunk_overlap=2,
+               max_length=30)
+    build_index(out)
+    results = Searcher(out, device="cpu").search(["bamboo"], k=20)[0]["results"]
+    assert len(results) > 3 and all(r["id"].startswith("long#") for r in results)
+    for r in results:
+        assert r["text"] and r["text"].strip() in doc and len(r["text"]) < len(doc)

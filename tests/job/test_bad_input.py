@@ -1,0 +1,295 @@
+"""Bad input through ``embed-corpus run``: a clear error naming file, row and field, before any model work;
+``--on-bad-record skip`` records the bad rows in ``OUTPUT/rejects/`` and embeds the rest; nothing already
+written is ever lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from helpers import (
+    ModelGuard,
+    assert_ids_once,
+    done_markers,
+    embed_args,
+    invoke,
+    make_docs,
+    part_mtimes,
+    read_vectors,
+    run_ok,
+    write_jsonl,
+    write_parquet,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: see conftest
+
+
+GOOD = '{"id": "g%d", "text": "a good document"}'
+
+
+def good_lines(n: int, start: int = 0) -> list[str]:
+    return [GOOD % i for i in range(start, start + n)]
+
+
+def assert_fails_before_model(tmp_path: Path, guard: ModelGuard, inputs: list[Path], *needles: str,
+                              extra: tuple[str, ...] = ()) -> str:
+    """The run exits non-zero with one error line that contains every needle, and never loads the model."""
+    result = invoke(*embed_args(inputs, tmp_path / "out", *extra))
+    assert guard.calls == 0, "the model was loaded before the bad input was found"
+    assert result.exit_code not in (0, None), result.output
+    assert isinstance(result.exception, SystemExit), f"crashed instead of a clear error: {result.exception!r}"
+    assert "Traceback" not in result.output
+    message = result.output
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+    assert not list((tmp_path / "out" / "vectors").glob("*.parquet"))
+    return message
+
+
+@pytest.fixture
+def guard(monkeypatch: pytest.MonkeyPatch, minilm_dir: Path) -> ModelGuard:
+    return ModelGuard(monkeypatch)
+
+
+# ----------------------------------------------------------------------------------------- error: each case
+
+
+def test_missing_file(tmp_path, guard):
+    assert_fails_before_model(tmp_path, guard, [tmp_path / "nope.jsonl"], "nope.jsonl", "no such file")
+
+
+def test_missing_file_among_good_ones(tmp_path, guard):
+    good = write_jsonl(tmp_path / "good.jsonl", make_docs(3))
+    assert_fails_before_model(tmp_path, guard, [good, tmp_path / "gone.parquet"], "gone.parquet")
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "reason"),
+    [
+        ('{"id": "b", "text": null}', "'text'", "null"),
+        ('{"id": "b"}', "'text'", "missing"),
+        ('{"id": "b", "text": ""}', "'text'", "empty"),
+        ('{"id": "b", "text": "  \\n\\t "}', "'text'", "empty"),
+        ('{"id": "b", "text": 42}', "'text'", "int"),
+        ('{"id": "b", "text": ["a", "list"]}', "'text'", "list"),
+        ('{"id": "b", "text": {"a": 1}}', "'text'", "dict"),
+        ('{"id": null, "text": "x"}', "'id'", "null"),
+        ('{"id": 1.5, "text": "x"}', "'id'", "float"),
+        ('{"id": true, "text": "x"}', "'id'", "bool"),
+    ],
+)
+def test_bad_record_in_jsonl(tmp_path, guard, line, field, reason):
+    path = write_jsonl(tmp_path / "corpus.jsonl", [*good_lines(4), line, *good_lines(2, 10)], raw_lines=True)
+    message = assert_fails_before_model(tmp_path, guard, [path], str(path), "line 5", field, reason)
+    assert "--on-bad-record skip" in message  # says how to proceed
+
+
+def test_invalid_json_line(tmp_path, guard):
+    path = write_jsonl(tmp_path / "c.jsonl", [*good_lines(4), '{"id": "b", "text": "unterminated', *good_lines(1, 9)],
+                       raw_lines=True)
+    message = assert_fails_before_model(tmp_path, guard, [path], str(path), "line 5", "invalid JSON")
+    # the decoder's own position ("line 1 column 32") must not read as another line of the file
+    assert "line 1 column" not in message and "line 2 column" not in message
+
+
+def test_non_object_json_line(tmp_path, guard):
+    path = write_jsonl(tmp_path / "c.jsonl", [*good_lines(2), "[1, 2, 3]"], raw_lines=True)
+    assert_fails_before_model(tmp_path, guard, [path], str(path), "line 3", "object")
+
+
+def test_wrong_text_field_jsonl(tmp_path, guard):
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(5))
+    assert_fails_before_model(tmp_path, guard, [path], str(path), "line 1", "'body'", extra=("--text-field", "body"))
+
+
+def test_bad_gzip_jsonl_line(tmp_path, guard):
+    path = write_jsonl(tmp_path / "c.jsonl.gz", [*good_lines(7), '{"id": "x", "text": null}'], raw_lines=True)
+    assert_fails_before_model(tmp_path, guard, [path], str(path), "line 8", "'text'")
+
+
+@pytest.mark.parametrize(
+    ("table", "needles"),
+    [
+        (pa.table({"id": ["a", "b", "c"], "text": ["x", None, "z"]}), ["row 1", "'text'", "null"]),
+        (pa.table({"id": ["a", "b", "c"], "text": ["x", "y", " "]}), ["row 2", "'text'", "empty"]),
+        (pa.table({"id": ["a", None, "c"], "text": ["x", "y", "z"]}), ["row 1", "'id'", "null"]),
+        (pa.table({"id": ["a", "b"], "body": ["x", "y"]}), ["row 0", "'text'", "missing"]),
+        (pa.table({"id": ["a", "b"], "text": [1, 2]}), ["'text'", "int64"]),
+        (pa.table({"id": [1.0, 2.0], "text": ["x", "y"]}), ["'id'", "double"]),
+    ],
+)
+def test_bad_record_in_parquet(tmp_path, guard, table, needles):
+    path = write_parquet(tmp_path / "c.parquet", table)
+    assert_fails_before_model(tmp_path, guard, [path], str(path), *needles)
+
+
+def test_bad_row_in_a_later_row_group(tmp_path, guard):
+    docs = make_docs(100)
+    docs[73]["text"] = None
+    path = write_parquet(tmp_path / "c.parquet", docs, row_groups=[30, 30, 40])
+    assert_fails_before_model(tmp_path, guard, [path], str(path), "row 73", "'text'", extra=("--shard-size", "30"))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_unreadable_parquet(tmp_path, guard, damage):
+    good = write_parquet(tmp_path / "good.parquet", make_docs(20))
+    data = good.read_bytes()
+    bad = tmp_path / "bad.parquet"
+    damaged = {"garbage": b"this is not parquet " * 50, "truncated": data[: len(data) // 2], "empty": b""}
+    bad.write_bytes(damaged[damage])
+    assert_fails_before_model(tmp_path, guard, [good, bad], str(bad), "Parquet")
+
+
+def test_unreadable_gzip(tmp_path, guard):
+    bad = tmp_path / "c.jsonl.gz"
+    bad.write_bytes(b"not gzip at all\n")
+    assert_fails_before_model(tmp_path, guard, [bad], str(bad))
+
+
+def test_duplicate_ids_within_a_file(tmp_path, guard):
+    path = write_jsonl(tmp_path / "c.jsonl", [*good_lines(5), GOOD % 2], raw_lines=True)
+    message = assert_fails_before_model(tmp_path, guard, [path], str(path), "line 6", "'id'", "duplicate", "'g2'")
+    assert "line 3" in message  # where the first one is
+
+
+def test_duplicate_ids_across_files(tmp_path, guard):
+    a = write_parquet(tmp_path / "a.parquet", make_docs(50))
+    b = write_jsonl(tmp_path / "b.jsonl", make_docs(3, start=100) + [make_docs(50)[17]])
+    message = assert_fails_before_model(tmp_path, guard, [a, b], str(b), "line 4", "'id'", "'doc17'")
+    assert f"{a}: row 17" in message
+
+
+def test_duplicate_int_and_string_ids(tmp_path, guard):
+    # 7 and "7" are the same id once ids are strings
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": 7, "text": "x"}, {"id": "7", "text": "y"}])
+    assert_fails_before_model(tmp_path, guard, [path], str(path), "line 2", "duplicate")
+
+
+# --------------------------------------------------------------------------------- runs that load the model
+
+
+def test_duplicate_ids_across_an_incremental_run_and_nothing_is_lost(tmp_path, minilm_dir, monkeypatch):
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "day1.jsonl", make_docs(40))
+    out = tmp_path / "out"
+    args = embed_args([corpus], out, "--shard-size", "16")
+    run_ok(*args)
+    before_parts, before_markers = part_mtimes(out), [p.name for p in done_markers(out)]
+    before_manifest = (out / "manifest.json").read_bytes()
+    before = read_vectors(out)
+    assert len(before_parts) == 3 and len(before_markers) == 3
+
+    # day 2 repeats an id of day 1: refused, before the model is loaded, naming both places
+    write_jsonl(corpus / "day2.jsonl", make_docs(5, start=40) + [make_docs(40)[3]])
+    guard = ModelGuard(monkeypatch)
+    result = invoke(*args)
+    assert guard.calls == 0
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    for needle in ("day2.jsonl", "line 6", "'id'", "duplicate id 'doc3'", "day1.jsonl: line 4"):
+        assert needle in result.output
+
+    # nothing already written is lost or changed
+    assert part_mtimes(out) == before_parts
+    assert [p.name for p in done_markers(out)] == before_markers
+    assert (out / "manifest.json").read_bytes() == before_manifest
+    assert read_vectors(out).equals(before)
+    monkeypatch.undo()
+
+    # fixed: the new file is embedded incrementally
+    write_jsonl(corpus / "day2.jsonl", make_docs(6, start=40))
+    run_ok(*args)
+    assert_ids_once(read_vectors(out), [d["id"] for d in make_docs(46)])
+    assert {k: v for k, v in part_mtimes(out).items() if k in before_parts} == before_parts
+
+
+def test_bad_file_added_later_loses_nothing(tmp_path, minilm_dir):
+    corpus = tmp_path / "corpus"
+    write_parquet(corpus / "a.parquet", make_docs(30))
+    out = tmp_path / "out"
+    args = embed_args([corpus], out, "--shard-size", "10")
+    run_ok(*args)
+    parts, markers, vectors = part_mtimes(out), done_markers(out), read_vectors(out)
+    (corpus / "b.parquet").write_bytes(b"garbage")
+    result = invoke(*args)
+    assert result.exit_code == 1 and "b.parquet" in result.output
+    assert part_mtimes(out) == parts and done_markers(out) == markers
+    assert read_vectors(out).equals(vectors)
+    from pipeline.job.status import job_status
+
+    st = job_status(out)
+    assert (st.shards_done, st.shards_pending, st.docs_done) == (3, 0, 30)
+
+
+def test_skip_records_rejects_and_embeds_the_rest(tmp_path, minilm_dir):
+    lines = [
+        GOOD % 0,
+        '{"id": "b1", "text": null}',  # row 1
+        GOOD % 2,
+        '{"id": "b3", "text": ""}',  # row 3
+        '{"id": "b4", "text": 5}',  # row 4
+        GOOD % 5,
+        "{not json",  # row 6
+        GOOD % 7,
+        GOOD % 0,  # row 8: duplicate of row 0
+        GOOD % 9,
+        '{"id": null, "text": "no id"}',  # row 10
+        GOOD % 11,
+        '{"id": "b12", "text": "   "}',  # row 12
+        GOOD % 13,
+    ]
+    good = ["g0", "g2", "g5", "g7", "g9", "g11", "g13", "p0", "p3"]
+    a = write_jsonl(tmp_path / "in" / "a.jsonl", lines, raw_lines=True)
+    b = write_parquet(tmp_path / "in" / "b.parquet",
+                      pa.table({"id": ["p0", "p1", "g7", "p3"], "text": ["x", None, "dup of a.jsonl", "y"]}))
+    out = tmp_path / "out"
+    args = embed_args([tmp_path / "in"], out, "--on-bad-record", "skip", "--shard-size", "2")
+    run_ok(*args)
+
+    assert_ids_once(read_vectors(out), good)
+    rejects = {}
+    for path in sorted((out / "rejects").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            rejects[(Path(r["file"]).name, r["row"])] = r
+    assert set(rejects) == {("a.jsonl", r) for r in (1, 3, 4, 6, 8, 10, 12)} | {("b.parquet", 1), ("b.parquet", 2)}
+    assert all(r["reason"] for r in rejects.values())
+    assert rejects[("a.jsonl", 1)]["field"] == "text" and "null" in rejects[("a.jsonl", 1)]["reason"]
+    assert "empty" in rejects[("a.jsonl", 3)]["reason"] and "empty" in rejects[("a.jsonl", 12)]["reason"]
+    assert "int" in rejects[("a.jsonl", 4)]["reason"]
+    assert "invalid JSON" in rejects[("a.jsonl", 6)]["reason"]
+    assert rejects[("a.jsonl", 8)]["field"] == "id" and "duplicate" in rejects[("a.jsonl", 8)]["reason"]
+    assert rejects[("a.jsonl", 10)]["field"] == "id"
+    assert rejects[("b.parquet", 2)]["field"] == "id" and str(a) in rejects[("b.parquet", 2)]["reason"]
+    assert rejects[("b.parquet", 1)]["file"] == str(b)
+
+    from pipeline.job.status import job_status
+
+    st = job_status(out)
+    assert (st.docs_total, st.docs_done, st.rejected_rows, st.shards_pending) == (9, 9, 9, 0)
+
+    # a rerun embeds nothing twice and rewrites nothing
+    parts, reject_files = part_mtimes(out), {p.name: p.read_bytes() for p in (out / "rejects").iterdir()}
+    result = run_ok(*args, "--no-quiet")
+    assert "0 shards embedded" in result.output
+    assert part_mtimes(out) == parts
+    assert {p.name: p.read_bytes() for p in (out / "rejects").iterdir()} == reject_files
+    assert_ids_once(read_vectors(out), good)
+
+
+def test_skip_with_a_shard_of_only_bad_rows(tmp_path, minilm_dir):
+    lines = [GOOD % 0, GOOD % 1, '{"id": "b2", "text": null}', '{"id": "b3", "text": ""}', GOOD % 4]
+    out = tmp_path / "out"
+    run_ok(*embed_args([write_jsonl(tmp_path / "a.jsonl", lines, raw_lines=True)], out,
+                       "--on-bad-record", "skip", "--shard-size", "2"))
+    assert_ids_once(read_vectors(out), ["g0", "g1", "g4"])
+    assert len(done_markers(out)) == 3
+
+
+def test_skip_does_not_hide_a_wrong_text_field(tmp_path, minilm_dir):
+    """With skip, a --text-field that no row has must not give an empty output that looks like success."""
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(20))
+    result = invoke(*embed_args([path], tmp_path / "out", "--on-bad-record", "skip", "--text-field", "body"))
+    assert result.exit_code != 0, "every row was rejected, yet the run reported success"
+    assert "'body'" in result.output

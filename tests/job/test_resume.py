@@ -1,0 +1,317 @@
+"""Resume: a real ``embed-corpus`` process killed with -9 (or stopped with SIGTERM) and rerun leaves every id
+exactly once with the vectors of an uninterrupted run; the manifest refuses reruns that would mix settings or
+changed inputs, and embeds new input files incrementally; ``embed-corpus status`` reports progress."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import (
+    ModelGuard,
+    assert_ids_once,
+    assert_same_vectors,
+    done_markers,
+    embed_args,
+    embeddings,
+    invoke,
+    make_docs,
+    part_mtimes,
+    read_vectors,
+    run_ok,
+    subprocess_env,
+    write_jsonl,
+    write_parquet,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: see conftest
+
+
+N_JSONL, N_PARQUET, SHARD = 1200, 800, 50
+N_SHARDS = N_JSONL // SHARD + N_PARQUET // SHARD
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """2,000 short documents: a JSONL file and a Parquet file of 50-row row groups (40 shards of 50)."""
+    root = tmp_path_factory.mktemp("resume_corpus") / "corpus"
+    docs = make_docs(N_JSONL + N_PARQUET, seed=11, min_words=1, max_words=4)
+    write_jsonl(root / "part1.jsonl", docs[:N_JSONL])
+    write_parquet(root / "part2.parquet", docs[N_JSONL:], row_groups=[50] * (N_PARQUET // 50))
+    return root, [d["id"] for d in docs]
+
+
+def job_args(corpus_dir: Path, out: Path) -> list[str]:
+    return embed_args([corpus_dir], out, "--shard-size", str(SHARD))
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, minilm_dir, tmp_path_factory):
+    """The vectors of an uninterrupted run (in this process)."""
+    out = tmp_path_factory.mktemp("resume_reference") / "out"
+    run_ok(*job_args(corpus[0], out))
+    table = read_vectors(out)
+    assert table.num_rows == len(corpus[1])
+    return table
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    """``python -m pipeline.cli ARGS`` as a real child process, output to ``log``."""
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                                env=subprocess_env(), cwd=log.parent)
+
+
+def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before the moment to stop it:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for the moment to stop the run:\n{log.read_text()}")
+        time.sleep(0.005)
+
+
+def check_output_consistent(out: Path) -> None:
+    """After any kill: every part file is complete, and every done-marker has its part."""
+    for part in (out / "vectors").glob("part-*.parquet") if (out / "vectors").exists() else []:
+        pq.read_metadata(part)  # a torn file has no footer
+    for marker in done_markers(out):
+        assert (out / "vectors" / json.loads(marker.read_text())["part"]).exists(), marker
+
+
+def test_killed_with_sigkill_at_several_moments_then_rerun(tmp_path, corpus, reference):
+    corpus_dir, ids = corpus
+    out = tmp_path / "out"
+    args = job_args(corpus_dir, out)
+    log = tmp_path / "run.log"
+    moments: list[tuple[str, Callable[[], bool]]] = [
+        ("right after start", lambda: out.exists()),
+        ("once planned, while loading the model", lambda: (out / "manifest.json").exists()),
+        ("after 3 shards", lambda: len(done_markers(out)) >= 3),
+    ]
+    for what, ready in moments + [("5 shards later", None)]:
+        if ready is None:
+            base = len(done_markers(out))
+            ready = lambda base=base: len(done_markers(out)) >= base + 5  # noqa: E731
+        proc = start(args, log)
+        wait_until(proc, ready, log)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        done = len(done_markers(out))
+        print(f"killed {what}: {done} of {N_SHARDS} shards done")
+        assert done < N_SHARDS, f"killed {what}, but the run had already finished"
+        check_output_consistent(out)
+    assert len(done_markers(out)) >= 8
+
+    # the same command again finishes the job
+    before = part_mtimes(out)
+    run_ok(*args)
+    table = read_vectors(out)
+    assert table.num_rows == len(ids)
+    assert_ids_once(table, ids)
+    assert_same_vectors(table, reference)
+    assert len(done_markers(out)) == N_SHARDS
+    finished = [m.name.split(".")[0] for m in done_markers(out)]
+    assert sorted(p.name for p in (out / "vectors").glob("part-*.parquet")) == [f"part-{s}.parquet" for s in finished]
+    # shards finished before the kills were not redone
+    after = part_mtimes(out)
+    kept = {name for name, mtime in before.items() if after.get(name) == mtime}
+    assert len(kept) >= 8
+
+
+def test_sigterm_stops_cleanly_then_rerun_and_status(tmp_path, minilm_dir):
+    docs = make_docs(800, seed=14, min_words=1, max_words=4)
+    write_jsonl(tmp_path / "corpus" / "c.jsonl", docs)
+    ids, n_shards = [d["id"] for d in docs], len(docs) // SHARD
+    out = tmp_path / "out"
+    args = job_args(tmp_path / "corpus", out)
+    log = tmp_path / "run.log"
+    proc = start(args, log)
+    wait_until(proc, lambda: len(done_markers(out)) >= 2, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75, log.read_text()
+    assert "rerun" in log.read_text()
+    check_output_consistent(out)
+    done = len(done_markers(out))
+    assert 2 <= done < n_shards
+    # it finished the shard it was on and wrote nothing half-way
+    assert len(list((out / "vectors").glob("part-*.parquet"))) == done
+
+    # status between the two runs
+    result = run_ok("status", out)
+    assert f"{done} done, {n_shards - done} pending, 0 failed (of {n_shards})" in result.output
+    assert f"{done * SHARD:,} of {len(ids):,}" in result.output
+    st = json.loads(run_ok("status", out, "--json").output)
+    assert (st["shards_done"], st["shards_pending"], st["shards_failed"]) == (done, n_shards - done, 0)
+    assert (st["docs_done"], st["docs_total"]) == (done * SHARD, len(ids))
+    assert st["tokens_done"] > 0 and st["docs_per_s"] > 0
+    assert st["eta_seconds"] is not None and st["eta_seconds"] > 0
+
+    run_ok(*args)
+    table = read_vectors(out)
+    assert table.num_rows == len(ids)
+    assert_ids_once(table, ids)
+
+    st = json.loads(run_ok("status", out, "--json").output)
+    assert (st["shards_done"], st["shards_pending"], st["docs_done"], st["docs_total"]) == (
+        n_shards, 0, len(ids), len(ids))
+    assert st["eta_seconds"] == 0
+    assert "0 pending" in run_ok("status", out).output
+
+
+# ---------------------------------------------------------------------------------------- manifest checks
+
+
+@pytest.fixture
+def small_job(tmp_path, minilm_dir):
+    """A finished job over 80 documents in two files (4 shards of 20)."""
+    corpus = tmp_path / "corpus"
+    docs = make_docs(80, seed=12, max_words=6)
+    write_jsonl(corpus / "a.jsonl", docs[:40])
+    write_parquet(corpus / "b.parquet", docs[40:], row_groups=[20, 20])
+    out = tmp_path / "out"
+    args = embed_args([corpus], out, "--shard-size", "20")
+    run_ok(*args)
+    assert len(done_markers(out)) == 4
+    return corpus, out, args, [d["id"] for d in docs]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["--dims", "128"],
+        ["--model", "MINILM_DIR"],  # the same weights under another name: still another model for the manifest
+        ["--text-field", "{title} {text}"],
+        ["--max-length", "64"],
+        ["--dtype", "float16"],
+        ["--long-docs", "chunk"],
+        ["--no-normalize"],
+    ],
+)
+def test_rerun_with_other_settings_is_refused(small_job, minilm_dir, monkeypatch, change):
+    corpus, out, args, _ = small_job
+    change = [str(minilm_dir) if c == "MINILM_DIR" else c for c in change]
+    parts, manifest = part_mtimes(out), (out / "manifest.json").read_bytes()
+    guard = ModelGuard(monkeypatch)
+    result = invoke(*args, *change)
+    assert guard.calls == 0
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    flag = change[0].removeprefix("--no-").removeprefix("--").replace("-", "_")
+    for needle in (flag, "--overwrite", "new --output"):
+        assert needle in result.output, result.output
+    assert part_mtimes(out) == parts and (out / "manifest.json").read_bytes() == manifest
+
+
+def test_settings_that_do_not_change_vectors_are_accepted(small_job, monkeypatch):
+    corpus, out, args, ids = small_job
+    parts = part_mtimes(out)
+    guard = ModelGuard(monkeypatch)  # nothing is pending, so the model is not even loaded
+    run_ok(*args, "--batch-tokens", "999", "--sort-window", "7", "--no-quiet")
+    assert guard.calls == 0
+    assert part_mtimes(out) == parts
+    assert_ids_once(read_vectors(out), ids)
+
+
+def test_overwrite_starts_over(small_job):
+    corpus, out, args, ids = small_job
+    (out / "vectors" / "part-999999.parquet").write_bytes(b"stale")
+    run_ok(*args, "--dims", "128", "--overwrite")
+    table = read_vectors(out)
+    assert_ids_once(table, ids)
+    assert embeddings(table).shape == (len(ids), 128)
+    assert json.loads((out / "job.json").read_text())["model"]["dims"] == 128
+
+
+@pytest.mark.parametrize("edit", ["append", "same_size", "parquet"])
+def test_changed_input_file_is_refused(small_job, monkeypatch, edit):
+    corpus, out, args, _ = small_job
+    if edit == "append":
+        with open(corpus / "a.jsonl", "a") as f:
+            f.write(json.dumps({"id": "new", "text": "one more"}) + "\n")
+        name = "a.jsonl"
+    elif edit == "same_size":
+        data = (corpus / "a.jsonl").read_bytes()
+        pos = data.index(b"river") if b"river" in data else data.index(b"stone")
+        (corpus / "a.jsonl").write_bytes(data[:pos] + b"R" + data[pos + 1:])
+        name = "a.jsonl"
+    else:
+        write_parquet(corpus / "b.parquet", make_docs(40, seed=99, start=40), row_groups=[20, 20])
+        name = "b.parquet"
+    parts = part_mtimes(out)
+    guard = ModelGuard(monkeypatch)
+    result = invoke(*args)
+    assert guard.calls == 0
+    assert result.exit_code == 1, result.output
+    assert name in result.output and "changed" in result.output and "--overwrite" in result.output
+    assert part_mtimes(out) == parts
+
+
+def test_new_input_file_is_embedded_incrementally(small_job):
+    corpus, out, args, ids = small_job
+    parts = part_mtimes(out)
+    markers = {m.name: m.read_bytes() for m in done_markers(out)}
+    time.sleep(0.01)  # mtimes of rewritten files would differ
+    new_docs = make_docs(50, seed=13, start=80)
+    write_jsonl(corpus / "nightly" / "c.jsonl.gz", new_docs)
+    run_ok(*args)
+    table = read_vectors(out)
+    assert_ids_once(table, ids + [d["id"] for d in new_docs])
+    after = part_mtimes(out)
+    assert {k: after[k] for k in parts} == parts, "old part files were rewritten"
+    assert len(after) == len(parts) + 3  # 50 new rows in shards of 20
+    assert {m.name: m.read_bytes() for m in done_markers(out) if m.name in markers} == markers
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [Path(f["path"]).name for f in manifest["files"]] == ["a.jsonl", "b.parquet", "c.jsonl.gz"]
+    # a file that is gone after it was embedded keeps its vectors
+    (corpus / "a.jsonl").unlink()
+    run_ok(*args)
+    assert_ids_once(read_vectors(out), ids + [d["id"] for d in new_docs])
+
+
+def test_status_of_a_directory_that_is_no_output(tmp_path):
+    result = invoke("status", tmp_path)
+    assert result.exit_code == 1 and "manifest" in result.output
+    assert invoke("status", tmp_path / "missing").exit_code == 2
+
+
+def test_status_reports_failed_shards(small_job):
+    from pipeline.job.plan import load_manifest
+    from pipeline.job.sink import done_path, mark_failed
+
+    corpus, out, args, ids = small_job
+    shard = load_manifest(out).shards[1]
+    done_path(out, shard).unlink()
+    mark_failed(out, shard, "non-finite vectors in document 'x'")
+    st = json.loads(run_ok("status", out, "--json").output)
+    assert (st["shards_done"], st["shards_failed"], st["shards_pending"]) == (3, 1, 1)
+    assert "non-finite" in run_ok("status", out).output
+    # the rerun redoes the failed shard and clears its failure
+    run_ok(*args)
+    st = json.loads(run_ok("status", out, "--json").output)
+    assert (st["shards_done"], st["shards_failed"], st["shards_pending"]) == (4, 0, 0)
+    assert_ids_once(read_vectors(out), ids)
+
+
+def test_new_shard_size_applies_to_newly_planned_files_only(small_job):
+    """The shard size shapes the plan, not the vectors: a rerun with another one keeps the planned shards and
+    cuts only the new files with it."""
+    corpus, out, args, ids = small_job
+    parts = part_mtimes(out)
+    new_docs = make_docs(30, seed=21, start=200)
+    write_jsonl(corpus / "more.jsonl", new_docs)
+    shard_flag = args.index("--shard-size")
+    rerun = [*args[:shard_flag], "--shard-size", "10", *args[shard_flag + 2 :]]
+    run_ok(*rerun)
+    after = part_mtimes(out)
+    assert {k: after[k] for k in parts} == parts
+    assert len(after) == len(parts) + 3  # 30 new rows in shards of 10
+    assert_ids_once(read_vectors(out), ids + [d["id"] for d in new_docs])

@@ -1,0 +1,114 @@
+"""The packed (padding-free) Qwen3 forward equals the padded reference; layouts and framing are exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_ids_once, assert_same_vectors, read_vectors, run_ok, write_jsonl
+
+from pipeline.model.encoder import Embedder
+from pipeline.model.packed import pack_arrays, padded_layout
+
+TEXTS = [
+    "Hello world",
+    "这是一个测试句子，用于检查多语言的处理。",
+    "def f(x):\n    return x * 2\n" * 30,
+    "short",
+    "Une phrase en français, avec des accents : é, è, à.",
+    "a " * 400,
+    "x",
+    "The quick brown fox jumps over the lazy dog. " * 12,
+]
+
+
+def test_pack_arrays_positions_restart_per_sequence():
+    positions, cu = pack_arrays(np.array([3, 1, 2]))
+    assert cu.tolist() == [0, 3, 4, 6]
+    assert positions.tolist() == [0, 1, 2, 0, 0, 1]
+
+
+def test_padded_layout_round_trips_every_packed_row():
+    lengths = np.array([5, 2, 4, 1])
+    gather, scatter, mask = padded_layout(lengths)
+    total = int(lengths.sum())
+    assert mask.sum() == total and mask.shape == (4, 5)
+    assert sorted(scatter.tolist()) == scatter.tolist() and len(scatter) == total
+    # a real padded slot reads exactly the packed row it is scattered back to
+    assert gather[scatter].tolist() == list(range(total))
+    assert (gather >= 0).all() and (gather < total).all()
+
+
+@pytest.fixture(scope="module")
+def embedders(tiny_qwen3_dir):
+    torch.manual_seed(0)
+    padded = Embedder.load(str(tiny_qwen3_dir), device="cpu", attention="padded", batch_tokens=2048)
+    packed = Embedder.load(str(tiny_qwen3_dir), device="cpu", attention="packed", batch_tokens=2048)
+    return padded, packed
+
+
+def test_packed_equals_padded_fp32(embedders):
+    padded, packed = embedders
+    assert packed.attention == "packed" and padded.attention == "padded"
+    a, b = padded.embed_texts(TEXTS), packed.embed_texts(TEXTS)
+    cos = (a * b).sum(1)
+    assert cos.min() >= 0.99999, cos
+    # and the test can fail: different texts give clearly different vectors
+    assert (a[0] * a[1]).sum() < 0.99
+
+
+def test_packed_batches_are_cut_by_tokens_not_count(embedders):
+    _, packed = embedders
+    enc = packed.tokenizer.encode(TEXTS * 20)
+    batches = packed.plan_batches(enc.lengths)
+    assert len(batches) > 1
+    for batch in batches:
+        assert enc.lengths[batch].sum() <= packed.batch_tokens or len(batch) == 1
+
+
+def test_run_with_packed_attention_equals_padded_run(tmp_path, tiny_qwen3_dir):
+    docs = [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS * 3)]
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    outs = {}
+    for attention in ("padded", "packed"):
+        out = tmp_path / attention
+        run_ok(*_args(src, out, tiny_qwen3_dir, "--attention", attention, "--dims", "32"))
+        outs[attention] = read_vectors(out)
+    assert_ids_once(outs["packed"], [d["id"] for d in docs])
+    assert_same_vectors(outs["padded"], outs["packed"])
+
+
+def _args(src, out, model, *extra):
+    return ["run", "--input", str(src), "--output", str(out), "--model", str(model), "--device", "cpu",
+            "--quiet", "--batch-tokens", "2048", *extra]
+
+
+def test_text_ending_in_the_end_token_gets_exactly_one(embedders):
+    padded, _ = embedders
+    enc = padded.tokenizer.encode(["hello<|endoftext|>", "hello"])
+    assert enc.sequence(0).tolist() == enc.sequence(1).tolist()
+    assert enc.sequence(0)[-1] == 151643 and enc.sequence(0)[-2] != 151643
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["triton", "varlen"])
+@pytest.mark.parametrize("fp32_residual", [True, False])
+def test_packed_equals_padded_bf16_on_gpu(tiny_qwen3_dir, kernel, fp32_residual):
+    padded = Embedder.load(str(tiny_qwen3_dir), device="cuda", attention="padded", compute_dtype="bfloat16")
+    packed = Embedder.load(str(tiny_qwen3_dir), device="cuda", attention="packed", compute_dtype="bfloat16",
+                           compile=False, packed_options={"kernel": kernel, "fp32_residual": fp32_residual})
+    assert packed.packed.kernel == kernel
+    cos = (padded.embed_texts(TEXTS) * packed.embed_texts(TEXTS)).sum(1)
+    assert cos.min() >= 0.999, cos
+
+
+def test_auto_kernel_is_the_fastest_this_machine_runs(tiny_qwen3_dir):
+    from pipeline.model import attention
+
+    emb = Embedder.load(str(tiny_qwen3_dir), device="cpu", attention="packed")
+    assert emb.packed.kernel == "sdpa"  # Triton's interpreter is for tests that name it
+    if torch.cuda.is_available():
+        gpu = Embedder.load(str(tiny_qwen3_dir), device="cuda", attention="packed", compute_dtype="bfloat16",
+                            compile=False)
+        assert gpu.packed.kernel == ("triton" if attention.available() else "varlen")
