@@ -53,3 +53,39 @@ def attach_log_file(out: Path) -> logging.Handler:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     return handler
+
+
+FAULT_ENV = "EMBED_CORPUS_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the kill tests: ``EMBED_CORPUS_FAULT=NAME`` kills this process (SIGKILL) right here.
+
+    ``NAME@N`` kills on the N-th time the point is reached (1-based). Costs one dictionary lookup otherwise.
+    """
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("@")
+    if point != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] >= int(nth or 1):
+        import signal
+
+        logging.getLogger("pipeline").warning("fault point %s: killing this process", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -36,8 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.job.plan import Shard
-from pipeline.job.sink import embedding_array, mark_done, write_part
+from pipeline.job.sink import embedding_array
 
 log = logging.getLogger(__name__)
 
@@ -90,35 +89,42 @@ def write_vector_output(
     dtype: str = "float32",
     done: bool = True,
 ) -> list[Path]:
-    """Write ``vectors`` as the parts of an output directory (``vectors/`` + ``shards/*.done.json``), as a job
-    would, without a model: for index tests and benchmarks.
+    """Write ``vectors`` as parts of an output directory and publish them as a new version added to the live one
+    (``job.versions.publish``), as a job would, without a model: for index tests and benchmarks.
 
     Args:
         out: the output directory.
         vectors: float32 (n, dims).
         ids: one id per vector (default ``v{position}``).
         shard_size: vectors per part.
-        first_shard: id of the first shard written (to extend an output).
+        first_shard: id of the first part written (to extend an output: ids are never reused).
         dtype: stored dtype, ``float32`` or ``float16``.
-        done: write the done-markers (False: parts of an unfinished run).
+        done: publish the parts (False: parts of an unfinished run, which readers do not see).
 
     Returns:
         The part files written.
     """
+    from pipeline.job.scan import hash128
+    from pipeline.job.sink import docs_table, write_part
+    from pipeline.job.versions import publish
+
     out = Path(out)
     n = len(vectors)
     ids = ids if ids is not None else [f"v{i}" for i in range(n)]
-    paths = []
+    paths, parts = [], []
     for i, start in enumerate(range(0, n, shard_size)):
         end = min(n, start + shard_size)
-        shard = Shard(first_shard + i, 0, start, end)
+        part = first_shard + i
         table = pa.table({"id": pa.array(ids[start:end], pa.string()),
                           "embedding": embedding_array(vectors[start:end], dtype),
                           "n_tokens": pa.array(np.ones(end - start, dtype=np.int32)),
                           "truncated": pa.array(np.zeros(end - start, dtype=bool))})
-        paths.append(write_part(out, shard, table))
-        if done:
-            mark_done(out, shard, {"rows": end - start})
+        h = hash128(ids[start:end])
+        docs = docs_table(h, h, np.zeros(end - start, np.uint64), np.arange(end - start), np.ones(end - start))
+        paths.append(write_part(out, part, table, docs))
+        parts.append(part)
+    if done:
+        publish(out, parts)
     return paths
 
 

@@ -55,7 +55,8 @@ def job_vs_plain(job_file: str, workdir: Path) -> dict[str, Any]:
     job_s = time.perf_counter() - t0
     manifest = load_manifest(cfg.output)
     spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
-    texts = [t for s in manifest.shards for t in read_shard(manifest, s, spec).column("text").to_pylist()]
+    embed = [s for s in manifest.shards if s.kind == "embed"]
+    texts = [t for s in embed for t in read_shard(manifest, s, spec).column("text").to_pylist()]
     plain_s, plain_tokens = plain_loop(emb, texts)
     rec = {
         "job": job_file, "device": emb.device, "docs": summary.docs, "tokens": summary.tokens,

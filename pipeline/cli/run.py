@@ -22,11 +22,15 @@ from pipeline.job.config import ConfigError, JobConfig, build_config
 @click.option("--overwrite", is_flag=True, help="Discard an existing output directory and start over.")
 @click.option("--index/--no-index", "build_index", default=None,
               help="Build or update the FAISS index when the run completes (default: as the job file says).")
-def run(job_file: str | None, overwrite: bool, build_index: bool | None, **flags: Any) -> None:
+@click.option("--plan-only", is_flag=True,
+              help="Print what a run would do (documents added, changed, deleted, texts to embed) and stop: no "
+                   "model is loaded, nothing in OUTPUT changes.")
+def run(job_file: str | None, overwrite: bool, build_index: bool | None, plan_only: bool, **flags: Any) -> None:
     """Embed a corpus: JOB_FILE (YAML, same keys as the flags) and/or flags; flags win.
 
-    Rerunning the same command resumes: finished shards are kept, unfinished ones redone, new input files
-    embedded. SIGTERM/SIGUSR1 finish the current shard and exit with code 75.
+    The output follows the input: rerunning the same command resumes an interrupted run, and over an edited
+    input embeds only what changed (new and edited documents; deleted ones leave the output). Readers see one
+    version at a time (OUTPUT/vectors). SIGTERM/SIGUSR1 finish the current shard and exit with code 75.
     """
     from pipeline.job.runner import run_job
 
@@ -36,6 +40,9 @@ def run(job_file: str | None, overwrite: bool, build_index: bool | None, **flags
             cfg = dataclasses.replace(cfg, index=(cfg.index or {}) if build_index else None)
     except ConfigError as exc:
         fail(str(exc), 2)
+        return
+    if plan_only:
+        _plan_only(cfg, overwrite)
         return
     if cfg.gpus or cfg.workers > 1:
         from pipeline.job.launch import parse_gpus, run_workers
@@ -69,14 +76,46 @@ def run(job_file: str | None, overwrite: bool, build_index: bool | None, **flags
         fail(str(exc))
         return
     if not cfg.quiet:
-        click.echo(
-            f"{cfg.output}: {summary.shards_done} shards embedded now ({summary.docs:,} documents, "
-            f"{summary.tokens:,} tokens in {summary.seconds:.1f}s: {summary.docs_per_s:,.1f} docs/s, "
-            f"{summary.tokens_per_s:,.0f} tokens/s)"
-        )
+        click.echo(_summary_line(cfg.output, summary))
     if summary.stopped_early:
         fail("stopped before the end; rerun the same command to resume", EXIT_STOPPED)
     _index_after_run(cfg)
+
+
+def _changes(counts: dict[str, int]) -> str:
+    return (f"{counts.get('added', 0):,} added, {counts.get('changed', 0):,} changed, {counts.get('deleted', 0):,} "
+            f"deleted, {counts.get('unchanged', 0):,} unchanged; texts: {counts.get('embedded', 0):,} to embed, "
+            f"{counts.get('reused', 0):,} reused, {counts.get('deduplicated', 0):,} deduplicated")
+
+
+def _summary_line(output: str, summary: Any) -> str:
+    c = summary.counts
+    if summary.nothing_new:
+        return f"{output}: nothing new: version {summary.version} is live ({c.get('docs', 0):,} documents)"
+    head = (f"{output}: version {summary.version} is live ({c.get('docs', 0):,} documents: {_changes(c)})"
+            if summary.committed else f"{output}: version {summary.version} is live; the run is not complete")
+    return (f"{head}\nthis run: {summary.shards_done} shards ({summary.docs:,} documents written, "
+            f"{summary.tokens:,} tokens embedded in {summary.seconds:.1f}s: {summary.tokens_per_s:,.0f} tokens/s)")
+
+
+def _plan_only(cfg: JobConfig, overwrite: bool) -> None:
+    from pipeline.job.plan import prepare
+
+    try:
+        manifest = prepare(cfg, overwrite=False, dry_run=True) if not overwrite else None
+    except (PipelineError, ConfigError) as exc:
+        fail(str(exc))
+        return
+    if manifest is None:
+        click.echo("--plan-only --overwrite: the whole input would be embedded again")
+        return
+    kinds: dict[str, int] = {}
+    for s in manifest.shards:
+        kinds[s.kind] = kinds.get(s.kind, 0) + 1
+    state = "already committed: nothing new" if manifest.committed else f"would make version {manifest.target}"
+    click.echo(f"{cfg.output}: {state} ({manifest.corpus_docs:,} documents)\n"
+               f"changes: {_changes(manifest.counts)}, {manifest.counts.get('rejected', 0):,} rows rejected\n"
+               f"shards: {', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or 'none'}")
 
 
 def _index_after_run(cfg: JobConfig) -> None:

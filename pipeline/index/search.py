@@ -29,7 +29,6 @@ from pipeline.index.files import index_dir, load_index, read_info
 log = logging.getLogger(__name__)
 
 SMALL_ID_MAP = 2_000_000  # id maps up to this many rows are loaded whole; larger ones by row group on demand
-SHARD_CACHE = 8
 QUERY_BATCH = 256
 
 
@@ -75,88 +74,36 @@ class IdMap:
 
 
 class TextSource:
-    """Texts (and kept columns) of indexed vectors, read back from the inputs through the manifest.
+    """Texts (and kept columns) of indexed vectors, read back from the inputs (``job.texts.DocumentTexts``).
 
-    Only the shards of the requested rows are read (a few at a time are cached). When the inputs cannot be read
-    any more (moved, changed), texts are None and a warning says why, once.
+    When the inputs cannot be read any more (moved, changed), texts are None and a warning says why, once.
     """
 
     def __init__(self, output: Path, job: dict[str, Any], tokenizer=None) -> None:
-        from pipeline.job.plan import load_manifest
         from pipeline.job.records import FieldSpec
+        from pipeline.job.texts import DocumentTexts
 
         cfg = job.get("config", {})
-        self.manifest = load_manifest(output)
-        self.spec = FieldSpec(cfg.get("text_field", "text"), cfg.get("id_field", "id"), tuple(cfg.get("keep") or ()))
         self.keep = tuple(cfg.get("keep") or ())
-        self.shards = {s.id: s for s in self.manifest.shards} if self.manifest else {}
+        spec = FieldSpec(cfg.get("text_field", "text"), cfg.get("id_field", "id"), self.keep)
+        self.documents = DocumentTexts(output, spec)
         self.doc_prompt = (job.get("model") or {}).get("prompt", "")
         self.tokenizer = tokenizer
-        self._cache: OrderedDict[int, dict[str, int] | None] = OrderedDict()
-        self._tables: dict[int, pa.Table] = {}
-        self._warned = False
-
-    def _shard(self, shard_id: int) -> tuple[dict[str, int], pa.Table] | None:
-        from pipeline.job.runner import read_shard
-
-        if shard_id in self._cache:
-            self._cache.move_to_end(shard_id)
-            rows = self._cache[shard_id]
-            return (rows, self._tables[shard_id]) if rows is not None else None
-        shard = self.shards.get(shard_id)
-        result = None
-        if shard is None:
-            self._warn(f"shard {shard_id} is not in the manifest")
-        else:
-            try:
-                table = read_shard(self.manifest, shard, self.spec)
-                ids = table.column("id").to_pylist()
-                result = ({doc: i for i, doc in enumerate(ids)}, table)
-            except (PipelineError, OSError) as exc:
-                self._warn(str(exc))
-        self._cache[shard_id] = result[0] if result else None
-        if result:
-            self._tables[shard_id] = result[1]
-        if len(self._cache) > SHARD_CACHE:
-            old, _ = self._cache.popitem(last=False)
-            self._tables.pop(old, None)
-        return result
-
-    def _warn(self, why: str) -> None:
-        if not self._warned:
-            log.warning("texts unavailable: %s", why)
-            self._warned = True
 
     def lookup(self, rows: pa.Table) -> tuple[list[str | None], list[dict[str, Any]]]:
-        """Texts and kept columns for id-map rows; chunk rows give their chunk's text."""
-        n = rows.num_rows
-        texts: list[str | None] = [None] * n
-        fields: list[dict[str, Any]] = [{} for _ in range(n)]
-        if self.manifest is None:
-            self._warn("no manifest.json in the output")
-            return texts, fields
-        shard_col = rows.column("shard").to_pylist()
-        key_col = rows.column("doc_id" if "doc_id" in rows.column_names else "id").to_pylist()
-        chunked = "doc_id" in rows.column_names
-        spans = (list(zip(rows.column("token_start").to_pylist(), rows.column("token_end").to_pylist(), strict=True))
-                 if chunked else None)
-        for i in range(n):
-            found = self._shard(shard_col[i])
-            if found is None or key_col[i] not in found[0]:
-                continue
-            index, table = found
-            j = index[key_col[i]]
-            text = table.column("text")[j].as_py()
-            if chunked and spans is not None:
-                text = self._chunk_text(text, *spans[i])
-            texts[i] = text
-            fields[i] = {name: table.column(name)[j].as_py() for name in self.keep}
+        """Texts and kept columns for id-map rows (``shard``: the part, ``row``: the row in it); chunk rows give
+        their chunk's text."""
+        found = self.documents.lookup(rows.column("shard").to_pylist(), rows.column("row").to_pylist())
+        texts: list[str | None] = [f[0] if f else None for f in found]
+        fields: list[dict[str, Any]] = [f[1] if f else {} for f in found]
+        if "doc_id" in rows.column_names and self.tokenizer is not None:
+            spans = zip(rows.column("token_start").to_pylist(), rows.column("token_end").to_pylist(), strict=True)
+            texts = [self._chunk_text(t, s, e) if t is not None else None for t, (s, e) in zip(texts, spans,
+                                                                                               strict=True)]
         return texts, fields
 
     def _chunk_text(self, text: str, start: int, end: int) -> str:
         """The tokens ``[start, end)`` of a chunked document, decoded (the whole text without a tokenizer)."""
-        if self.tokenizer is None:
-            return text
         prompt_ids = self.tokenizer(self.doc_prompt, add_special_tokens=False)["input_ids"] if self.doc_prompt else []
         ids = self.tokenizer(self.doc_prompt + text, add_special_tokens=False)["input_ids"][len(prompt_ids):]
         return self.tokenizer.decode(ids[start:end])

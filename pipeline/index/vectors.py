@@ -1,8 +1,8 @@
 """Vectors: the finished vector parts of an output directory, read back as float32 NumPy batches.
 
-A part (``OUTPUT/vectors/part-NNNNNN.parquet``) counts only once its done-marker exists: a part without one may
-be rewritten by a resumed run. Parts are taken in shard order; a vector's *position* is its row number in the
-concatenation of the parts in that order, which is also its FAISS id in an index and its row in the id map.
+The parts are those of the live version (``OUTPUT/vectors``, resolved once, so a reader stays on one version).
+Parts are taken in part-id order; a vector's *position* is its row number in the concatenation of the parts in
+that order, which is also its FAISS id in an index and its row in the id map.
 
 Everything here streams: a part is read one batch at a time, and exact search keeps a running top-k heap, so
 memory stays bounded by a batch whatever the number of vectors.
@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.job.sink import read_markers
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +55,21 @@ class Part:
 
 
 def complete_parts(output: str | Path) -> list[Part]:
-    """The parts of ``output`` whose done-marker exists, in shard order.
+    """The parts of ``output``'s live version, in part-id order (a part id is never reused: a part whose rows
+    change is written again under a new id, so parts only appear and vanish between versions).
 
     Only Parquet footers are read. Raises:
-        PipelineError: a marker names a missing part, or parts disagree on the vector size.
+        PipelineError: parts disagree on the vector size.
     """
+    from pipeline.job.versions import live_vectors
+
     out = Path(output)
-    done, _failed = read_markers(out)
-    parts: list[Part] = []
-    for shard in sorted(done):
-        marker = done[shard]
-        path = out / "vectors" / str(marker.get("part") or f"part-{shard:06d}.parquet")
-        if not path.exists():
-            raise PipelineError(f"{path}: shard {shard} is marked done but its part is missing; rerun the job")
-        parts.append(_describe_part(path, shard, float(marker.get("finished_at", 0.0))))
+    folder = live_vectors(out)
+    if folder is None:
+        return []
+    folder = folder.resolve()
+    parts = [_describe_part(path, int(path.name[5:11]), path.stat().st_mtime)
+             for path in sorted(folder.glob("part-*.parquet"))]
     dims = {p.dims for p in parts}
     if len(dims) > 1:
         raise PipelineError(f"{out}: vector parts have different sizes {sorted(dims)}; the output mixes two jobs")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
 from pipeline.job.plan import Shard
 from pipeline.job.ranks import worker_name
+from pipeline.job.sink import is_done
 from pipeline.util import locked, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class Claims:
         self.lease = float(lease_seconds)
         self.worker = worker or worker_name()
         self.held: set[int] = set()
+        self.rows_done: dict[int, int] = {}  # documents of each held shard embedded so far (for status)
+        self.claimed_at: dict[int, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -50,7 +52,7 @@ class Claims:
         return self.folder / f"{shard.name}.claim"
 
     def _done(self, shard: Shard) -> bool:
-        return (self.folder / f"{shard.name}.done.json").exists()
+        return is_done(self.out, shard)
 
     def _owner(self, shard: Shard) -> tuple[str | None, float]:
         """(worker, seconds since its last heartbeat) of a claim; (None, inf) when there is none."""
@@ -74,10 +76,17 @@ class Claims:
                 return False
             if owner is not None and owner != self.worker:
                 log.warning("shard %d: taking over the claim of %s (no heartbeat for %.0fs)", shard.id, owner, age)
-            write_json_atomic(self.path(shard), {"shard": shard.id, "worker": self.worker, "claimed_at": time.time()})
+            now = time.time()
+            write_json_atomic(self.path(shard), {"shard": shard.id, "worker": self.worker, "claimed_at": now})
         with self._lock:
             self.held.add(shard.id)
+            self.claimed_at[shard.id] = now
         return True
+
+    def progress(self, shard: Shard, rows: int) -> None:
+        """Count ``rows`` more documents of ``shard`` done; the next heartbeat writes them into the claim."""
+        with self._lock:
+            self.rows_done[shard.id] = self.rows_done.get(shard.id, 0) + rows
 
     def owns(self, shard: Shard) -> bool:
         owner, _ = self._owner(shard)
@@ -92,6 +101,8 @@ class Claims:
         """Give up a claim (after the shard's done-marker, or to leave it to others)."""
         with self._lock:
             self.held.discard(shard.id)
+            self.rows_done.pop(shard.id, None)
+            self.claimed_at.pop(shard.id, None)
         with locked(self.out / ".claims.lock"):
             if self.owns(shard):
                 self.path(shard).unlink(missing_ok=True)
@@ -113,9 +124,11 @@ class Claims:
         """Refresh the claims this worker still owns. A claim taken over by another worker (this one stalled
         past its lease) is dropped, never refreshed: refreshing it would keep the new owner's claim alive in
         this worker's name, and nobody would take the shard over if the new owner died."""
-        while not self._stop.wait(max(0.5, self.lease / 5)):
+        while not self._stop.wait(min(15.0, max(0.5, self.lease / 5))):
             with self._lock:
                 held = list(self.held)
+                rows = dict(self.rows_done)
+                since = dict(self.claimed_at)
             if not held:
                 continue
             lost = []
@@ -125,8 +138,9 @@ class Claims:
                     if self._read(path)[0] != self.worker:
                         lost.append(sid)
                         continue
-                    try:
-                        os.utime(path)
+                    try:  # the claim's mtime is the heartbeat; its body carries the shard's progress
+                        write_json_atomic(path, {"shard": sid, "worker": self.worker, "rows_done": rows.get(sid, 0),
+                                                 "claimed_at": since.get(sid), "beat_at": time.time()})
                     except OSError:
                         lost.append(sid)
             for sid in lost:

@@ -82,7 +82,11 @@ class JobConfig:
     chunk_tokens: int = field(default=512, metadata=_opt("Tokens per chunk with --long-docs chunk.", fp=True))
     chunk_overlap: int = field(default=64, metadata=_opt("Overlap between chunks, in tokens.", fp=True))
     trust_remote_code: bool = field(default=False, metadata=_opt("Allow the model's own code.", fp=True))
-    shard_size: int = field(default=10_000, metadata=_opt("Rows per shard (the unit of resume).", plan=True))
+    shard_size: int | None = field(
+        default=None,
+        metadata=_opt("Rows per shard, the unit of progress and resume (default: sized by text bytes so that a shard "
+                      "takes about a minute on the device).", plan=True),
+    )
     on_bad_record: OnBadRecord = field(
         default="error", metadata=_opt("error: stop with file/row/field; skip: record in rejects/.", plan=True)
     )
@@ -113,6 +117,9 @@ class JobConfig:
     )
     device: str | None = field(default=None, metadata=_opt("cpu, cuda or cuda:N (default: cuda if present)."))
     quiet: bool = field(default=False, metadata=_opt("No progress bar (cron)."))
+    allow_empty: bool = field(
+        default=False, metadata=_opt("Accept an input that holds no document (default: an error).")
+    )
     index: dict[str, Any] | None = field(
         default=None,
         metadata=_opt("Build (or update) the FAISS index when the run completes: `index build` options.", cli=False),

@@ -100,6 +100,8 @@ def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = No
     from tqdm import tqdm
 
     from pipeline.job.plan import prepare
+    from pipeline.job.runner import try_commit
+    from pipeline.job.sink import is_done
     from pipeline.job.status import job_status
 
     procs: list[mp.process.BaseProcess] = []
@@ -115,6 +117,9 @@ def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = No
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         manifest = prepare(cfg, overwrite=overwrite)
+        if manifest.committed or all(is_done(Path(cfg.output), s) for s in manifest.shards):
+            try_commit(Path(cfg.output), manifest)  # nothing to embed: no worker to start, no model to load
+            return 0
         if received:
             log.warning("signal %d before the workers started: nothing done", received[0])
             return 75
@@ -164,5 +169,7 @@ def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = No
                   [codes[i] for i in failed], [c.name.split(".")[0] for c in claims], sorted(st.failures), lease)
         return 1
     if st.shards_pending:
+        return 75
+    if not try_commit(Path(cfg.output), manifest):  # a worker normally commits; make sure of it
         return 75
     return 0

@@ -1,57 +1,78 @@
-"""Plan: scan new inputs once, cut them into row-range shards, and keep the manifest of an output directory.
+"""Plan: compare the current input with what the output holds, and list the work that makes them equal.
 
-The manifest (``OUTPUT/manifest.json``) records every input file (size and a content digest), every shard
-(file, row range, JSONL byte offset, rows to skip) and the fingerprint of the settings that change vectors.
-A rerun with the same settings reuses it; new input files are scanned and appended as new shards (the nightly
-case); a changed file or changed settings are refused with a message that says how to proceed. Shard ids
-never change once given, so done-markers keyed by shard id stay valid whatever the number of workers.
+Every run plans under ``OUTPUT/.plan.lock``:
 
-The scan validates every row before any model work: a bad row stops the plan with file, row and field
-(``on_bad_record: error``) or is written to ``OUTPUT/rejects/`` and skipped (``skip``). Duplicate ids are
-found across all files, including those of earlier runs (their id hashes are kept in ``OUTPUT/plan/``).
+1. each input file is identified by the digest of its whole content (``scan.identify``) and scanned once per
+   content (``scan.scan``: every row validated, ids, texts and kept values hashed);
+2. the *target* is built: every valid row, each id kept at its first occurrence in input order (the rest are
+   duplicates: an error, or rejected with ``--on-bad-record skip``);
+3. the target is matched against the *placements*, the documents already in part files (``diff.diff``): the live
+   version's, plus those a replaced unfinished plan had finished;
+4. the work is cut into shards: ``embed`` shards (row ranges of one input file, the rows that need a vector:
+   embedded once per distinct text, or copied from a part that holds the same text) and ``rewrite`` shards (a part
+   that keeps some rows and loses others is written again without the lost ones).
+
+The plan is ``OUTPUT/manifest.json`` (files, shards, counts, the version it builds on and the one it makes) plus
+one work table per shard in ``OUTPUT/plan/work/PLAN_ID/``. A rerun over the same input resumes the plan; a rerun
+over changed input plans again on top of what is placed (finished shards of the old plan count as placed).
+Settings that change vectors are fixed once a vector has been written: a rerun with others is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import shutil
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.errors import InputError, ManifestMismatch
+from pipeline.errors import InputError, ManifestMismatch, where
+from pipeline.job import versions
 from pipeline.job.config import JobConfig, fingerprint_fields
-from pipeline.job.readers import (
-    InputFile,
-    describe_file,
-    expand_inputs,
-    file_row_count,
-    jsonl_line_offsets,
-    parquet_row_groups,
-)
-from pipeline.job.records import FieldSpec, Reject, extract, file_has_ids, iter_raw
-from pipeline.util import locked, write_json_atomic
+from pipeline.job.diff import Diff, Placed, Target, build_target, diff
+from pipeline.job.readers import InputFile, expand_inputs
+from pipeline.job.records import FieldSpec, Reject, iter_raw
+from pipeline.job.scan import FileScan, generated_id_hashes, identify, remove_unused_scans, scan
+from pipeline.util import fault_point, locked, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+WORK = "plan/work"
+SHARD_SECONDS = 60  # automatic shard size: about a minute of work on the device
+TRASH = ".trash"
+
+# work-table kinds of an embed shard's rows
+EMBED, SAME, REUSE, DUP = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Rows ``[row_start, row_end)`` of one input file; ``skip`` lists rejected rows inside the range."""
+    """One unit of work and of resume.
+
+    ``embed``: rows ``[row_start, row_end)`` of input file ``file`` (the rows to write are listed in its work
+    table). ``rewrite``: part ``source`` written again without its lost rows. ``dup``: the rows of embed shard
+    ``source`` whose text another embed shard embeds, copied once every embed shard is done.
+    """
 
     id: int
     file: int
     row_start: int
     row_end: int
     byte_start: int = 0
-    skip: tuple[int, ...] = ()
+    kind: str = "embed"
+    docs: int = 0  # documents the shard writes
+    source: int = -1  # rewrite: the part it rewrites
 
     @property
     def name(self) -> str:
@@ -60,12 +81,13 @@ class Shard:
 
 @dataclass
 class PlannedFile:
-    """An input file of the manifest: its identity plus what the scan found."""
+    """An input file of the plan: its identity plus what the scan found."""
 
     file: InputFile
     rows: int
     generated_ids: bool
     rejected: int = 0
+    docs: int = 0  # rows kept in the corpus (valid, not duplicates)
 
 
 @dataclass
@@ -73,24 +95,26 @@ class Manifest:
     fingerprint: str
     settings: dict[str, Any]
     plan: dict[str, Any]
+    plan_id: str = ""
+    base: int = 0  # the live version this plan builds on (0: none)
+    target: int = 1  # the version it commits
+    committed: bool = False
     files: list[PlannedFile] = field(default_factory=list)
     shards: list[Shard] = field(default_factory=list)
+    kept_parts: list[int] = field(default_factory=list)  # placed parts linked into the new version as they are
+    next_id: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    created_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": MANIFEST_VERSION,
-            "fingerprint": self.fingerprint,
-            "settings": self.settings,
-            "plan": self.plan,
-            "files": [
-                {**asdict(pf.file), "rows": pf.rows, "generated_ids": pf.generated_ids, "rejected": pf.rejected}
-                for pf in self.files
-            ],
-            "shards": [
-                {"id": s.id, "file": s.file, "rows": [s.row_start, s.row_end], "byte_start": s.byte_start,
-                 "skip": list(s.skip)}
-                for s in self.shards
-            ],
+            "version": MANIFEST_VERSION, "fingerprint": self.fingerprint, "settings": self.settings,
+            "plan": self.plan, "plan_id": self.plan_id, "base": self.base, "target": self.target,
+            "committed": self.committed, "next_id": self.next_id, "counts": self.counts,
+            "created_at": self.created_at, "kept_parts": self.kept_parts,
+            "files": [{**asdict(pf.file), "rows": pf.rows, "generated_ids": pf.generated_ids,
+                       "rejected": pf.rejected, "docs": pf.docs} for pf in self.files],
+            "shards": [asdict(s) for s in self.shards],
         }
 
     @classmethod
@@ -98,21 +122,30 @@ class Manifest:
         files = []
         for entry in data["files"]:
             entry = dict(entry)
-            rows, gen, rejected = entry.pop("rows"), entry.pop("generated_ids"), entry.pop("rejected", 0)
-            files.append(PlannedFile(InputFile(**entry), rows, gen, rejected))
-        shards = [
-            Shard(s["id"], s["file"], s["rows"][0], s["rows"][1], s.get("byte_start", 0), tuple(s.get("skip", ())))
-            for s in data["shards"]
-        ]
-        return cls(data["fingerprint"], data["settings"], data["plan"], files, shards)
+            rows, gen = entry.pop("rows"), entry.pop("generated_ids")
+            rejected, docs = entry.pop("rejected", 0), entry.pop("docs", 0)
+            entry["stat"] = tuple(entry.get("stat", ()))
+            files.append(PlannedFile(InputFile(**entry), rows, gen, rejected, docs))
+        return cls(data["fingerprint"], data["settings"], data["plan"], data["plan_id"], data["base"],
+                   data["target"], data["committed"], files, [Shard(**s) for s in data["shards"]],
+                   list(data.get("kept_parts", [])), data["next_id"], data.get("counts", {}),
+                   data.get("created_at", 0.0))
 
     @property
     def total_rows(self) -> int:
-        """Documents to embed: planned rows less rejected rows and blank JSONL lines (both in ``skip``)."""
-        return sum(self.shard_rows(s) for s in self.shards)
+        """Documents the plan's shards write (embedded, copied or rewritten)."""
+        return sum(s.docs for s in self.shards)
 
     def shard_rows(self, shard: Shard) -> int:
-        return shard.row_end - shard.row_start - len(shard.skip)
+        return shard.docs
+
+    @property
+    def corpus_docs(self) -> int:
+        """Documents of the corpus this plan makes (the target version's size)."""
+        return sum(pf.docs for pf in self.files)
+
+    def work_dir(self, out: Path) -> Path:
+        return out / WORK / self.plan_id
 
 
 def load_manifest(output: str | Path) -> Manifest | None:
@@ -124,162 +157,338 @@ def load_manifest(output: str | Path) -> Manifest | None:
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestMismatch(f"{path}: unreadable manifest ({exc}); start over with --overwrite") from exc
     if data.get("version") != MANIFEST_VERSION:
-        raise ManifestMismatch(f"{path}: manifest version {data.get('version')} is not {MANIFEST_VERSION}")
+        raise ManifestMismatch(f"{path}: written by an older embed-corpus (manifest version {data.get('version')}, "
+                               f"this one reads {MANIFEST_VERSION}): start over with --overwrite")
     return Manifest.from_json(data)
-
-
-OUTPUT_FOLDERS = ("vectors", "shards", "rejects", "plan")
-
-
-def prepare(cfg: JobConfig, *, overwrite: bool = False) -> Manifest:
-    """Create, check or extend the manifest of ``cfg.output``; scan and validate new inputs.
-
-    Raises:
-        InputError: bad input (with ``on_bad_record: error``), naming file, row and field.
-        ManifestMismatch: the output was planned with other settings or a file changed since.
-    """
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    with locked(out / ".plan.lock"):
-        found = expand_inputs(cfg.input)
-        manifest = load_manifest(out)
-        if manifest is not None and overwrite:
-            log.warning("--overwrite: discarding the existing output in %s", out)
-            for name in OUTPUT_FOLDERS:
-                shutil.rmtree(out / name, ignore_errors=True)
-            (out / MANIFEST).unlink()
-            manifest = None
-        settings = {name: _plain(getattr(cfg, name)) for name in fingerprint_fields()}
-        if manifest is None:
-            manifest = Manifest(cfg.fingerprint(), settings, cfg.plan_settings())
-        else:
-            _check_settings(out, manifest, settings)
-            manifest.plan = cfg.plan_settings()  # shard size and bad-record policy apply to files planned now
-        new = _new_files(out, manifest, found)
-        if new:
-            _add_files(out, manifest, new, cfg)
-            write_json_atomic(out / MANIFEST, manifest.to_json())
-        elif not (out / MANIFEST).exists():
-            write_json_atomic(out / MANIFEST, manifest.to_json())
-        return manifest
 
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _check_settings(out: Path, manifest: Manifest, settings: dict[str, Any]) -> None:
-    changed = [k for k in settings if manifest.settings.get(k) != settings[k]]
-    if changed:
-        detail = ", ".join(f"{k}: {manifest.settings.get(k)!r} -> {settings[k]!r}" for k in changed)
-        raise ManifestMismatch(
-            f"{out} was built with other settings ({detail}). Its vectors would not be comparable with new ones: "
-            f"write to a new --output, or add --overwrite to discard {out} and start over."
-        )
+LEFTOVERS = ("vectors", "versions", "parts", "shards", "plan", "rejects", "job.json", "index")
 
 
-def _new_files(out: Path, manifest: Manifest, found: list[tuple[Path, Path]]) -> list[InputFile]:
-    known = {pf.file.path: pf for pf in manifest.files}
-    keys = {pf.file.key for pf in manifest.files}
-    new: list[InputFile] = []
-    for path, root in found:
-        planned = known.get(str(path))
-        if planned is None:
-            info = describe_file(path, root)
-            if info.key in keys:
-                info = InputFile(info.path, info.path, info.format, info.compression, info.size, info.digest)
-            keys.add(info.key)
-            new.append(info)
+def discard_output(out: Path) -> None:
+    """``--overwrite``: move the old output aside (its manifest first), then delete it.
+
+    Without its manifest an output counts as discarded: a kill at any moment of this leaves either the old output
+    whole, or an output without manifest whose leftovers the next run removes (``_remove_leftovers``).
+    """
+    trash = out / TRASH
+    shutil.rmtree(trash, ignore_errors=True)
+    trash.mkdir()
+    if (out / MANIFEST).exists():
+        os.rename(out / MANIFEST, trash / MANIFEST)
+        log.warning("--overwrite: discarding the existing output in %s", out)
+    for entry in sorted(out.iterdir()):
+        if entry.name in (TRASH, ".plan.lock", ".claims.lock", "logs"):
             continue
-        current = describe_file(path, root)
-        if (current.size, current.digest) != (planned.file.size, planned.file.digest):
-            raise ManifestMismatch(
-                f"{path} changed since it was planned in {out} (size {planned.file.size} -> {current.size}). "
-                "Rows already embedded from it would mix with new ones: give the new content a new file name "
-                "to embed it as new input, or add --overwrite to start over."
-            )
-    paths = {str(p) for p, _ in found}
-    done = _done_shard_ids(out)
-    for idx, pf in enumerate(manifest.files):
-        if pf.file.path in paths:
-            continue
-        pending = [s for s in manifest.shards if s.file == idx and s.id not in done]
-        if pending:
-            raise ManifestMismatch(
-                f"{pf.file.path} was planned in {out} but is not among the inputs now, and {len(pending)} of its "
-                "shards are not embedded yet: give it again with --input, or add --overwrite to start over."
-            )
-        log.info("%s is not among the inputs now; its vectors stay in the output", pf.file.path)
-    return new
+        os.rename(entry, trash / entry.name)
+        fault_point("overwrite-moving")
+    shutil.rmtree(trash, ignore_errors=True)
 
 
-def _done_shard_ids(out: Path) -> set[int]:
+def _remove_leftovers(out: Path) -> None:
+    """An output folder without a manifest holds nothing valid: remove what an interrupted discard left."""
+    found = [name for name in LEFTOVERS if (out / name).exists() or (out / name).is_symlink()]
+    if not found:
+        return
+    log.warning("%s has no manifest.json but holds %s (an --overwrite was interrupted): removing them", out,
+                ", ".join(found))
+    for name in found:
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -> Manifest:
+    """The plan of ``cfg.output`` for the current input: resumed when nothing changed, made (and written, unless
+    ``dry_run``) otherwise.
+
+    Raises:
+        InputError: bad input (with ``on_bad_record: error``), naming file, row and field; an empty corpus.
+        ManifestMismatch: the output holds vectors made with other settings.
+    """
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out / ".plan.lock"):
+        shutil.rmtree(out / TRASH, ignore_errors=True)  # left by an --overwrite that was killed
+        if overwrite and not dry_run:
+            discard_output(out)
+        old = load_manifest(out)
+        if old is None and not dry_run:
+            _remove_leftovers(out)
+        settings = {name: _plain(getattr(cfg, name)) for name in fingerprint_fields()}
+        if old is not None and old.fingerprint != cfg.fingerprint() and _has_vectors(out, old):
+            _refuse_settings(out, old, settings, cfg)
+        if old is not None and old.fingerprint != cfg.fingerprint():
+            log.warning("%s: no vector was written with the earlier settings; planning with the new ones", out)
+            old = None
+        if old is not None and not old.committed and versions.live_version(out) == old.target:
+            old.committed = True  # killed between the switch and the manifest update: the switch is the commit
+            write_json_atomic(out / MANIFEST, old.to_json())
+        known = {pf.file.path: pf.file for pf in old.files} if old else {}
+        infos = [identify(path, root, known) for path, root in expand_inputs(cfg.input)]
+        if old is not None and _same_inputs(old, infos):
+            return old  # resume the plan (or nothing new since the last commit)
+        manifest = make_plan(out, cfg, settings, infos, old, dry_run=dry_run)
+        if not dry_run:
+            write_json_atomic(out / MANIFEST, manifest.to_json())
+            fault_point("after-plan-write")
+            _clean_after_replan(out, manifest, old)
+        return manifest
+
+
+def _has_vectors(out: Path, manifest: Manifest) -> bool:
+    """Whether any vector was written under the manifest's settings (a committed version or a finished shard)."""
+    if versions.live_version(out):
+        return True
     folder = out / "shards"
-    if not folder.is_dir():
-        return set()
-    return {int(p.name.split(".")[0]) for p in folder.glob("*.done.json")}
+    return folder.is_dir() and any(folder.glob("*.done.json"))
 
 
-@dataclass
-class _Scan:
-    rows: int
-    generated_ids: bool
-    ranges: list[tuple[int, int, int]]  # (row_start, row_end, byte_start)
-    rejects: list[Reject]
-    id_hashes: np.ndarray  # uint64, one per valid row with a real id
-    id_rows: np.ndarray  # int64, the rows of those ids
-    blank: np.ndarray  # int64, blank JSONL lines: counted as rows, but no documents
-
-
-def _hash_ids(ids: pa.ChunkedArray) -> np.ndarray:
-    try:
-        from pandas.util import hash_array
-    except ImportError:  # pandas comes with `datasets`; keep a slow path without it
-        import hashlib
-
-        return np.array(
-            [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in ids.to_pylist()],
-            dtype=np.uint64,
-        )
-    return hash_array(ids.to_numpy(zero_copy_only=False).astype(object))
-
-
-def _scan_file(info: InputFile, spec: FieldSpec, shard_size: int) -> _Scan:
-    """Read every row of a new file once: validate, count, hash ids, and cut row ranges."""
-    generated = not file_has_ids(info, spec)
-    rejects: list[Reject] = []
-    hashes: list[np.ndarray] = []
-    id_rows: list[np.ndarray] = []
-    seen: list[np.ndarray] = []  # rows that hold a record (valid or not); the other JSONL rows are blank lines
-    for raw in iter_raw(info, spec):
-        seen += [raw.rows.to_numpy(), np.array([r for r, _, _ in raw.bad], np.int64)]
-        table, bad = extract(raw, info, spec, generated)
-        rejects.extend(bad)
-        if not generated and table.num_rows:
-            hashes.append(_hash_ids(table.column("id")))
-            id_rows.append(table.column("_row").to_numpy())
-    if info.format == "jsonl":
-        offsets, rows = jsonl_line_offsets(info, shard_size)
-        starts = list(range(0, rows, shard_size))
-        byte_starts = offsets if offsets is not None else [0] * len(starts)
-        ranges = [(s, min(s + shard_size, rows), b) for s, b in zip(starts, byte_starts, strict=True)]
-    elif info.format == "parquet":
-        groups = parquet_row_groups(info)
-        rows = sum(groups)
-        ranges = _row_group_ranges(groups, shard_size)
-    else:
-        rows = file_row_count(info) or 0
-        ranges = [(s, min(s + shard_size, rows), 0) for s in range(0, rows, shard_size)]
-    return _Scan(
-        rows,
-        generated,
-        ranges,
-        rejects,
-        np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
-        np.concatenate(id_rows) if id_rows else np.zeros(0, np.int64),
-        np.setdiff1d(np.arange(rows, dtype=np.int64), np.concatenate(seen)) if info.format == "jsonl"
-        else np.zeros(0, np.int64),
+def _refuse_settings(out: Path, old: Manifest, settings: dict[str, Any], cfg: JobConfig) -> None:
+    recorded = _effective_settings(out, old.settings)
+    changed = [k for k in settings if old.settings.get(k) != settings[k]]
+    detail = ", ".join(f"{k}: {recorded.get(k)!r} -> {settings[k]!r}" for k in changed)
+    raise ManifestMismatch(
+        f"{out} was built with other settings ({detail}). Its vectors would not be comparable with new ones: "
+        f"write to a new --output, or add --overwrite to discard {out} and start over."
     )
+
+
+def _effective_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Recorded settings with the values the model resolved (``max_length: None`` is the model's limit)."""
+    try:
+        model = json.loads((out / "job.json").read_text()).get("model", {})
+    except (OSError, ValueError):
+        return settings
+    resolved = dict(settings)
+    for name in ("max_length", "dims", "pooling"):
+        if resolved.get(name) in (None, "auto") and name in model:
+            resolved[name] = model[name]
+    return resolved
+
+
+def _same_inputs(old: Manifest, infos: list[InputFile]) -> bool:
+    return [(pf.file.path, pf.file.digest) for pf in old.files] == [(i.path, i.digest) for i in infos]
+
+
+# --------------------------------------------------------------------------------------------- the plan
+
+
+def make_plan(out: Path, cfg: JobConfig, settings: dict[str, Any], infos: list[InputFile],
+              old: Manifest | None, *, dry_run: bool = False) -> Manifest:
+    """Scan, build the target, diff it against the placements, cut shards; write the work tables (``dry_run``:
+    into a temporary folder that is removed, and no rejects file)."""
+    spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
+    scans: list[FileScan] = []
+    for info in infos:
+        result, _cached = scan(out, info, spec)
+        if len(result.rejects) > 1 and len(result.rejects) >= result.valid + len(result.rejects) and not result.valid:
+            # Not a few bad records but a wrong setting (as a missing Parquet column is): even `skip` stops.
+            raise InputError(f"{result.rejects[0].message()}, and so is every other row of {info.path}: check "
+                             "--text-field and --id-field")
+        scans.append(result)
+    remove_unused_scans(out, {i.digest for i in infos})
+    target, rejects, per_file_docs = _target(infos, scans, spec)
+    if rejects and cfg.on_bad_record == "error":
+        rejects.sort(key=lambda r: (r.file, r.row))
+        more = f" (and {len(rejects) - 1} more bad rows)" if len(rejects) > 1 else ""
+        raise InputError(f"{rejects[0].message()}{more}. Fix the input, or run with --on-bad-record skip to record "
+                         "bad rows in OUTPUT/rejects/ and embed the rest.")
+    if not len(target) and not cfg.allow_empty:
+        where_ = ", ".join(i.path for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
+        raise InputError(f"no documents in the input ({len(infos)} files: {where_}): check --input and "
+                         "--text-field, or pass --allow-empty to accept an empty corpus")
+
+    base = versions.live_version(out)
+    placed, sources = _placements(out, base, old)
+    d = diff(target, placed)
+    plan_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    next_id = max(old.next_id if old else 0, versions.max_part_id(out) + 1)
+    manifest = Manifest(cfg.fingerprint(), settings, {**cfg.plan_settings(), "shard_budget": None},
+                        plan_id=plan_id, base=base, target=base + 1, committed=False,
+                        files=[PlannedFile(info, s.rows, s.generated_ids, len([r for r in rejects if r.file ==
+                               info.path]), per_file_docs[i]) for i, (info, s) in enumerate(zip(infos, scans,
+                                                                                                strict=True))],
+                        next_id=next_id, created_at=time.time())
+    work = Path(tempfile.mkdtemp(prefix="embed-corpus-plan-")) if dry_run else manifest.work_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    budget, unit = _shard_budget(cfg)
+    manifest.plan["shard_budget"] = {"value": budget, "unit": unit}
+    try:
+        _cut_embed_shards(manifest, work, infos, scans, target, d, placed, budget, unit)
+        _rewrites(manifest, work, placed, d)
+        _save_target(work, target)
+    finally:
+        if dry_run:
+            shutil.rmtree(work, ignore_errors=True)
+    if not dry_run:
+        _write_rejects(out, manifest, rejects)
+    old_live = set(np.unique(placed.part[placed.live]).tolist())
+    manifest.counts = _counts(target, placed, d, old_live, sources, rejects)
+    return manifest
+
+
+def _target(infos: list[InputFile], scans: list[FileScan], spec: FieldSpec
+            ) -> tuple[Target, list[Reject], list[int]]:
+    """Every valid row in input order, each id at its first occurrence; invalid and duplicate rows rejected."""
+    cols: dict[str, list[np.ndarray]] = {"file": [], "frow": [], "h": [], "k": [], "x": [], "nbytes": []}
+    for i, (info, s) in enumerate(zip(infos, scans, strict=True)):
+        cols["file"].append(np.full(s.valid, i, np.int32))
+        cols["frow"].append(s.frow)
+        cols["h"].append(generated_id_hashes(info, s.frow) if s.generated_ids else s.h)
+        cols["k"].append(s.k)
+        cols["x"].append(s.x)
+        cols["nbytes"].append(s.nbytes)
+    if infos:
+        arrays = {name: np.concatenate(parts) for name, parts in cols.items()}
+    else:
+        arrays = {"file": np.zeros(0, np.int32), "frow": np.zeros(0, np.int64), "h": np.zeros((0, 2), np.uint64),
+                  "k": np.zeros((0, 2), np.uint64), "x": np.zeros(0, np.uint64), "nbytes": np.zeros(0, np.int64)}
+    target, dup, first = build_target(arrays["file"], arrays["frow"], arrays["h"], arrays["k"], arrays["x"],
+                                      arrays["nbytes"])
+    rejects = [r for s in scans for r in s.rejects]
+    if len(dup):
+        rejects += _duplicate_rejects(infos, spec, arrays["file"], arrays["frow"], dup, first)
+    per_file = np.bincount(target.file, minlength=len(infos)).tolist() if len(target) else [0] * len(infos)
+    return target, rejects, per_file
+
+
+def _duplicate_rejects(infos: list[InputFile], spec: FieldSpec, file: np.ndarray, frow: np.ndarray,
+                       dup: np.ndarray, first: np.ndarray) -> list[Reject]:
+    wanted: dict[int, set[int]] = {}
+    for i in np.concatenate([dup, first]):
+        wanted.setdefault(int(file[i]), set()).add(int(frow[i]))
+    ids = {f: _ids_at(infos[f], spec, sorted(rows)) for f, rows in wanted.items()}
+    out = []
+    for d, o in zip(dup.tolist(), first.tolist(), strict=True):
+        fd, rd, fo, ro = int(file[d]), int(frow[d]), int(file[o]), int(frow[o])
+        dup_id = ids[fd].get(rd)
+        origin = infos[fo]
+        out.append(Reject(infos[fd].path, infos[fd].format, rd, spec.id_field,
+                          f"duplicate id {dup_id!r} (first at {origin.path}: {where(origin.format, ro)})", dup_id))
+    return out
+
+
+def _ids_at(info: InputFile, spec: FieldSpec, rows: list[int]) -> dict[int, str]:
+    want = set(rows)
+    found: dict[int, str] = {}
+    id_spec = FieldSpec(spec.text_field, spec.id_field, ())
+    for raw in iter_raw(info, id_spec, row_start=rows[0], row_end=rows[-1] + 1):
+        if spec.id_field not in raw.table.column_names:
+            continue
+        for row, value in zip(raw.rows.to_pylist(), raw.table.column(spec.id_field).to_pylist(), strict=True):
+            if row in want:
+                found[row] = str(value)
+    return found
+
+
+def _placements(out: Path, base: int, old: Manifest | None) -> tuple[Placed, dict[str, int]]:
+    """The live version's documents, plus those of the parts an unfinished plan had finished."""
+    items = [versions.placements(out, base)] if base else []
+    pending = 0
+    if old is not None and not old.committed:
+        finished = [s for s in old.shards if s.kind == "embed" and versions.part_complete(out, s.id)]
+        for s in finished:
+            items.append(versions.part_placements(out, s.id))
+        pending = len(finished)
+    return Placed.concat(items), {"pending_parts": pending}
+
+
+def _shard_budget(cfg: JobConfig) -> tuple[int, str]:
+    """Work per shard: ``--shard-size`` rows, else bytes of text for about ``SHARD_SECONDS`` on the device."""
+    if cfg.shard_size:
+        return int(cfg.shard_size), "rows"
+    from pipeline.job.sizing import shard_bytes
+
+    return shard_bytes(cfg, SHARD_SECONDS), "bytes"
+
+
+def _cut_embed_shards(manifest: Manifest, work: Path, infos: list[InputFile], scans: list[FileScan],
+                      target: Target, d: Diff, placed: Placed, budget: int, unit: str) -> None:
+    """Embed shards over the rows that need a vector, in input order; one work table per shard."""
+    need = np.flatnonzero(d.stay < 0)
+    if not len(need):
+        return
+    kind = np.where(d.reuse[need] >= 0, REUSE, EMBED).astype(np.int8)
+    cost = np.where(kind == EMBED, target.nbytes[need], target.nbytes[need] // 8 + 1) if unit == "bytes" \
+        else np.ones(len(need), np.int64)
+    shard_of = np.full(len(target), -1, np.int64)
+    pieces: list[tuple[int, np.ndarray]] = []  # (file, indices into need)
+    for f in np.unique(target.file[need]):
+        sel = np.flatnonzero(target.file[need] == f)
+        sel = sel[np.argsort(target.frow[need][sel], kind="stable")]
+        for chunk in _cut(target.frow[need][sel], cost[sel], budget, scans[f].row_groups, unit == "rows"):
+            pieces.append((int(f), sel[chunk]))
+    for _f, sel in pieces:
+        sid = manifest.next_id
+        manifest.next_id += 1
+        shard_of[need[sel]] = sid
+    dups: list[tuple[int, int]] = []
+    for f, sel in pieces:
+        rows_ = need[sel]
+        sid = int(shard_of[rows_[0]])
+        k = kind[sel].copy()
+        owner = d.owner[rows_]
+        emb = k == EMBED
+        same = emb & (owner != rows_) & (shard_of[np.maximum(owner, 0)] == sid)
+        dup = emb & (owner != rows_) & ~same
+        k[same], k[dup] = SAME, DUP
+        src = np.where(k == REUSE, d.reuse[rows_], -1)
+        frow = target.frow[rows_]
+        owner_frow = np.where(emb, target.frow[np.maximum(owner, 0)], -1)
+        owner_shard = np.where(emb, shard_of[np.maximum(owner, 0)], -1)
+        table = pa.table({
+            "frow": frow, "kind": k, "owner_frow": owner_frow, "owner_shard": owner_shard,
+            "h1": target.h[rows_, 0], "h2": target.h[rows_, 1], "k1": target.k[rows_, 0], "k2": target.k[rows_, 1],
+            "x": target.x[rows_],
+            "src_part": np.where(src >= 0, placed.part[np.maximum(src, 0)], -1) if len(placed) else np.full(
+                len(rows_), -1, np.int64),
+            "src_prow": np.where(src >= 0, placed.prow[np.maximum(src, 0)], -1) if len(placed) else np.full(
+                len(rows_), -1, np.int64),
+            "src_nseq": np.where(src >= 0, placed.nseq[np.maximum(src, 0)], 0) if len(placed) else np.zeros(
+                len(rows_), np.int64),
+        })
+        pq.write_table(table, work / f"{sid:06d}.parquet")
+        lo, hi = int(frow.min()), int(frow.max()) + 1
+        lines = scans[f].lines
+        byte_start = int(lines[lo]) if lines is not None else 0
+        manifest.shards.append(Shard(sid, f, lo, hi, byte_start, "embed", int((k != DUP).sum())))
+        dups.append((sid, int((k == DUP).sum())))
+    for sid, n in dups:
+        if n:  # the rows of shard `sid` whose text another shard embeds, copied once every embed shard is done
+            manifest.shards.append(Shard(manifest.next_id, -1, 0, 0, 0, "dup", n, sid))
+            manifest.next_id += 1
+
+
+def _cut(frow: np.ndarray, cost: np.ndarray, budget: int, row_groups: list[int] | None, by_rows: bool
+         ) -> list[np.ndarray]:
+    """Split needed rows (sorted by row) into consecutive pieces of about ``budget`` cost each.
+
+    In Parquet files a piece ends at a row-group edge where the row groups are smaller than a piece, so that a
+    row group is read by one shard; larger row groups are split evenly.
+    """
+    if row_groups and by_rows and len(frow) == sum(row_groups) and len(frow) == frow[-1] + 1:
+        # every row of the file, sized by rows: whole row groups, large ones split evenly
+        bounds = _row_group_ranges(row_groups, budget)
+        return [np.arange(a, b) for a, b, _ in bounds]
+    pieces, start, acc = [], 0, 0
+    edges = set(np.cumsum(row_groups).tolist()) if row_groups else set()
+    total = np.cumsum(cost)
+    for i in range(len(frow)):
+        acc = total[i] - (total[start - 1] if start else 0)
+        at_edge = not edges or (int(frow[i]) + 1) in edges
+        if acc >= budget and (at_edge or acc >= 2 * budget):
+            pieces.append(np.arange(start, i + 1))
+            start = i + 1
+    if start < len(frow):
+        pieces.append(np.arange(start, len(frow)))
+    return pieces
 
 
 def _row_group_ranges(groups: list[int], shard_size: int) -> list[tuple[int, int, int]]:
@@ -305,109 +514,111 @@ def _row_group_ranges(groups: list[int], shard_size: int) -> list[tuple[int, int
     return ranges
 
 
-def _add_files(out: Path, manifest: Manifest, new: list[InputFile], cfg: JobConfig) -> None:
-    spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
-    first_idx = len(manifest.files)
-    scans = []
-    for info in new:
-        log.info("scanning %s", info.path)
-        scans.append(_scan_file(info, spec, cfg.shard_size))
-    for info, scan in zip(new, scans, strict=True):
-        if len(scan.rejects) > 1 and len(scan.rejects) >= scan.rows - len(scan.blank):
-            # Not a few bad records but a wrong setting (as a missing Parquet column is): even `skip` stops.
-            raise InputError(
-                f"{scan.rejects[0].message()}, and so is every other row of {info.path}: check --text-field "
-                "and --id-field"
-            )
-    rejects = [r for scan in scans for r in scan.rejects]
-    rejects += _duplicates(out, manifest, new, scans, spec, first_idx)
-    if rejects and cfg.on_bad_record == "error":
-        rejects.sort(key=lambda r: (r.file, r.row))
-        more = f" (and {len(rejects) - 1} more bad rows)" if len(rejects) > 1 else ""
-        raise InputError(
-            f"{rejects[0].message()}{more}. Fix the input, or run with --on-bad-record skip to record bad rows "
-            "in OUTPUT/rejects/ and embed the rest."
-        )
+def _rewrites(manifest: Manifest, work: Path, placed: Placed, d: Diff) -> None:
+    """Parts that lose rows and keep others are rewritten; parts that keep everything are linked as they are."""
+    if not len(placed):
+        return
+    parts = np.unique(placed.part)
+    dead_parts = set(np.unique(placed.part[d.dead]).tolist())
+    staying = np.zeros(len(placed), bool)
+    staying[d.stay[d.stay >= 0]] = True
+    for part in parts.tolist():
+        mask = placed.part == part
+        keep = mask & staying
+        if part not in dead_parts:
+            manifest.kept_parts.append(int(part))
+            continue
+        if not keep.any():
+            continue  # dropped whole
+        sid = manifest.next_id
+        manifest.next_id += 1
+        rows = np.flatnonzero(keep)
+        rows = rows[np.argsort(placed.prow[rows])]
+        pq.write_table(pa.table({"prow": placed.prow[rows], "nseq": placed.nseq[rows]}), work / f"{sid:06d}.parquet")
+        manifest.shards.append(Shard(sid, -1, 0, 0, 0, "rewrite", int(len(rows)), int(part)))
+
+
+def _save_target(work: Path, target: Target) -> None:
+    pq.write_table(pa.table({"file": target.file, "frow": target.frow, "h1": target.h[:, 0], "h2": target.h[:, 1],
+                             "k1": target.k[:, 0], "k2": target.k[:, 1], "x": target.x}), work / "target.parquet")
+
+
+def load_target(work: Path) -> Target:
+    t = pq.read_table(work / "target.parquet")
+    c = {n: t.column(n).to_numpy() for n in t.column_names}
+    return Target(c["file"], c["frow"], np.stack([c["h1"], c["h2"]], 1), np.stack([c["k1"], c["k2"]], 1), c["x"],
+                  np.zeros(len(c["frow"]), np.int64))
+
+
+def _write_rejects(out: Path, manifest: Manifest, rejects: list[Reject]) -> None:
+    """``OUTPUT/rejects/FFFFF.jsonl``: the rows of each input file that are not embedded, with the reason."""
+    folder = out / "rejects"
+    shutil.rmtree(folder, ignore_errors=True)
+    if not rejects:
+        return
+    folder.mkdir()
+    index = {pf.file.path: i for i, pf in enumerate(manifest.files)}
     by_file: dict[str, list[Reject]] = {}
     for r in rejects:
         by_file.setdefault(r.file, []).append(r)
-    (out / "plan").mkdir(exist_ok=True)
-    next_id = max((s.id for s in manifest.shards), default=-1) + 1
-    for k, (info, scan) in enumerate(zip(new, scans, strict=True)):
-        idx = first_idx + k
-        bad = sorted(by_file.get(info.path, []), key=lambda r: r.row)
-        if bad:
-            (out / "rejects").mkdir(exist_ok=True)
-            with open(out / "rejects" / f"{idx:05d}.jsonl", "w", encoding="utf-8") as f:
-                for r in bad:
-                    f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-            log.warning("%s: %d bad rows skipped, listed in %s", info.path, len(bad), out / "rejects")
-        if not scan.generated_ids:
-            np.savez(out / "plan" / f"ids-{idx:05d}.npz", hash=scan.id_hashes, row=scan.id_rows)
-        bad_rows = np.union1d(np.array([r.row for r in bad], dtype=np.int64), scan.blank)
-        for start, end, byte_start in scan.ranges:
-            lo, hi = np.searchsorted(bad_rows, [start, end])
-            skip = tuple(int(r) for r in bad_rows[lo:hi])
-            manifest.shards.append(Shard(next_id, idx, start, end, byte_start, skip))
-            next_id += 1
-        manifest.files.append(PlannedFile(info, scan.rows, scan.generated_ids, len(bad)))
+    for path, rows in by_file.items():
+        with open(folder / f"{index[path]:05d}.jsonl", "w", encoding="utf-8") as f:
+            for r in sorted(rows, key=lambda r: r.row):
+                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+        log.warning("%s: %d bad rows skipped, listed in %s", path, len(rows), folder)
 
 
-def _duplicates(
-    out: Path, manifest: Manifest, new: list[InputFile], scans: list[_Scan], spec: FieldSpec, first_idx: int
-) -> list[Reject]:
-    """Rows whose id appeared earlier (in an earlier file or row, or an earlier run); the first one is kept."""
-    hashes, files, rows = [], [], []
-    for idx, pf in enumerate(manifest.files):
-        path = out / "plan" / f"ids-{idx:05d}.npz"
-        if not pf.generated_ids and path.exists():
-            with np.load(path) as z:
-                hashes.append(z["hash"])
-                rows.append(z["row"])
-            files.append(np.full(len(rows[-1]), idx, np.int32))
-    for k, scan in enumerate(scans):
-        hashes.append(scan.id_hashes)
-        rows.append(scan.id_rows)
-        files.append(np.full(len(scan.id_rows), first_idx + k, np.int32))
-    if not hashes:
-        return []
-    h, f, r = np.concatenate(hashes), np.concatenate(files), np.concatenate(rows)
-    order = np.lexsort((r, f, h))
-    h, f, r = h[order], f[order], r[order]
-    dup = np.flatnonzero(h[1:] == h[:-1]) + 1
-    if not len(dup):
-        return []
-    # first occurrence of each duplicated hash
-    first = np.searchsorted(h, h[dup], side="left")
-    all_files = [pf.file for pf in manifest.files] + list(new)
-    wanted: dict[int, set[int]] = {}
-    for i in np.concatenate([dup, first]):
-        wanted.setdefault(int(f[i]), set()).add(int(r[i]))
-    ids = {fi: _ids_at(all_files[fi], spec, sorted(rs)) for fi, rs in wanted.items()}
-    rejects = []
-    for d, o in zip(dup, first, strict=True):
-        fd, rd, fo, ro = int(f[d]), int(r[d]), int(f[o]), int(r[o])
-        if fd < first_idx:
-            continue  # both in earlier runs: already handled then
-        dup_id, orig_id = ids[fd].get(rd), ids[fo].get(ro)
-        if dup_id is None or dup_id != orig_id:
-            continue  # a 64-bit hash collision between different ids
-        origin = all_files[fo]
-        from pipeline.errors import where
-
-        rejects.append(
-            Reject(all_files[fd].path, all_files[fd].format, rd, spec.id_field,
-                   f"duplicate id {dup_id!r} (first at {origin.path}: {where(origin.format, ro)})", dup_id)
-        )
-    return rejects
+def _counts(target: Target, placed: Placed, d: Diff, old_live: set[int], sources: dict[str, int],
+            rejects: list[Reject]) -> dict[str, int]:
+    """What the run changes, by document: added, changed, deleted, unchanged; texts reused and deduplicated."""
+    live = placed.live
+    old_ids = _id_set(placed.h[live])
+    in_old = _member(target.h, old_ids)
+    unchanged = d.stay >= 0
+    changed = in_old & ~unchanged
+    counts = d.counts()
+    new_ids = _id_set(target.h)
+    deleted = int((~_member(old_ids, new_ids)).sum()) if len(old_ids) else 0
+    return {"docs": len(target), "added": int((~in_old).sum()), "changed": int(changed.sum()),
+            "deleted": deleted, "unchanged": int(unchanged.sum()), "reused": counts["reused"],
+            "embedded": counts["embedded"], "deduplicated": counts["deduplicated"], "rejected": len(rejects),
+            "pending_parts": sources.get("pending_parts", 0)}
 
 
-def _ids_at(info: InputFile, spec: FieldSpec, rows: list[int]) -> dict[int, str]:
-    want = set(rows)
-    found: dict[int, str] = {}
-    id_spec = FieldSpec(spec.text_field, spec.id_field, ())
-    for raw in iter_raw(info, id_spec, row_start=rows[0], row_end=rows[-1] + 1):
-        for row, value in zip(raw.rows.to_pylist(), raw.table.column(spec.id_field).to_pylist(), strict=True):
-            if row in want:
-                found[row] = str(value)
-    return found
+def _id_set(h: np.ndarray) -> np.ndarray:
+    rec = np.empty(len(h), dtype=[("a", "<u8"), ("b", "<u8")])
+    rec["a"], rec["b"] = h[:, 0], h[:, 1]
+    return np.unique(rec)
+
+
+def _member(h: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if h.dtype.names is None:
+        rec = np.empty(len(h), dtype=[("a", "<u8"), ("b", "<u8")])
+        rec["a"], rec["b"] = h[:, 0], h[:, 1]
+    else:
+        rec = h
+    if not len(sorted_set):
+        return np.zeros(len(rec), bool)
+    pos = np.minimum(np.searchsorted(sorted_set, rec), len(sorted_set) - 1)
+    return sorted_set[pos] == rec
+
+
+def _clean_after_replan(out: Path, new: Manifest, old: Manifest | None) -> None:
+    """Markers and claims of shards that are no longer planned, and work tables of older plans, go."""
+    ids = {s.id for s in new.shards}
+    folder = out / "shards"
+    if folder.is_dir():
+        for path in folder.iterdir():
+            head = path.name.split(".")[0]
+            if head.isdigit() and int(head) not in ids and not path.name.endswith(".claim"):
+                path.unlink(missing_ok=True)
+    work = out / WORK
+    if work.is_dir():
+        for entry in work.iterdir():
+            if entry.name != new.plan_id:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def read_work(out: Path, manifest: Manifest, shard: Shard) -> pa.Table:
+    """The work table of a shard (see ``_cut_embed_shards`` and ``_rewrites``)."""
+    return pq.read_table(manifest.work_dir(out) / f"{shard.id:06d}.parquet")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -31,7 +30,11 @@ SCAN_ROWS = 8192  # rows per Arrow batch while scanning and reading
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input file as planned. ``key`` names it in generated ids and messages; it never changes."""
+    """One input file as planned. ``key`` names it in generated ids and messages (its path under its input root).
+
+    ``digest`` is a hash of the whole content; ``stat`` (size, mtime, ctime, inode) tells when it must be taken
+    again (see ``scan.identify``).
+    """
 
     path: str
     key: str
@@ -39,6 +42,7 @@ class InputFile:
     compression: str | None
     size: int
     digest: str
+    stat: tuple[int, ...] = ()
 
     def describe(self) -> str:
         return self.path
@@ -131,21 +135,6 @@ def _dir_files(root: Path) -> list[tuple[Path, Path]]:
             if not name.startswith(".") and _format_of(here / name):
                 out.append((here / name, root))
     return out
-
-
-def describe_file(path: Path, root: Path) -> InputFile:
-    """Fingerprint a file cheaply: size plus a hash of its first and last MiB (where Parquet keeps its footer)."""
-    fmt = _format_of(path)
-    assert fmt is not None
-    size = path.stat().st_size
-    h = hashlib.blake2b(str(size).encode(), digest_size=12)
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 1 << 20:
-            f.seek(max(size - (1 << 20), 1 << 20))
-            h.update(f.read())
-    key = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
-    return InputFile(str(path), key, fmt[0], fmt[1], size, h.hexdigest())
 
 
 # --------------------------------------------------------------------------------------------- reading

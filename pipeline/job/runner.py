@@ -1,9 +1,14 @@
-"""Runner: plan, load the model, then for each pending shard read -> tokenize -> batch -> encode -> write.
+"""Runner: plan, then work the plan's shards (claimed one at a time, shared with any other worker), then commit.
 
-Reading and tokenizing the next shard runs in a background thread while the current one is encoded (the
-tokenizer and Arrow release the GIL), and the finished shard is written by another, so the model waits for
-input or output as little as possible. Each shard is committed on its own (part file, then done-marker), so an
-interrupted run loses at most the shards in flight.
+- ``embed`` shards read their rows, check them against the plan (a row that changed since is an error, never a
+  stale vector), embed each distinct new text once (the model is loaded only when some shard has one), copy the
+  vectors of texts that a part already holds, and write the part;
+- ``rewrite`` shards write a part again without its rows that left the corpus or changed;
+- ``dup`` shards copy, once the embed shards are done, the vectors of rows whose text another shard embedded.
+
+Reading and tokenizing the next shard runs in a background thread while the current one is encoded, and the
+finished shard is written by another. Each shard is committed on its own (part, then done-marker); when every
+shard of the plan is done, the worker that sees it makes the plan's version live (``versions.commit``).
 """
 
 from __future__ import annotations
@@ -16,21 +21,37 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.errors import EncodeError, InputError
+from pipeline.job import versions
 from pipeline.job.claims import DEFAULT_LEASE, Claims
 from pipeline.job.config import JobConfig
-from pipeline.job.plan import Manifest, Shard, prepare
+from pipeline.job.plan import DUP, EMBED, REUSE, SAME, Manifest, Shard, load_manifest, prepare, read_work
 from pipeline.job.record import write_job_record
 from pipeline.job.records import FieldSpec, extract, iter_raw
-from pipeline.job.sink import embedding_array, is_done, mark_done, mark_failed, write_part
+from pipeline.job.scan import generated_id_hashes, hash128, id_hashes, keep_hashes
+from pipeline.job.sink import (
+    docs_path,
+    docs_table,
+    dups_path,
+    embedding_array,
+    is_done,
+    mark_done,
+    mark_failed,
+    part_path,
+    remove_stale_temp_files,
+    write_atomic,
+    write_part,
+)
 from pipeline.model.encoder import Embedder
 from pipeline.model.tokens import Encoded
-from pipeline.util import attach_log_file
+from pipeline.util import attach_log_file, fault_point, locked
 
 log = logging.getLogger(__name__)
 PREFETCH = 2  # shards read and tokenized ahead of the model
@@ -40,12 +61,16 @@ PREFETCH = 2  # shards read and tokenized ahead of the model
 class RunSummary:
     shards_done: int = 0
     shards_total: int = 0
-    docs: int = 0
+    docs: int = 0  # documents written by this worker (embedded, copied or rewritten)
     sequences: int = 0
-    tokens: int = 0
+    tokens: int = 0  # tokens embedded by this worker
     seconds: float = 0.0
     stopped_early: bool = False
     failed: list[int] = field(default_factory=list)
+    version: int = 0  # the live version when the run ended
+    committed: bool = False  # this run made a new version live
+    nothing_new: bool = False  # the input is what the live version holds
+    counts: dict[str, int] = field(default_factory=dict)  # what the plan changes (see plan._counts)
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,51 +81,472 @@ class RunSummary:
         return self.docs / self.seconds if self.seconds else 0.0
 
 
-def read_shard(manifest: Manifest, shard: Shard, spec: FieldSpec) -> pa.Table:
-    """The shard's valid rows as ``id``, ``text``, kept columns, ``_row``; planned rejects are left out.
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_rows(manifest: Manifest, shard: Shard, spec: FieldSpec, rows: np.ndarray | None = None) -> pa.Table:
+    """Rows of an embed shard as ``id``, ``text``, kept columns, ``_row``, in row order: those of ``rows`` (sorted
+    row numbers), else every valid row of the shard's range.
 
     Raises:
-        InputError: a row that was valid when planned is not any more (the file changed).
+        InputError: a listed row is not valid any more (the file changed since it was planned).
     """
     planned = manifest.files[shard.file]
-    skip = set(shard.skip)
     tables = []
     for raw in iter_raw(planned.file, spec, row_start=shard.row_start, row_end=shard.row_end,
                         byte_start=shard.byte_start):
-        table, rejects = extract(raw, planned.file, spec, planned.generated_ids)
-        new = [r for r in rejects if r.row not in skip]
-        if new:
-            raise InputError(f"{new[0].message()} (this row was valid when the job was planned: did the file change?)")
+        table, _rejects = extract(raw, planned.file, spec, planned.generated_ids)
         tables.append(table)
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    if skip:
-        table = table.filter(pc.invert(pc.is_in(table.column("_row"), pa.array(sorted(skip), pa.int64()))))
+    if rows is not None:
+        got = table.column("_row").to_numpy()
+        pos = np.searchsorted(got, rows)
+        ok = (pos < len(got)) & (got[np.minimum(pos, len(got) - 1)] == rows) if len(got) else np.zeros(len(rows), bool)
+        if not ok.all():
+            row = int(rows[~ok][0])
+            raise InputError(f"{planned.file.path}: row {row} is not valid any more; the file changed since the run "
+                             "was planned: run the same command again to plan over the current input")
+        table = table.take(pa.array(pos))
     return table
 
 
-def output_table(table: pa.Table, enc: Encoded, vectors: np.ndarray, cfg: JobConfig) -> pa.Table:
-    """One output row per sequence: id, embedding, n_tokens, truncated, (chunk columns), kept columns."""
-    docs = pa.array(enc.doc)
-    ids = table.column("id").take(docs)
-    cols: dict[str, pa.Array | pa.ChunkedArray] = {}
+def read_shard(manifest: Manifest, shard: Shard, spec: FieldSpec) -> pa.Table:
+    """Every valid row of an embed shard's range (tests, benchmarks, search's texts)."""
+    return read_rows(manifest, shard, spec)
+
+
+def _check_rows(manifest: Manifest, shard: Shard, table: pa.Table, work: pa.Table, spec: FieldSpec) -> None:
+    """The rows read are the rows planned: same id, text and kept values (else the file changed since)."""
+    planned = manifest.files[shard.file]
+    frow = work.column("frow").to_numpy()
+    h = generated_id_hashes(planned.file, frow) if planned.generated_ids else id_hashes(table.column("id"))
+    k = hash128(table.column("text").to_pylist())
+    x = keep_hashes(table, spec.keep)
+    want_h = np.stack([work.column("h1").to_numpy(), work.column("h2").to_numpy()], 1)
+    want_k = np.stack([work.column("k1").to_numpy(), work.column("k2").to_numpy()], 1)
+    bad = ~((h == want_h).all(1) & (k == want_k).all(1) & (x == work.column("x").to_numpy()))
+    if bad.any():
+        row = int(frow[np.flatnonzero(bad)[0]])
+        raise InputError(f"{planned.file.path}: row {row} changed since the run was planned (its content digest no "
+                         "longer matches): run the same command again to plan over the current input")
+
+
+# --------------------------------------------------------------------------------------------- output rows
+
+
+def _output_columns(cfg: JobConfig, ids: pa.Array, seq: dict[str, Any], keep: dict[str, Any]) -> pa.Table:
+    """An output table: ``id`` (and the chunk columns), ``embedding``, ``n_tokens``, ``truncated``, kept columns.
+
+    ``ids`` are the documents' ids, one per output row; ``seq`` the per-row values (``embedding``, ``n_tokens``,
+    ``truncated``, and ``chunk``/``token_start``/``token_end`` when chunking).
+    """
+    cols: dict[str, Any] = {}
     if cfg.long_docs == "chunk":
-        chunk = pa.array(enc.chunk)
-        cols["id"] = pc.binary_join_element_wise(ids, pc.cast(chunk, pa.string()), "#")
+        cols["id"] = pc.binary_join_element_wise(ids, pc.cast(seq["chunk"], pa.string()), "#")
         cols["doc_id"] = ids
-        cols["chunk"] = chunk
-        cols["token_start"] = pa.array(enc.span[:, 0])
-        cols["token_end"] = pa.array(enc.span[:, 1])
+        cols["chunk"] = seq["chunk"]
+        cols["token_start"] = seq["token_start"]
+        cols["token_end"] = seq["token_end"]
     else:
         cols["id"] = ids
-    cols["embedding"] = embedding_array(vectors, cfg.dtype)
-    cols["n_tokens"] = pa.array(enc.lengths.astype(np.int32))
-    cols["truncated"] = pa.array(enc.truncated)
-    for name in cfg.keep:
-        cols[name] = table.column(name).take(docs)
+    cols["embedding"] = seq["embedding"]
+    cols["n_tokens"] = seq["n_tokens"]
+    cols["truncated"] = seq["truncated"]
+    cols.update(keep)
     return pa.table(cols)
 
 
-def _prefetch(items: Iterable[Shard], load, depth: int) -> Iterator[tuple[Shard, object]]:
+def output_table(table: pa.Table, enc: Encoded, vectors: np.ndarray, cfg: JobConfig,
+                 owner: np.ndarray | None = None) -> tuple[pa.Table, np.ndarray]:
+    """Output rows of the documents of ``table`` from their embedded sequences.
+
+    ``owner[i]`` is the text (a document index of ``enc``) whose sequences document ``i`` takes: itself, or
+    another document with the same text (embedded once). Returns ``(table, sequences per document)``.
+    """
+    n_docs = table.num_rows
+    owner = np.arange(n_docs) if owner is None else owner
+    counts = np.bincount(enc.doc, minlength=int(owner.max()) + 1 if len(owner) else 0)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
+    nseq = counts[owner] if len(owner) else np.zeros(0, np.int64)
+    doc_of = np.repeat(np.arange(n_docs), nseq)
+    within = np.arange(len(doc_of)) - np.repeat(np.cumsum(nseq) - nseq, nseq)
+    seq = np.repeat(starts[owner], nseq) + within if len(owner) else np.zeros(0, np.int64)
+    take = pa.array(doc_of)
+    values = {"embedding": embedding_array(vectors[seq], cfg.dtype),
+              "n_tokens": pa.array(enc.lengths[seq].astype(np.int32)),
+              "truncated": pa.array(enc.truncated[seq]),
+              "chunk": pa.array(enc.chunk[seq]), "token_start": pa.array(enc.span[seq, 0]),
+              "token_end": pa.array(enc.span[seq, 1])}
+    keep = {name: table.column(name).take(take) for name in cfg.keep}
+    return _output_columns(cfg, table.column("id").take(take), values, keep), nseq
+
+
+class _PartCache:
+    """Source parts read for copying, a few at a time."""
+
+    def __init__(self, out: Path, size: int = 4) -> None:
+        self.out, self.size = out, size
+        self.tables: dict[int, pa.Table] = {}
+
+    def get(self, part: int) -> pa.Table:
+        if part not in self.tables:
+            if len(self.tables) >= self.size:
+                self.tables.pop(next(iter(self.tables)))
+            self.tables[part] = pq.read_table(part_path(self.out, part))
+        return self.tables[part]
+
+
+def copied_table(cache: _PartCache, docs: pa.Table, part: np.ndarray, prow: np.ndarray, nseq: np.ndarray,
+                 cfg: JobConfig) -> pa.Table:
+    """Output rows of ``docs`` (their ids and kept values) with the vectors of rows already in parts: document
+    ``i`` takes rows ``[prow[i], prow[i] + nseq[i])`` of part ``part[i]``."""
+    pieces, order = [], []
+    for p in np.unique(part):
+        sel = np.flatnonzero(part == p)
+        rows = np.concatenate([np.arange(prow[i], prow[i] + nseq[i]) for i in sel])
+        pieces.append(cache.get(int(p)).take(pa.array(rows)))
+        order.append(sel)
+    src = pa.concat_tables(pieces, promote_options="permissive") if pieces else None
+    sel_all = np.concatenate(order) if order else np.zeros(0, np.int64)
+    # rows of src are grouped by part; put them back in document order
+    doc_of_src = np.repeat(sel_all, nseq[sel_all])
+    back = np.argsort(doc_of_src, kind="stable")
+    take = pa.array(np.repeat(np.arange(docs.num_rows), nseq))
+    if src is None:
+        return _output_columns(cfg, docs.column("id").take(take), _empty_seq(cfg), {
+            name: docs.column(name).take(take) for name in cfg.keep})
+    src = src.take(pa.array(back))
+    values = {name: src.column(name) for name in ("embedding", "n_tokens", "truncated")}
+    if cfg.long_docs == "chunk":
+        values.update({name: src.column(name) for name in ("chunk", "token_start", "token_end")})
+    keep = {name: docs.column(name).take(take) for name in cfg.keep}
+    return _output_columns(cfg, docs.column("id").take(take), values, keep)
+
+
+def _empty_seq(cfg: JobConfig) -> dict[str, Any]:
+    return {"embedding": embedding_array(np.zeros((0, 1), np.float32), cfg.dtype), "n_tokens": pa.array([], pa.int32()),
+            "truncated": pa.array([], pa.bool_()), "chunk": pa.array([], pa.int32()),
+            "token_start": pa.array([], pa.int32()), "token_end": pa.array([], pa.int32())}
+
+
+def _key_records(k: np.ndarray) -> np.ndarray:
+    rec = np.empty(len(k), dtype=[("k1", "<u8"), ("k2", "<u8")])
+    rec["k1"], rec["k2"] = k[:, 0], k[:, 1]
+    return rec
+
+
+def _hkx(work: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.stack([work.column("h1").to_numpy(), work.column("h2").to_numpy()], 1),
+            np.stack([work.column("k1").to_numpy(), work.column("k2").to_numpy()], 1), work.column("x").to_numpy())
+
+
+def _concat_parts(tables: list[tuple[pa.Table, pa.Table]], work_rows: list[np.ndarray]
+                  ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """Concatenate output pieces; returns (table, work row of each document, first output row of each)."""
+    nonempty = [(t, n) for t, n in tables if t.num_rows]
+    table = pa.concat_tables([t for t, _ in nonempty], promote_options="permissive") if nonempty else tables[0][0]
+    nseq = np.concatenate([n for _, n in tables])
+    rows = np.concatenate(work_rows)
+    prow = np.cumsum(nseq) - nseq
+    return table, rows, prow
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def run_job(
+    cfg: JobConfig,
+    *,
+    overwrite: bool = False,
+    stop: threading.Event | None = None,
+    embedder: Embedder | None = None,
+    lease_seconds: float = DEFAULT_LEASE,
+) -> RunSummary:
+    """Plan, work every pending shard (shared with any other worker on the same output), and commit.
+
+    Args:
+        cfg: the job.
+        overwrite: discard an existing output first.
+        stop: when set, finish the current shard, give back the others and return (used on SIGTERM).
+        embedder: a model already loaded for this job (benchmarks); default: load ``cfg.model`` when needed.
+        lease_seconds: another worker's claim without a heartbeat for this long is taken over.
+
+    Raises:
+        InputError, ManifestMismatch, EncodeError, PipelineError: with a message for the user.
+    """
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = attach_log_file(out)
+    try:
+        from pipeline.job.sizing import check_model_settings, model_config
+
+        if cfg.backend == "local" and embedder is None:
+            check_model_settings(cfg, model_config(cfg))
+        manifest = prepare(cfg, overwrite=overwrite)
+        return _run(cfg, out, manifest, stop, embedder, lease_seconds)
+    finally:
+        logging.getLogger("pipeline").removeHandler(handler)
+        handler.close()
+
+
+def _ready(out: Path, manifest: Manifest, shard: Shard) -> bool:
+    """A dup shard waits until every embed shard is done (the texts it copies can be in any of them)."""
+    if shard.kind != "dup":
+        return True
+    return all(is_done(out, s) for s in manifest.shards if s.kind == "embed")
+
+
+def _plan_changed(out: Path, manifest: Manifest) -> bool:
+    current = load_manifest(out)
+    return current is None or current.plan_id != manifest.plan_id
+
+
+def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: threading.Event | None
+             ) -> Iterator[Shard]:
+    """Shards this worker claims, in plan order, until none is left; waits while others hold live claims
+    (a dead worker's claims go stale after the lease and are taken over). Ends once ``halt`` or ``stop`` is set,
+    or when another run replaced the plan."""
+    out = claims.out
+
+    def ended() -> bool:
+        return halt.is_set() or (stop is not None and stop.is_set())
+
+    pause = 0.25  # between looks at others' claims: short at first (a peer finishing its last shard), then
+    # longer, up to a tenth of the lease, so that many idle workers do not keep scanning a shared filesystem
+    while not ended():
+        if _plan_changed(out, manifest):
+            log.warning("%s: the plan was replaced by another run (the input changed); this worker stops", out)
+            return
+        for shard in manifest.shards:
+            if ended():
+                return
+            if (shard.id not in claims.held and not is_done(out, shard) and _ready(out, manifest, shard)
+                    and claims.try_claim(shard)):
+                pause = 0.25
+                yield shard
+        pending = [s for s in manifest.shards if not is_done(out, s)]
+        if not pending:
+            return
+        left = [s for s in pending if s.id not in claims.held]
+        if not left:
+            # Only this worker's own shards are in flight. Keep watching until they are committed: one whose
+            # result is dropped (its claim was taken over while this worker stalled) is back in play.
+            halt.wait(0.2)
+            continue
+        log.info("%d shards are claimed by other workers; waiting for them or for their lease to run out", len(left))
+        pause = min(2 * pause, 5.0, claims.lease / 10)
+        halt.wait(pause)
+
+
+def _needs_model(out: Path, manifest: Manifest) -> bool:
+    """Whether a pending shard has a text to embed (otherwise the run never loads the model)."""
+    for shard in manifest.shards:
+        if shard.kind == "embed" and not is_done(out, shard):
+            kinds = read_work(out, manifest, shard).column("kind").to_numpy()
+            if (kinds == EMBED).any():
+                return True
+    return False
+
+
+def try_commit(out: Path, manifest: Manifest) -> bool:
+    """Make the plan's version live if every shard is done and no other run replaced the plan. Returns whether the
+    plan is committed now."""
+    with locked(out / ".plan.lock"):
+        current = load_manifest(out)
+        if current is None or current.plan_id != manifest.plan_id:
+            return False
+        if current.committed:
+            return True
+        if any(not is_done(out, s) for s in current.shards):
+            return False
+        versions.commit(out, current)
+        manifest.committed = True
+        return True
+
+
+def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | None, embedder: Embedder | None,
+         lease_seconds: float) -> RunSummary:
+    from tqdm import tqdm
+
+    remove_stale_temp_files(out, 2 * lease_seconds)
+    summary = RunSummary(shards_total=len(manifest.shards), counts=dict(manifest.counts))
+    pending = [s for s in manifest.shards if not is_done(out, s)]
+    log.info("%s: plan %s, version %d -> %d: %d shards, %d pending; %s", out, manifest.plan_id, manifest.base,
+             manifest.target, len(manifest.shards), len(pending), manifest.counts)
+    if manifest.committed:
+        summary.version, summary.nothing_new = manifest.target, True
+        return summary
+    if pending and (embedder is not None or _needs_model(out, manifest)):
+        embedder = embedder or load_embedder(cfg)
+        write_job_record(out, cfg, embedder)
+    spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
+    cache = _PartCache(out)
+
+    def load(shard: Shard) -> dict[str, Any]:
+        if shard.kind == "dup":
+            return {}
+        work = read_work(out, manifest, shard)
+        if shard.kind != "embed":
+            return {"work": work}
+        kinds = work.column("kind").to_numpy()
+        table = read_rows(manifest, shard, spec, work.column("frow").to_numpy())
+        _check_rows(manifest, shard, table, work, spec)
+        owners = np.flatnonzero(kinds == EMBED)
+        enc = embedder.tokenizer.encode(table.column("text").take(pa.array(owners)).to_pylist()) if len(owners) \
+            else None
+        return {"work": work, "table": table, "owners": owners, "enc": enc}
+
+    def embed_part(shard: Shard, item: dict[str, Any], vectors: np.ndarray | None) -> tuple[pa.Table, pa.Table, int]:
+        work, table, owners, enc = item["work"], item["table"], item["owners"], item["enc"]
+        kinds = work.column("kind").to_numpy()
+        pieces, rows_of = [], []
+        emb = np.flatnonzero((kinds == EMBED) | (kinds == SAME))
+        if len(emb):
+            frow = work.column("frow").to_numpy()
+            owner_frow = work.column("owner_frow").to_numpy()
+            owner_pos = np.searchsorted(frow[owners], owner_frow[emb])  # owners are sorted by row, as is frow
+            t, nseq = output_table(table.take(pa.array(emb)), enc, vectors, cfg, owner=owner_pos)
+            pieces.append((t, nseq))
+            rows_of.append(emb)
+        reuse = np.flatnonzero(kinds == REUSE)
+        if len(reuse):
+            src = [work.column(c).to_numpy()[reuse] for c in ("src_part", "src_prow", "src_nseq")]
+            t = copied_table(cache, table.take(pa.array(reuse)), *src, cfg)
+            pieces.append((t, src[2]))
+            rows_of.append(reuse)
+        dup = np.flatnonzero(kinds == DUP)
+        if len(dup):  # copied by the shard's dup shard once every embed shard is done
+            side = table.take(pa.array(dup)).select(["id", *cfg.keep])
+            write_atomic(side.append_column("_row", pa.array(work.column("frow").to_numpy()[dup])),
+                         dups_path(out, shard.id))
+        if not pieces:
+            empty = output_table(table.slice(0, 0), Encoded(np.zeros(0, np.int32), np.zeros(1, np.int64),
+                                 np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, 2), np.int32),
+                                 np.zeros(0, bool)), np.zeros((0, 1), np.float32), cfg)
+            pieces.append(empty)
+            rows_of.append(np.zeros(0, np.int64))
+        part, rows, prow = _concat_parts(pieces, rows_of)
+        h, k, x = _hkx(work.take(pa.array(rows)))
+        nseq = np.concatenate([n for _, n in pieces])
+        return part, docs_table(h, k, x, prow, nseq), int(enc.lengths.sum()) if enc is not None else 0
+
+    def rewrite_part(shard: Shard, item: dict[str, Any]) -> tuple[pa.Table, pa.Table, int]:
+        work = item["work"]
+        prow, nseq = work.column("prow").to_numpy(), work.column("nseq").to_numpy()
+        source = pq.read_table(part_path(out, shard.source))
+        rows = np.concatenate([np.arange(p, p + n) for p, n in zip(prow, nseq, strict=True)]) if len(prow) \
+            else np.zeros(0, np.int64)
+        part = source.take(pa.array(rows))
+        docs = pq.read_table(docs_path(out, shard.source))
+        pos = np.searchsorted(docs.column("prow").to_numpy(), prow)
+        kept = docs.take(pa.array(pos))
+        new_prow = np.cumsum(nseq) - nseq
+        return part, kept.set_column(kept.schema.get_field_index("prow"), "prow", pa.array(new_prow)), 0
+
+    def dup_part(shard: Shard, item: dict[str, Any]) -> tuple[pa.Table, pa.Table, int]:
+        source = next(s for s in manifest.shards if s.id == shard.source)
+        work = read_work(out, manifest, source)
+        kinds = work.column("kind").to_numpy()
+        dup = np.flatnonzero(kinds == DUP)
+        w = work.take(pa.array(dup))
+        side = pq.read_table(dups_path(out, source.id))
+        h, k, x = _hkx(w)
+        owner_shard = w.column("owner_shard").to_numpy()
+        part = np.zeros(len(dup), np.int64)
+        prow = np.zeros(len(dup), np.int64)
+        nseq = np.zeros(len(dup), np.int64)
+        for o in np.unique(owner_shard):
+            owned = versions.part_placements(out, int(o))
+            keys = _key_records(owned.k)
+            order = np.argsort(keys, kind="stable")
+            sel = np.flatnonzero(owner_shard == o)
+            pos = order[np.searchsorted(keys[order], _key_records(k[sel]))]
+            part[sel], prow[sel], nseq[sel] = o, owned.prow[pos], owned.nseq[pos]
+        table = copied_table(cache, side, part, prow, nseq, cfg)
+        return table, docs_table(h, k, x, np.cumsum(nseq) - nseq, nseq), 0
+
+    def commit_shard(shard: Shard, made: tuple[pa.Table, pa.Table, int], t0: float) -> None:
+        table, docs, tokens = made
+        if not claims.owns(shard):
+            log.warning("shard %d: the claim was taken over by another worker; dropping this result", shard.id)
+            claims.forget(shard)
+            return
+        write_part(out, shard.id, table, docs)
+        seconds = time.perf_counter() - t0
+        mark_done(out, shard, {"kind": shard.kind, "rows": docs.num_rows, "sequences": table.num_rows,
+                               "tokens": tokens, "seconds": round(seconds, 4), "worker": claims.worker})
+        fault_point("after-marker")
+        claims.release(shard)
+        summary.shards_done += 1
+        summary.docs += docs.num_rows
+        summary.sequences += table.num_rows
+        log.info("shard %d (%s) done: %d documents, %d tokens, %.2fs", shard.id, shard.kind, docs.num_rows, tokens,
+                 seconds)
+
+    bar = tqdm(total=sum(s.docs for s in pending), unit="doc", disable=cfg.quiet, dynamic_ncols=True,
+               desc="embedding")
+    # Parts are written by one background thread while the next shard is encoded; at most one shard waits.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+    writing: Future | None = None
+    halt = threading.Event()  # set when this loop ends, so the claiming thread stops at once
+    start = time.perf_counter()
+    with Claims(out, lease_seconds) as claims:
+        try:
+            for shard, item in _prefetch(_claimed(manifest, claims, halt, stop), load, PREFETCH):
+                t0 = time.perf_counter()
+                vectors = None
+                if shard.kind == "embed" and item["enc"] is not None:
+                    enc, table = item["enc"], item["table"]
+                    first_chunk = enc.chunk == 0
+                    owners = item["owners"]
+
+                    def progress(batch: np.ndarray, enc: Encoded = enc, first: np.ndarray = first_chunk,
+                                 shard: Shard = shard) -> None:
+                        summary.tokens += int(enc.lengths[batch].sum())
+                        n = int(first[batch].sum())
+                        bar.update(n)
+                        claims.progress(shard, n)
+                        elapsed = time.perf_counter() - start
+                        bar.set_postfix_str(f"{summary.tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+
+                    try:
+                        vectors = embedder.embed_encoded(enc, window=cfg.sort_window, on_batch=progress)
+                    except EncodeError as exc:
+                        if exc.index is not None:
+                            doc_id = table.column("id")[int(owners[int(enc.doc[exc.index])])].as_py()
+                            exc = EncodeError(f"shard {shard.id}: document {doc_id!r}: {exc}", exc.index)
+                        mark_failed(out, shard, str(exc))
+                        summary.failed.append(shard.id)
+                        raise exc from None
+                    bar.update(max(0, shard.docs - len(owners)))
+                else:
+                    bar.update(shard.docs)
+                made = (embed_part(shard, item, vectors) if shard.kind == "embed" else
+                        rewrite_part(shard, item) if shard.kind == "rewrite" else dup_part(shard, item))
+                if writing is not None:
+                    writing.result()
+                writing = writer.submit(commit_shard, shard, made, t0)
+                if stop is not None and stop.is_set():
+                    break
+            if writing is not None:
+                writing.result()
+        finally:
+            halt.set()
+            writer.shutdown(wait=True)
+            bar.close()
+            summary.seconds = time.perf_counter() - start
+    if stop is not None and stop.is_set() and any(not is_done(out, s) for s in manifest.shards):
+        summary.stopped_early = True
+        log.warning("stop requested: %d shards left for the next run",
+                    sum(not is_done(out, s) for s in manifest.shards))
+        return summary
+    if all(is_done(out, s) for s in manifest.shards):
+        summary.committed = try_commit(out, manifest)
+    summary.version = versions.live_version(out)
+    return summary
+
+
+def _prefetch(items: Iterable[Shard], load, depth: int) -> Iterator[tuple[Shard, Any]]:
     """Yield ``(shard, load(shard))`` with up to ``depth`` shards loaded ahead in a background thread."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -130,166 +576,6 @@ def _prefetch(items: Iterable[Shard], load, depth: int) -> Iterator[tuple[Shard,
             try:
                 q.get(timeout=0.1)
             except queue.Empty:
-                pass
-
-
-def run_job(
-    cfg: JobConfig,
-    *,
-    overwrite: bool = False,
-    stop: threading.Event | None = None,
-    embedder: Embedder | None = None,
-    lease_seconds: float = DEFAULT_LEASE,
-) -> RunSummary:
-    """Embed every pending shard of the job, sharing them with any other worker on the same output.
-
-    Args:
-        cfg: the job.
-        overwrite: discard an existing output first.
-        stop: when set, finish the current shard, give back the others and return (used on SIGTERM).
-        embedder: a model already loaded for this job (benchmarks); default: load ``cfg.model``.
-        lease_seconds: another worker's claim without a heartbeat for this long is taken over.
-
-    Raises:
-        InputError, ManifestMismatch, EncodeError, PipelineError: with a message for the user.
-    """
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = attach_log_file(out)
-    try:
-        return _run(cfg, out, overwrite, stop, embedder, lease_seconds)
-    finally:
-        logging.getLogger("pipeline").removeHandler(handler)
-        handler.close()
-
-
-def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: threading.Event | None
-             ) -> Iterator[Shard]:
-    """Shards this worker claims, in manifest order, until none is left; waits while others hold live claims
-    (a dead worker's claims go stale after the lease and are taken over). Ends once ``halt`` or ``stop`` is set."""
-    out = claims.out
-
-    def ended() -> bool:
-        return halt.is_set() or (stop is not None and stop.is_set())
-
-    pause = 0.25  # between looks at others' claims: short at first (a peer finishing its last shard), then
-    # longer, up to a tenth of the lease, so that many idle workers do not keep scanning a shared filesystem
-    while not ended():
-        for shard in manifest.shards:
-            if ended():
-                return
-            if shard.id not in claims.held and not is_done(out, shard) and claims.try_claim(shard):
-                pause = 0.25
-                yield shard
-        pending = [s for s in manifest.shards if not is_done(out, s)]
-        if not pending:
-            return
-        left = [s for s in pending if s.id not in claims.held]
-        if not left:
-            # Only this worker's own shards are in flight. Keep watching until they are committed: one whose
-            # result is dropped (its claim was taken over while this worker stalled) is back in play.
-            halt.wait(0.2)
-            continue
-        log.info("%d shards are claimed by other workers; waiting for them or for their lease to run out", len(left))
-        pause = min(2 * pause, 5.0, claims.lease / 10)
-        halt.wait(pause)
-
-
-def _run(
-    cfg: JobConfig, out: Path, overwrite: bool, stop: threading.Event | None, embedder: Embedder | None,
-    lease_seconds: float,
-) -> RunSummary:
-    from tqdm import tqdm
-
-    manifest = prepare(cfg, overwrite=overwrite)
-    remove_stale_temp_files(out, 2 * lease_seconds)
-    pending = [s for s in manifest.shards if not is_done(out, s)]
-    summary = RunSummary(shards_total=len(manifest.shards))
-    log.info("%s: %d shards, %d pending", out, len(manifest.shards), len(pending))
-    if not pending:
-        return summary
-    embedder = embedder or load_embedder(cfg)
-    write_job_record(out, cfg, embedder)
-    spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
-
-    def load(shard: Shard) -> tuple[pa.Table, Encoded]:
-        table = read_shard(manifest, shard, spec)
-        return table, embedder.tokenizer.encode(table.column("text").to_pylist())
-
-    def commit(shard: Shard, table: pa.Table, enc: Encoded, vectors: np.ndarray, t0: float) -> None:
-        if not claims.owns(shard):
-            log.warning("shard %d: the claim was taken over by another worker; dropping this result", shard.id)
-            claims.forget(shard)
-            return
-        write_part(out, shard, output_table(table, enc, vectors, cfg))
-        seconds = time.perf_counter() - t0
-        tokens = int(enc.lengths.sum())
-        mark_done(out, shard, {"rows": table.num_rows, "sequences": len(enc), "tokens": tokens,
-                               "seconds": round(seconds, 4), "worker": claims.worker})
-        claims.release(shard)
-        summary.shards_done += 1
-        summary.docs += table.num_rows
-        summary.sequences += len(enc)
-        log.info("shard %d done: %d rows, %d tokens, %.2fs", shard.id, table.num_rows, tokens, seconds)
-
-    bar = tqdm(total=sum(manifest.shard_rows(s) for s in pending), unit="doc", disable=cfg.quiet,
-               dynamic_ncols=True, desc="embedding")
-    # Parts are written by one background thread while the next shard is encoded; at most one shard waits.
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
-    writing: Future | None = None
-    halt = threading.Event()  # set when this loop ends, so the claiming thread stops at once
-    start = time.perf_counter()
-    with Claims(out, lease_seconds) as claims:
-        try:
-            for shard, (table, enc) in _prefetch(_claimed(manifest, claims, halt, stop), load, PREFETCH):
-                t0 = time.perf_counter()
-                first_chunk = enc.chunk == 0
-
-                def progress(batch: np.ndarray, enc: Encoded = enc, first_chunk: np.ndarray = first_chunk) -> None:
-                    summary.tokens += int(enc.lengths[batch].sum())
-                    bar.update(int(first_chunk[batch].sum()))
-                    elapsed = time.perf_counter() - start
-                    bar.set_postfix_str(f"{summary.tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
-
-                try:
-                    vectors = embedder.embed_encoded(enc, window=cfg.sort_window, on_batch=progress)
-                except EncodeError as exc:
-                    if exc.index is not None:
-                        doc_id = table.column("id")[int(enc.doc[exc.index])].as_py()
-                        exc = EncodeError(f"shard {shard.id}: document {doc_id!r}: {exc}", exc.index)
-                    mark_failed(out, shard, str(exc))
-                    summary.failed.append(shard.id)
-                    raise exc from None
-                if writing is not None:
-                    writing.result()
-                writing = writer.submit(commit, shard, table, enc, vectors, t0)
-                if stop is not None and stop.is_set():
-                    break
-            if writing is not None:
-                writing.result()
-        finally:
-            halt.set()
-            writer.shutdown(wait=True)
-            bar.close()
-            summary.seconds = time.perf_counter() - start
-    if stop is not None and stop.is_set() and any(not is_done(out, s) for s in manifest.shards):
-        summary.stopped_early = True
-        log.warning("stop requested: %d shards left for the next run",
-                    sum(not is_done(out, s) for s in manifest.shards))
-    return summary
-
-
-def remove_stale_temp_files(out: Path, older_than: float) -> None:
-    """Delete temporary part/marker files left by killed workers (older than any live worker's could be)."""
-    now = time.time()
-    for folder in (out / "vectors", out / "shards"):
-        if not folder.is_dir():
-            continue
-        for path in folder.glob(".*.tmp-*"):
-            try:
-                if now - path.stat().st_mtime > older_than:
-                    path.unlink()
-            except OSError:
                 pass
 
 

@@ -1,17 +1,24 @@
-"""Sink: write one shard's vectors as a Parquet part, atomically, then its done-marker.
+"""Sink: write one shard's rows as a Parquet part with its document index, atomically, then its done-marker.
 
 Layout of an output directory::
 
-    OUTPUT/manifest.json              the plan (inputs, shards, settings fingerprint)
-    OUTPUT/job.json                   how vectors were made (model, pooling, dims, prompt) for queries
-    OUTPUT/vectors/part-NNNNNN.parquet one file per shard
-    OUTPUT/shards/NNNNNN.done.json    the shard's stats; written after its part, so it marks completion
-    OUTPUT/shards/NNNNNN.failed.json  the last error of a shard that failed
-    OUTPUT/rejects/FFFFF.jsonl        rows skipped with --on-bad-record skip, with reasons
-    OUTPUT/logs/run-*.log             one log per run
+    OUTPUT/manifest.json                   the plan (inputs, shards, counts, versions), see ``plan.py``
+    OUTPUT/job.json                        how vectors were made (model, pooling, dims, prompt), for queries
+    OUTPUT/vectors -> versions/N/vectors   the live version: what readers read (see ``versions.py``)
+    OUTPUT/versions/N/                     a version: vectors/ (hard links to its parts), rows.parquet, version.json
+    OUTPUT/parts/part-SSSSSS.parquet       every part written (immutable once renamed into place)
+    OUTPUT/parts/part-SSSSSS.docs.parquet  its document index: id/text/kept hashes, first row and row count
+    OUTPUT/parts/dups-SSSSSS.parquet       rows of shard SSSSSS whose text another shard embeds (copied later)
+    OUTPUT/shards/SSSSSS.done.json         the shard's stats; written after its part, so it marks completion
+    OUTPUT/shards/SSSSSS.failed.json       the last error of a shard that failed
+    OUTPUT/shards/SSSSSS.claim             a worker's claim on the shard (heartbeat, progress)
+    OUTPUT/plan/                           scans of the inputs, work tables of the plan
+    OUTPUT/rejects/FFFFF.jsonl             rows not embedded (--on-bad-record skip), with reasons
+    OUTPUT/logs/run-*.log                  one log per run
 
-A part appears only complete (written under a temporary name, fsynced, renamed). A run killed between the
-rename and the marker redoes the shard and replaces the part with the same rows, so no id is ever duplicated.
+A part appears only complete (written under a temporary name, fsynced, renamed), its document index before it,
+and the shard counts as done only when its marker AND its part exist. Part ids are never reused, so a name always
+means the same content.
 """
 
 from __future__ import annotations
@@ -27,24 +34,38 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.job.plan import Shard
-from pipeline.util import write_json_atomic
+from pipeline.util import fault_point, write_json_atomic
+
+POOL = "parts"
 
 
-def part_path(out: Path, shard: Shard) -> Path:
-    return out / "vectors" / f"part-{shard.name}.parquet"
+def part_path(out: Path, part: int) -> Path:
+    return out / POOL / f"part-{part:06d}.parquet"
 
 
-def done_path(out: Path, shard: Shard) -> Path:
-    return out / "shards" / f"{shard.name}.done.json"
+def docs_path(out: Path, part: int) -> Path:
+    return out / POOL / f"part-{part:06d}.docs.parquet"
 
 
-def failed_path(out: Path, shard: Shard) -> Path:
-    return out / "shards" / f"{shard.name}.failed.json"
+def dups_path(out: Path, shard: int) -> Path:
+    return out / POOL / f"dups-{shard:06d}.parquet"
 
 
-def is_done(out: Path, shard: Shard) -> bool:
-    return done_path(out, shard).exists()
+def done_path(out: Path, shard) -> Path:
+    return out / "shards" / f"{_sid(shard):06d}.done.json"
+
+
+def failed_path(out: Path, shard) -> Path:
+    return out / "shards" / f"{_sid(shard):06d}.failed.json"
+
+
+def _sid(shard) -> int:
+    return shard if isinstance(shard, int) else shard.id
+
+
+def is_done(out: Path, shard) -> bool:
+    """A shard is done when its marker and its part both exist (a marker alone never counts)."""
+    return done_path(out, shard).exists() and part_path(out, _sid(shard)).exists()
 
 
 def embedding_array(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
@@ -54,31 +75,47 @@ def embedding_array(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), d)
 
 
-def write_part(out: Path, shard: Shard, table: pa.Table) -> Path:
-    """Write ``table`` as the shard's part file: temporary name, fsync, rename."""
-    final = part_path(out, shard)
+def write_atomic(table: pa.Table, final: Path, *, row_group_size: int = 65536, fault: str = "") -> Path:
+    """Write ``table`` as Parquet at ``final``: temporary name (``.NAME.tmp-HOST-PID``), fsync, rename."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=65536)
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    if fault:
+        fault_point(fault)
     os.replace(tmp, final)
     return final
 
 
-def mark_done(out: Path, shard: Shard, stats: dict[str, Any]) -> None:
+def docs_table(h: np.ndarray, k: np.ndarray, x: np.ndarray, prow: np.ndarray, nseq: np.ndarray) -> pa.Table:
+    """A part's document index: one row per document (id hash, text key, kept-values hash, first row, rows)."""
+    return pa.table({"h1": h[:, 0], "h2": h[:, 1], "k1": k[:, 0], "k2": k[:, 1], "x": x,
+                     "prow": prow.astype(np.int64), "nseq": nseq.astype(np.int64)})
+
+
+def write_part(out: Path, part: int, table: pa.Table, docs: pa.Table) -> Path:
+    """The part's document index, then the part itself (both atomic); the part's rename makes it exist."""
+    write_atomic(docs, docs_path(out, part))
+    path = write_atomic(table, part_path(out, part), fault="before-part-rename")
+    fault_point("after-part-rename")
+    return path
+
+
+def mark_done(out: Path, shard, stats: dict[str, Any]) -> None:
     """Record the shard as finished (after its part is in place) and clear an earlier failure."""
     path = done_path(out, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"shard": shard.id, "part": part_path(out, shard).name, "finished_at": time.time(),
+    sid = _sid(shard)
+    write_json_atomic(path, {"shard": sid, "part": part_path(out, sid).name, "finished_at": time.time(),
                              "host": socket.gethostname(), "pid": os.getpid(), **stats})
     failed_path(out, shard).unlink(missing_ok=True)
 
 
-def mark_failed(out: Path, shard: Shard, error: str) -> None:
+def mark_failed(out: Path, shard, error: str) -> None:
     path = failed_path(out, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"shard": shard.id, "error": error, "failed_at": time.time(),
+    write_json_atomic(path, {"shard": _sid(shard), "error": error, "failed_at": time.time(),
                              "host": socket.gethostname(), "pid": os.getpid()})
 
 
@@ -97,3 +134,28 @@ def read_markers(out: Path) -> tuple[dict[int, dict[str, Any]], dict[int, dict[s
             except (OSError, ValueError):
                 continue
     return done, failed
+
+
+def remove_stale_temp_files(out: Path, older_than: float) -> None:
+    """Delete temporary files left by killed workers: at once when they name a process of this host that no longer
+    exists, else once they are older than any live worker's could be."""
+    import shutil
+
+    from pipeline.util import pid_alive
+
+    now, host = time.time(), socket.gethostname()
+    for folder in (out / POOL, out / "shards", out / "versions", out):
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(".*.tmp-*"):
+            suffix = path.name.rsplit(".tmp-", 1)[1]
+            owner, _, pid = suffix.rpartition("-")
+            dead = owner == host and pid.isdigit() and not pid_alive(int(pid))
+            try:
+                if dead or now - path.stat().st_mtime > older_than:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink()
+            except OSError:
+                pass

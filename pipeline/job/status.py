@@ -1,14 +1,21 @@
-"""Status of an output directory: shards done / pending / failed, documents, tokens, throughput, ETA."""
+"""Status of an output directory: the live version, and the plan at work (shards, documents, throughput, ETA).
+
+Progress counts finished shards (their done-markers) and the documents of shards in flight (their claims'
+heartbeats carry them), so throughput and ETA are known from the first minute of a run.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.job import versions
 from pipeline.job.plan import load_manifest
-from pipeline.job.sink import read_markers
+from pipeline.job.sink import is_done, read_markers
 
 
 @dataclass
@@ -26,17 +33,33 @@ class Status:
     eta_seconds: float | None
     rejected_rows: int
     failures: dict[int, str] = field(default_factory=dict)
+    version: int = 0  # the live version (0: none yet)
+    version_docs: int = 0  # documents in the live version
+    plan_target: int = 0  # the version the plan makes
+    plan_committed: bool = False
+    docs_in_flight: int = 0  # documents done in shards not finished yet
+    counts: dict[str, int] = field(default_factory=dict)  # what the plan changes
+    versions_kept: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def lines(self) -> list[str]:
         eta = "-" if self.eta_seconds is None else _duration(self.eta_seconds)
+        live = f"version {self.version}, {self.version_docs:,} documents" if self.version else "none yet"
+        state = "committed" if self.plan_committed else f"in progress (makes version {self.plan_target})"
+        c = self.counts
+        changes = (f"{c.get('added', 0):,} added, {c.get('changed', 0):,} changed, {c.get('deleted', 0):,} deleted, "
+                   f"{c.get('unchanged', 0):,} unchanged; texts: {c.get('embedded', 0):,} to embed, "
+                   f"{c.get('reused', 0):,} reused, {c.get('deduplicated', 0):,} deduplicated") if c else "-"
         out = [
             f"output     {self.output}",
+            f"live       {live}",
+            f"run        {state}: {changes}",
             f"shards     {self.shards_done} done, {self.shards_pending} pending, {self.shards_failed} failed "
             f"(of {self.shards_total})",
-            f"documents  {self.docs_done:,} of {self.docs_total:,} embedded"
+            f"documents  {self.docs_done:,} of {self.docs_total:,} written"
+            + (f" ({self.docs_in_flight:,} in shards in flight)" if self.docs_in_flight else "")
             + (f", {self.rejected_rows:,} rows rejected" if self.rejected_rows else ""),
             f"tokens     {self.tokens_done:,}",
             f"throughput {self.docs_per_s:,.1f} docs/s, {self.tokens_per_s:,.0f} tokens/s",
@@ -53,11 +76,25 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def job_status(output: str | Path) -> Status:
-    """Read the manifest and the shard markers of ``output``.
+def _claims(out: Path, ids: set[int]) -> list[dict[str, Any]]:
+    folder = out / "shards"
+    found = []
+    for path in folder.glob("*.claim") if folder.is_dir() else []:
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if int(body.get("shard", -1)) in ids:
+            body["age"] = time.time() - path.stat().st_mtime
+            found.append(body)
+    return found
 
-    Throughput is measured over the wall-clock span of the finished shards (so several workers add up);
-    the ETA divides the pending documents by it.
+
+def job_status(output: str | Path) -> Status:
+    """Read the manifest, the shard markers and claims, and the live version of ``output``.
+
+    Throughput is measured from the start of the first shard of the plan to now (or to the last finished shard
+    once none is in flight), so several workers add up; the ETA divides the documents left by it.
     """
     out = Path(output)
     manifest = load_manifest(out)
@@ -65,17 +102,26 @@ def job_status(output: str | Path) -> Status:
         raise PipelineError(f"{out}: no manifest.json here; is this an embed-corpus output directory?")
     done, failed = read_markers(out)
     ids = {s.id for s in manifest.shards}
-    done = {k: v for k, v in done.items() if k in ids}
+    done = {s.id: done[s.id] for s in manifest.shards if s.id in done and is_done(out, s)}
     failed = {k: v for k, v in failed.items() if k in ids and k not in done}
-    docs_done = sum(int(m.get("rows", 0)) for m in done.values())
+    flying = [c for c in _claims(out, ids - set(done)) if c.get("age", 1e9) <= 3 * 300]
+    in_flight = sum(int(c.get("rows_done", 0)) for c in flying)
+    docs_done = sum(int(m.get("rows", 0)) for m in done.values()) + in_flight
     tokens_done = sum(int(m.get("tokens", 0)) for m in done.values())
     docs_total = manifest.total_rows
+    starts = [m["finished_at"] - m.get("seconds", 0) for m in done.values()]
+    starts += [float(c["claimed_at"]) for c in flying if c.get("claimed_at")]
+    ends = [m["finished_at"] for m in done.values()]
     span = 0.0
-    if done:
-        starts = [m["finished_at"] - m.get("seconds", 0) for m in done.values()]
-        span = max(m["finished_at"] for m in done.values()) - min(starts)
+    if starts:
+        end = time.time() if flying else max(ends) if ends else time.time()
+        span = end - min(starts)
     docs_rate = docs_done / span if span > 0 else 0.0
-    pending_docs = docs_total - docs_done
+    pending_docs = max(0, docs_total - docs_done)
+    live = versions.live_version(out)
+    info = versions.version_info(out, live) if live else {}
+    kept = sorted(int(p.name) for p in (out / versions.VERSIONS).glob("[0-9]*")) \
+        if (out / versions.VERSIONS).is_dir() else []
     return Status(
         output=str(out),
         shards_total=len(manifest.shards),
@@ -90,4 +136,11 @@ def job_status(output: str | Path) -> Status:
         eta_seconds=0.0 if not pending_docs else (pending_docs / docs_rate if docs_rate > 0 else None),
         rejected_rows=sum(pf.rejected for pf in manifest.files),
         failures={k: str(v.get("error", "")) for k, v in failed.items()},
+        version=live,
+        version_docs=int(info.get("docs", 0)),
+        plan_target=manifest.target,
+        plan_committed=manifest.committed,
+        docs_in_flight=in_flight,
+        counts=dict(manifest.counts),
+        versions_kept=kept,
     )

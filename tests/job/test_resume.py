@@ -35,7 +35,6 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: see co
 
 
 N_JSONL, N_PARQUET, SHARD = 1200, 800, 50
-N_SHARDS = N_JSONL // SHARD + N_PARQUET // SHARD
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +79,22 @@ def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, tim
         time.sleep(0.005)
 
 
+def pool_parts(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "parts").glob("part-*.parquet") if not p.name.endswith(".docs.parquet"))
+
+
+def n_shards(out: Path) -> int:
+    return len(json.loads((out / "manifest.json").read_text())["shards"])
+
+
 def check_output_consistent(out: Path) -> None:
-    """After any kill: every part file is complete, and every done-marker has its part."""
-    for part in (out / "vectors").glob("part-*.parquet") if (out / "vectors").exists() else []:
+    """After any kill: every part file is complete, every done-marker that counts has its part, and readers see
+    no version, or a whole one."""
+    for part in pool_parts(out):
         pq.read_metadata(part)  # a torn file has no footer
     for marker in done_markers(out):
-        assert (out / "vectors" / json.loads(marker.read_text())["part"]).exists(), marker
+        assert (out / "parts" / json.loads(marker.read_text())["part"]).exists(), marker
+    assert not (out / "vectors").exists() or read_vectors(out).num_rows == N_JSONL + N_PARQUET
 
 
 def test_killed_with_sigkill_at_several_moments_then_rerun(tmp_path, corpus, reference):
@@ -107,21 +116,22 @@ def test_killed_with_sigkill_at_several_moments_then_rerun(tmp_path, corpus, ref
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
         done = len(done_markers(out))
-        print(f"killed {what}: {done} of {N_SHARDS} shards done")
-        assert done < N_SHARDS, f"killed {what}, but the run had already finished"
+        total = n_shards(out) if (out / "manifest.json").exists() else 0
+        print(f"killed {what}: {done} of {total} shards done")
+        assert not (out / "vectors").exists(), f"killed {what}, but the run had already finished"
         check_output_consistent(out)
     assert len(done_markers(out)) >= 8
 
     # the same command again finishes the job
-    before = part_mtimes(out)
+    before = {p.name: p.stat().st_mtime_ns for p in pool_parts(out)}
     run_ok(*args)
     table = read_vectors(out)
     assert table.num_rows == len(ids)
     assert_ids_once(table, ids)
     assert_same_vectors(table, reference)
-    assert len(done_markers(out)) == N_SHARDS
-    finished = [m.name.split(".")[0] for m in done_markers(out)]
-    assert sorted(p.name for p in (out / "vectors").glob("part-*.parquet")) == [f"part-{s}.parquet" for s in finished]
+    assert len(done_markers(out)) == n_shards(out)
+    finished = sorted(f"part-{m.name.split('.')[0]}.parquet" for m in done_markers(out))
+    assert sorted(part_mtimes(out)) == finished
     # shards finished before the kills were not redone
     after = part_mtimes(out)
     kept = {name for name, mtime in before.items() if after.get(name) == mtime}
@@ -131,7 +141,7 @@ def test_killed_with_sigkill_at_several_moments_then_rerun(tmp_path, corpus, ref
 def test_sigterm_stops_cleanly_then_rerun_and_status(tmp_path, minilm_dir):
     docs = make_docs(800, seed=14, min_words=1, max_words=4)
     write_jsonl(tmp_path / "corpus" / "c.jsonl", docs)
-    ids, n_shards = [d["id"] for d in docs], len(docs) // SHARD
+    ids = [d["id"] for d in docs]
     out = tmp_path / "out"
     args = job_args(tmp_path / "corpus", out)
     log = tmp_path / "run.log"
@@ -141,20 +151,25 @@ def test_sigterm_stops_cleanly_then_rerun_and_status(tmp_path, minilm_dir):
     assert proc.wait(timeout=60) == 75, log.read_text()
     assert "rerun" in log.read_text()
     check_output_consistent(out)
-    done = len(done_markers(out))
-    assert 2 <= done < n_shards
+    done, total = len(done_markers(out)), n_shards(out)
+    assert 2 <= done < total
     # it finished the shard it was on and wrote nothing half-way
-    assert len(list((out / "vectors").glob("part-*.parquet"))) == done
+    assert len(pool_parts(out)) == done
+    markers = [json.loads(m.read_text()) for m in done_markers(out)]
+    written, tokens = sum(m["rows"] for m in markers), sum(m["tokens"] for m in markers)
+    starts, ends = [m["finished_at"] - m["seconds"] for m in markers], [m["finished_at"] for m in markers]
 
-    # status between the two runs
+    # status between the two runs: the markers' numbers, and a rate and ETA made from them
     result = run_ok("status", out)
-    assert f"{done} done, {n_shards - done} pending, 0 failed (of {n_shards})" in result.output
-    assert f"{done * SHARD:,} of {len(ids):,}" in result.output
+    assert f"{done} done, {total - done} pending, 0 failed (of {total})" in result.output
+    assert "live       none yet" in result.output
     st = json.loads(run_ok("status", out, "--json").output)
-    assert (st["shards_done"], st["shards_pending"], st["shards_failed"]) == (done, n_shards - done, 0)
-    assert (st["docs_done"], st["docs_total"]) == (done * SHARD, len(ids))
-    assert st["tokens_done"] > 0 and st["docs_per_s"] > 0
-    assert st["eta_seconds"] is not None and st["eta_seconds"] > 0
+    planned = sum(s["docs"] for s in json.loads((out / "manifest.json").read_text())["shards"])
+    assert (st["shards_done"], st["shards_pending"], st["shards_failed"]) == (done, total - done, 0)
+    assert (st["docs_done"], st["docs_total"], st["tokens_done"]) == (written, planned, tokens)
+    span = max(ends) - min(starts)
+    assert st["docs_per_s"] == pytest.approx(written / span, rel=1e-6)
+    assert st["eta_seconds"] == pytest.approx((planned - written) / (written / span), rel=1e-6)
 
     run_ok(*args)
     table = read_vectors(out)
@@ -163,8 +178,8 @@ def test_sigterm_stops_cleanly_then_rerun_and_status(tmp_path, minilm_dir):
 
     st = json.loads(run_ok("status", out, "--json").output)
     assert (st["shards_done"], st["shards_pending"], st["docs_done"], st["docs_total"]) == (
-        n_shards, 0, len(ids), len(ids))
-    assert st["eta_seconds"] == 0
+        n_shards(out), 0, planned, planned)
+    assert st["eta_seconds"] == 0 and st["version"] == 1 and st["version_docs"] == len(ids)
     assert "0 pending" in run_ok("status", out).output
 
 
@@ -232,33 +247,30 @@ def test_overwrite_starts_over(small_job):
 
 
 @pytest.mark.parametrize("edit", ["append", "same_size", "parquet"])
-def test_changed_input_file_is_refused(small_job, monkeypatch, edit):
+def test_changed_input_file_is_followed(small_job, tmp_path, edit):
+    """A file changed in place (appended, a same-size edit in the middle, rewritten) is scanned again: the output
+    holds exactly its current rows, as a run from scratch would."""
     corpus, out, args, _ = small_job
     if edit == "append":
         with open(corpus / "a.jsonl", "a") as f:
             f.write(json.dumps({"id": "new", "text": "one more"}) + "\n")
-        name = "a.jsonl"
-    elif edit == "same_size":
+    elif edit == "same_size":  # one id changed, same length: the first and last MiB of the file are unchanged
         data = (corpus / "a.jsonl").read_bytes()
-        pos = data.index(b"river") if b"river" in data else data.index(b"stone")
-        (corpus / "a.jsonl").write_bytes(data[:pos] + b"R" + data[pos + 1:])
-        name = "a.jsonl"
+        pos = data.index(b'"doc20"')
+        (corpus / "a.jsonl").write_bytes(data[:pos] + b'"dxc20"' + data[pos + 7:])
     else:
         write_parquet(corpus / "b.parquet", make_docs(40, seed=99, start=40), row_groups=[20, 20])
-        name = "b.parquet"
-    parts = part_mtimes(out)
-    guard = ModelGuard(monkeypatch)
-    result = invoke(*args)
-    assert guard.calls == 0
-    assert result.exit_code == 1, result.output
-    assert name in result.output and "changed" in result.output and "--overwrite" in result.output
-    assert part_mtimes(out) == parts
+    run_ok(*args)
+    scratch = tmp_path / "scratch"
+    run_ok(*embed_args([corpus], scratch, "--shard-size", "20"))
+    table, expected = read_vectors(out), read_vectors(scratch)
+    assert_ids_once(table, expected.column("id").to_pylist())
+    assert_same_vectors(table, expected)
 
 
 def test_new_input_file_is_embedded_incrementally(small_job):
     corpus, out, args, ids = small_job
     parts = part_mtimes(out)
-    markers = {m.name: m.read_bytes() for m in done_markers(out)}
     time.sleep(0.01)  # mtimes of rewritten files would differ
     new_docs = make_docs(50, seed=13, start=80)
     write_jsonl(corpus / "nightly" / "c.jsonl.gz", new_docs)
@@ -268,13 +280,14 @@ def test_new_input_file_is_embedded_incrementally(small_job):
     after = part_mtimes(out)
     assert {k: after[k] for k in parts} == parts, "old part files were rewritten"
     assert len(after) == len(parts) + 3  # 50 new rows in shards of 20
-    assert {m.name: m.read_bytes() for m in done_markers(out) if m.name in markers} == markers
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert (counts["added"], counts["unchanged"], counts["changed"], counts["deleted"]) == (50, 80, 0, 0)
     manifest = json.loads((out / "manifest.json").read_text())
     assert [Path(f["path"]).name for f in manifest["files"]] == ["a.jsonl", "b.parquet", "c.jsonl.gz"]
-    # a file that is gone after it was embedded keeps its vectors
+    # a file that is gone leaves the output with its documents
     (corpus / "a.jsonl").unlink()
     run_ok(*args)
-    assert_ids_once(read_vectors(out), ids + [d["id"] for d in new_docs])
+    assert_ids_once(read_vectors(out), ids[40:] + [d["id"] for d in new_docs])
 
 
 def test_status_of_a_directory_that_is_no_output(tmp_path):
@@ -283,27 +296,40 @@ def test_status_of_a_directory_that_is_no_output(tmp_path):
     assert invoke("status", tmp_path / "missing").exit_code == 2
 
 
-def test_status_reports_failed_shards(small_job):
-    from pipeline.job.plan import load_manifest
-    from pipeline.job.sink import done_path, mark_failed
+def test_status_reports_failed_shards(small_job, monkeypatch):
+    from pipeline.errors import EncodeError
+    from pipeline.model.encoder import Embedder
 
     corpus, out, args, ids = small_job
-    shard = load_manifest(out).shards[1]
-    done_path(out, shard).unlink()
-    mark_failed(out, shard, "non-finite vectors in document 'x'")
+    new_docs = make_docs(40, seed=31, start=300)
+    write_jsonl(corpus / "c.jsonl", new_docs)
+    real = Embedder.embed_encoded
+    calls = []
+
+    def flaky(self, enc, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise EncodeError("non-finite vectors (NaN/inf), the first for sequence 0", index=0)
+        return real(self, enc, **kwargs)
+
+    monkeypatch.setattr(Embedder, "embed_encoded", flaky)
+    result = invoke(*args)
+    assert result.exit_code == 1 and "non-finite" in result.output
+    monkeypatch.undo()
     st = json.loads(run_ok("status", out, "--json").output)
-    assert (st["shards_done"], st["shards_failed"], st["shards_pending"]) == (3, 1, 1)
+    assert (st["shards_done"], st["shards_failed"], st["shards_pending"]) == (1, 1, 1)
+    assert st["version"] == 1 and st["plan_target"] == 2
     assert "non-finite" in run_ok("status", out).output
     # the rerun redoes the failed shard and clears its failure
     run_ok(*args)
     st = json.loads(run_ok("status", out, "--json").output)
-    assert (st["shards_done"], st["shards_failed"], st["shards_pending"]) == (4, 0, 0)
-    assert_ids_once(read_vectors(out), ids)
+    assert (st["shards_done"], st["shards_failed"], st["shards_pending"]) == (2, 0, 0)
+    assert_ids_once(read_vectors(out), ids + [d["id"] for d in new_docs])
 
 
 def test_new_shard_size_applies_to_newly_planned_files_only(small_job):
-    """The shard size shapes the plan, not the vectors: a rerun with another one keeps the planned shards and
-    cuts only the new files with it."""
+    """The shard size shapes the plan, not the vectors: a rerun with another one keeps the parts written and cuts
+    only the new work with it."""
     corpus, out, args, ids = small_job
     parts = part_mtimes(out)
     new_docs = make_docs(30, seed=21, start=200)

@@ -1,0 +1,173 @@
+"""Diff: what a run must do to turn the placed documents into exactly the current corpus. Pure NumPy.
+
+Terms:
+- the *target* is the current corpus: every valid row of every input file, in input order (files in the order
+  the inputs give them, rows in file order), an id kept only at its first occurrence (later ones are duplicates);
+- a *placement* is a document already written into a part file: its id hash, text key and kept-values hash, and
+  where it is (part, first output row, output rows). The placements are the live version's documents, plus those
+  of the parts a replaced, unfinished plan had finished (nothing embedded is embedded twice);
+- a target row *stays* where a placement holds the same id, text and kept values; a placement no target row
+  stays on is *dead*, and so is every part that holds one: such a part is rewritten without its dead rows
+  (copy-on-write), or dropped when nothing of it stays;
+- every other target row *needs* a vector: *reused* from any placement with the same text key, else *embedded*
+  once per distinct key (the first row of the key in input order owns it; the others copy its vector).
+
+Everything is keyed by 128-bit hashes held in NumPy arrays (about 60 bytes per row, no Python object per row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+KEY = [("h1", "<u8"), ("h2", "<u8"), ("k1", "<u8"), ("k2", "<u8"), ("x", "<u8")]
+
+
+@dataclass
+class Target:
+    """The current corpus, one row per document kept (arrays of equal length, in input order)."""
+
+    file: np.ndarray  # int32: index of the input file
+    frow: np.ndarray  # int64: row in the file
+    h: np.ndarray  # (n, 2) uint64 id hash
+    k: np.ndarray  # (n, 2) uint64 text key
+    x: np.ndarray  # uint64 kept-values hash
+    nbytes: np.ndarray  # int64 text bytes
+
+    def __len__(self) -> int:
+        return len(self.frow)
+
+
+@dataclass
+class Placed:
+    """Documents already in part files (arrays of equal length)."""
+
+    h: np.ndarray  # (n, 2) uint64
+    k: np.ndarray  # (n, 2) uint64
+    x: np.ndarray  # uint64
+    part: np.ndarray  # int64 part id
+    prow: np.ndarray  # int64 first output row of the document in its part
+    nseq: np.ndarray  # int64 output rows of the document (chunks)
+    live: np.ndarray  # bool: in the live version (preferred when two placements match)
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    @staticmethod
+    def empty() -> Placed:
+        z = np.zeros(0, np.int64)
+        return Placed(np.zeros((0, 2), np.uint64), np.zeros((0, 2), np.uint64), np.zeros(0, np.uint64), z, z, z,
+                      np.zeros(0, bool))
+
+    @staticmethod
+    def concat(items: list[Placed]) -> Placed:
+        if not items:
+            return Placed.empty()
+        return Placed(*(np.concatenate([getattr(p, f) for p in items]) for f in
+                        ("h", "k", "x", "part", "prow", "nseq", "live")))
+
+
+def build_target(file: np.ndarray, frow: np.ndarray, h: np.ndarray, k: np.ndarray, x: np.ndarray,
+                 nbytes: np.ndarray) -> tuple[Target, np.ndarray, np.ndarray]:
+    """Keep each id's first row in input order.
+
+    Args: arrays of every valid row, in input order.
+
+    Returns:
+        ``(target, duplicate, first)``: ``duplicate`` are the indices (into the inputs) of rows whose id appeared
+        earlier, ``first`` the index of that earlier row for each.
+    """
+    n = len(frow)
+    order = np.lexsort((np.arange(n), h[:, 1], h[:, 0]))  # by id, then input position
+    hs = h[order]
+    same = np.zeros(n, bool)
+    if n > 1:
+        same[1:] = (hs[1:] == hs[:-1]).all(axis=1)
+    group_start = np.maximum.accumulate(np.where(~same, np.arange(n), 0))
+    duplicate = order[same]
+    first = order[group_start[same]]
+    keep = np.ones(n, bool)
+    keep[duplicate] = False
+    idx = np.flatnonzero(keep)
+    return Target(file[idx], frow[idx], h[idx], k[idx], x[idx], nbytes[idx]), duplicate, first
+
+
+def _records(h: np.ndarray, k: np.ndarray, x: np.ndarray) -> np.ndarray:
+    rec = np.empty(len(x), dtype=KEY)
+    rec["h1"], rec["h2"], rec["k1"], rec["k2"], rec["x"] = h[:, 0], h[:, 1], k[:, 0], k[:, 1], x
+    return rec
+
+
+def _key_records(k: np.ndarray) -> np.ndarray:
+    rec = np.empty(len(k), dtype=[("k1", "<u8"), ("k2", "<u8")])
+    rec["k1"], rec["k2"] = k[:, 0], k[:, 1]
+    return rec
+
+
+@dataclass
+class Diff:
+    """The outcome for every target row and every placement.
+
+    Attributes:
+        stay: int64 per target row: the placement it stays on, or -1.
+        reuse: int64 per target row: the placement whose vector it copies (same text key), or -1.
+        owner: int64 per target row that is embedded: the target row that embeds its key (itself for the owner);
+            -1 for rows that stay or reuse.
+        dead: bool per placement: no target row stays on it.
+    """
+
+    stay: np.ndarray
+    reuse: np.ndarray
+    owner: np.ndarray
+    dead: np.ndarray
+
+    @property
+    def embed(self) -> np.ndarray:
+        return self.owner >= 0
+
+    def counts(self) -> dict[str, int]:
+        owners = self.embed & (self.owner == np.arange(len(self.owner)))
+        return {"unchanged": int((self.stay >= 0).sum()), "reused": int((self.reuse >= 0).sum()),
+                "embedded": int(owners.sum()), "deduplicated": int((self.embed & ~owners).sum())}
+
+
+def diff(target: Target, placed: Placed) -> Diff:
+    """Match the target against the placements (see the module docstring)."""
+    n, m = len(target), len(placed)
+    stay = np.full(n, -1, np.int64)
+    dead = np.ones(m, bool)
+    if m:
+        prec = _records(placed.h, placed.k, placed.x)
+        # among equal placements the live one sorts first (live=True -> 0)
+        porder = np.lexsort((np.arange(m), ~placed.live, prec["x"], prec["k2"], prec["k1"], prec["h2"], prec["h1"]))
+        psorted = prec[porder]
+        trec = _records(target.h, target.k, target.x)
+        pos = np.searchsorted(psorted, trec)
+        hit = pos < m
+        hit[hit] = psorted[pos[hit]] == trec[hit]
+        stay[hit] = porder[pos[hit]]
+        dead[stay[hit]] = False
+    need = np.flatnonzero(stay < 0)
+    reuse = np.full(n, -1, np.int64)
+    if m and len(need):
+        pk = _key_records(placed.k)
+        # prefer a placement that stays (it is surely kept until the commit), then a live one
+        korder = np.lexsort((np.arange(m), ~placed.live, dead, pk["k2"], pk["k1"]))
+        ksorted = pk[korder]
+        tk = _key_records(target.k[need])
+        pos = np.searchsorted(ksorted, tk)
+        hit = pos < m
+        hit[hit] = ksorted[pos[hit]] == tk[hit]
+        reuse[need[hit]] = korder[pos[hit]]
+    owner = np.full(n, -1, np.int64)
+    embed = np.flatnonzero((stay < 0) & (reuse < 0))
+    if len(embed):
+        tk = _key_records(target.k[embed])
+        order = np.lexsort((embed, tk["k2"], tk["k1"]))  # by key, then input order
+        ks = tk[order]
+        first = np.ones(len(embed), bool)
+        first[1:] = ks[1:] != ks[:-1]
+        leader = np.maximum.accumulate(np.where(first, np.arange(len(embed)), 0))
+        owner[embed[order]] = embed[order][leader]
+    return Diff(stay, reuse, owner, dead)

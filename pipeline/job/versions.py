@@ -1,0 +1,285 @@
+"""Versions: readers see one consistent version of the output, switched atomically when a plan is complete.
+
+A version ``N`` is a directory ``OUTPUT/versions/NNNNNN/`` holding ``vectors/`` (hard links to the immutable parts
+in ``OUTPUT/parts/`` that hold its documents: every live id exactly once, no other row), ``rows.parquet`` (where
+each document is: id/text/kept hashes, input file and row, part, first output row, output rows) and
+``version.json`` (inputs, parts, counts of the run that made it). ``OUTPUT/vectors`` is a symbolic link to the live
+version's ``vectors/``; a commit builds the new version under a temporary name, renames it into place, then
+renames a new link over the old one (atomic on POSIX): that rename is the commit. The previous version is kept
+until the next commit, so a reader that resolved the link (``os.path.realpath``) keeps its files while it reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import ManifestMismatch, PipelineError
+from pipeline.job.diff import Placed
+from pipeline.job.sink import POOL, docs_path, dups_path, part_path
+from pipeline.util import fault_point, write_json_atomic
+
+if TYPE_CHECKING:
+    from pipeline.job.plan import Manifest
+
+log = logging.getLogger(__name__)
+
+VERSIONS = "versions"
+LINK = "vectors"
+ROWS = "rows.parquet"
+INFO = "version.json"
+_LINK_TARGET = re.compile(r"^versions/(\d+)/vectors$")
+
+
+def version_dir(out: Path, n: int) -> Path:
+    return out / VERSIONS / f"{n:06d}"
+
+
+def live_version(out: Path) -> int:
+    """The version ``OUTPUT/vectors`` points at (0: none yet).
+
+    Raises:
+        ManifestMismatch: ``OUTPUT/vectors`` is a plain folder (an output of an older embed-corpus).
+    """
+    link = Path(out) / LINK
+    if link.is_symlink():
+        m = _LINK_TARGET.match(os.readlink(link))
+        if m is None:
+            raise ManifestMismatch(f"{link} points at {os.readlink(link)!r}, not at a version of this output")
+        return int(m.group(1))
+    if link.exists():
+        raise ManifestMismatch(f"{link} is a folder: this output was written by an older embed-corpus without "
+                               "versions; start over with --overwrite")
+    return 0
+
+
+def live_vectors(output: str | Path) -> Path | None:
+    """The resolved folder of the live version's parts (what a reader should open), or None before any commit."""
+    n = live_version(Path(output))
+    return version_dir(Path(output), n) / LINK if n else None
+
+
+def version_info(out: Path, n: int) -> dict[str, Any]:
+    try:
+        return json.loads((version_dir(out, n) / INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def part_complete(out: Path, part: int) -> bool:
+    return part_path(out, part).exists() and docs_path(out, part).exists()
+
+
+def max_part_id(out: Path) -> int:
+    """The largest part id in the pool or in any version (-1 when none), so that ids are never reused."""
+    ids = [-1]
+    for folder in [out / POOL, *(p / LINK for p in (out / VERSIONS).glob("[0-9]*"))]:
+        if folder.is_dir():
+            ids += [int(p.name[5:11]) for p in folder.glob("part-[0-9][0-9][0-9][0-9][0-9][0-9]*.parquet")]
+    return max(ids)
+
+
+def _placed(table: pa.Table, live: bool, part: int | None = None) -> Placed:
+    c = {n: table.column(n).to_numpy() for n in table.column_names}
+    n = table.num_rows
+    parts = c["part"] if "part" in c else np.full(n, part, np.int64)
+    return Placed(np.stack([c["h1"], c["h2"]], 1), np.stack([c["k1"], c["k2"]], 1), c["x"],
+                  parts.astype(np.int64), c["prow"].astype(np.int64), c["nseq"].astype(np.int64), np.full(n, live))
+
+
+def placements(out: Path, n: int) -> Placed:
+    """The documents of version ``n`` (from its ``rows.parquet``)."""
+    return _placed(pq.read_table(version_dir(out, n) / ROWS), live=True)
+
+
+def part_placements(out: Path, part: int) -> Placed:
+    """The documents of one part (from its document index)."""
+    return _placed(pq.read_table(docs_path(out, part)), live=False, part=part)
+
+
+def live_rows(output: str | Path, n: int | None = None) -> pa.Table | None:
+    """``rows.parquet`` of version ``n`` (default: the live one), or None."""
+    out = Path(output)
+    n = live_version(out) if n is None else n
+    path = version_dir(out, n) / ROWS
+    return pq.read_table(path) if n and path.exists() else None
+
+
+# --------------------------------------------------------------------------------------------- commit
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(out: Path, manifest: Manifest) -> None:
+    """Make the plan's version live. The caller holds the plan lock, and every shard of the plan is done.
+
+    Idempotent: a commit killed at any moment is finished by the next one. Raises ``PipelineError`` when the
+    parts do not hold every document of the plan exactly once (nothing is switched then).
+    """
+    from pipeline.job.plan import MANIFEST
+
+    n = manifest.target
+    if live_version(out) != n:
+        if version_info(out, n).get("plan_id") != manifest.plan_id:
+            shutil.rmtree(version_dir(out, n), ignore_errors=True)  # built by a plan that was replaced since
+            _build_version(out, manifest)
+        fault_point("before-switch")
+        _switch(out, n)
+        fault_point("after-switch")
+    manifest.committed = True
+    write_json_atomic(out / MANIFEST, manifest.to_json())
+    fault_point("after-commit")
+    collect_garbage(out, keep={n, manifest.base})
+    log.info("%s: version %d is live (%d documents)", out, n, manifest.corpus_docs)
+
+
+def _version_placements(out: Path, manifest: Manifest) -> Placed:
+    kept = set(manifest.kept_parts)
+    items = []
+    if manifest.base and kept:
+        base = placements(out, manifest.base)
+        mask = np.isin(base.part, np.fromiter(kept, np.int64, len(kept)))
+        items.append(Placed(*(getattr(base, f)[mask] for f in ("h", "k", "x", "part", "prow", "nseq", "live"))))
+        kept -= set(np.unique(base.part[mask]).tolist())
+    items += [part_placements(out, p) for p in sorted(kept)]  # kept parts a replaced plan had finished
+    items += [part_placements(out, s.id) for s in manifest.shards if s.docs]
+    return Placed.concat(items)
+
+
+def _build_version(out: Path, manifest: Manifest) -> None:
+    from pipeline.job.plan import load_target
+
+    n = manifest.target
+    placed = _version_placements(out, manifest)
+    target = load_target(manifest.work_dir(out))
+    # exactly once: the new version's parts hold every document of the target, and nothing else
+    prec = _hkx(placed.h, placed.k, placed.x)
+    trec = _hkx(target.h, target.k, target.x)
+    porder, torder = np.argsort(prec, kind="stable"), np.argsort(trec, kind="stable")
+    if len(prec) != len(trec) or not np.array_equal(prec[porder], trec[torder]):
+        missing = len(np.setdiff1d(trec, prec))
+        extra = len(prec) - len(np.unique(prec)) + len(np.setdiff1d(prec, trec))
+        raise PipelineError(f"{out}: the parts of version {n} do not hold the corpus exactly once ({missing} "
+                            f"documents missing, {extra} extra); nothing was switched. Rerun the same command.")
+    rows = pa.table({
+        "h1": target.h[torder, 0], "h2": target.h[torder, 1], "k1": target.k[torder, 0], "k2": target.k[torder, 1],
+        "x": target.x[torder], "file": target.file[torder], "frow": target.frow[torder],
+        "part": placed.part[porder], "prow": placed.prow[porder], "nseq": placed.nseq[porder],
+    })
+    parts = sorted(set(placed.part.tolist()))
+    final = version_dir(out, n)
+    tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / LINK).mkdir(parents=True)
+    for p in parts:
+        os.link(part_path(out, p), tmp / LINK / part_path(out, p).name)
+    pq.write_table(rows, tmp / ROWS, compression="zstd")
+    with open(tmp / ROWS, "rb+") as f:
+        os.fsync(f.fileno())
+    write_json_atomic(tmp / INFO, {
+        "version": n, "plan_id": manifest.plan_id, "base": manifest.base, "created_at": time.time(),
+        "fingerprint": manifest.fingerprint,
+        "docs": len(target), "rows": int(placed.nseq.sum()), "parts": parts, "counts": manifest.counts,
+        "files": [{"path": pf.file.path, "key": pf.file.key, "digest": pf.file.digest, "format": pf.file.format,
+                   "compression": pf.file.compression, "generated_ids": pf.generated_ids, "stat": list(pf.file.stat)}
+                  for pf in manifest.files],
+    })
+    _fsync_dir(tmp / LINK)
+    _fsync_dir(tmp)
+    fault_point("before-version-rename")
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _hkx(h: np.ndarray, k: np.ndarray, x: np.ndarray) -> np.ndarray:
+    rec = np.empty(len(x), dtype=[("h1", "<u8"), ("h2", "<u8"), ("k1", "<u8"), ("k2", "<u8"), ("x", "<u8")])
+    rec["h1"], rec["h2"], rec["k1"], rec["k2"], rec["x"] = h[:, 0], h[:, 1], k[:, 0], k[:, 1], x
+    return rec
+
+
+def _switch(out: Path, n: int) -> None:
+    """Point ``OUTPUT/vectors`` at version ``n``: a new link under a temporary name, renamed over the old one."""
+    tmp = out / f".{LINK}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(f"{VERSIONS}/{n:06d}/{LINK}", tmp)
+    os.replace(tmp, out / LINK)
+    _fsync_dir(out)
+
+
+def collect_garbage(out: Path, keep: set[int]) -> None:
+    """Remove versions other than ``keep``, then parts that no kept version links (and their side files)."""
+    folder = out / VERSIONS
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.name.isdigit() and int(entry.name) not in keep:
+                shutil.rmtree(entry, ignore_errors=True)
+                fault_point("during-gc")
+    pool = out / POOL
+    if not pool.is_dir():
+        return
+    for path in pool.glob("part-*.parquet"):
+        if path.name.endswith(".docs.parquet"):
+            continue
+        try:
+            if path.stat().st_nlink == 1:  # only the pool names it: no kept version holds it
+                docs_path(out, int(path.name[5:11])).unlink(missing_ok=True)
+                path.unlink()
+        except (OSError, ValueError):
+            continue
+    for path in pool.glob("dups-*.parquet"):
+        path.unlink(missing_ok=True)
+    for path in pool.glob("part-*.docs.parquet"):
+        if not part_path(out, int(path.name[5:11])).exists():
+            path.unlink(missing_ok=True)
+
+
+def remove_dups(out: Path, shard: int) -> None:
+    dups_path(out, shard).unlink(missing_ok=True)
+
+
+def publish(out: Path, add: list[int], drop: Iterable[int] = ()) -> int:
+    """Make a new version of the live parts, less ``drop``, plus the pool parts ``add`` (written with their document
+    indexes, ``sink.write_part``): for outputs made without a plan (index tests and benchmarks). Returns it."""
+    out = Path(out)
+    base = live_version(out)
+    dropped = set(drop)
+    items = [placements(out, base)] if base else []
+    if items:
+        keep = ~np.isin(items[0].part, np.fromiter(dropped, np.int64, len(dropped)))
+        items[0] = Placed(*(getattr(items[0], f)[keep] for f in ("h", "k", "x", "part", "prow", "nseq", "live")))
+    items += [part_placements(out, p) for p in add]
+    placed = Placed.concat(items)
+    n = max([base, *(int(p.name) for p in (out / VERSIONS).glob("[0-9]*"))]) + 1 if (out / VERSIONS).is_dir() \
+        else base + 1
+    final = version_dir(out, n)
+    (final / LINK).mkdir(parents=True)
+    for p in sorted(set(placed.part.tolist())):
+        os.link(part_path(out, p), final / LINK / part_path(out, p).name)
+    pq.write_table(pa.table({
+        "h1": placed.h[:, 0], "h2": placed.h[:, 1], "k1": placed.k[:, 0], "k2": placed.k[:, 1], "x": placed.x,
+        "file": np.full(len(placed), -1, np.int32), "frow": np.full(len(placed), -1, np.int64),
+        "part": placed.part, "prow": placed.prow, "nseq": placed.nseq}), final / ROWS)
+    write_json_atomic(final / INFO, {"version": n, "plan_id": "", "base": base, "created_at": time.time(),
+                                     "docs": len(placed), "rows": int(placed.nseq.sum()),
+                                     "parts": sorted(set(placed.part.tolist())), "files": []})
+    _switch(out, n)
+    collect_garbage(out, keep={n, base})
+    return n

@@ -1,0 +1,266 @@
+"""Nightly runs over a living corpus: after any edit of the input, a rerun leaves the live output equal to a
+from-scratch run over the current input (same ids, same vectors), embeds only texts it has never embedded, and
+readers see one version at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from helpers import (
+    ModelGuard,
+    assert_same_vectors,
+    embed_args,
+    embeddings,
+    invoke,
+    make_docs,
+    read_vectors,
+    run_ok,
+    write_jsonl,
+    write_parquet,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: see conftest
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def scratch(tmp_path: Path, corpus: Path, *extra: str) -> pa.Table:
+    """A from-scratch run over the current input, in a fresh output."""
+    out = tmp_path / f"scratch-{len(list(tmp_path.glob('scratch-*')))}"
+    run_ok(*embed_args([corpus], out, "--shard-size", "16", *extra))
+    return read_vectors(out)
+
+
+def rerun(corpus: Path, out: Path, *extra: str) -> dict:
+    run_ok(*embed_args([corpus], out, "--shard-size", "16", *extra))
+    return manifest(out)["counts"]
+
+
+def assert_equal_outputs(a: pa.Table, b: pa.Table) -> None:
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    assert_same_vectors(a, b, min_cos=0.99999)
+    for name in a.column_names:
+        if name != "embedding":
+            assert a.column(name).to_pylist() == b.column(name).to_pylist(), name
+
+
+@pytest.fixture
+def day1(tmp_path: Path, minilm_dir: Path) -> tuple[Path, Path, list[dict]]:
+    corpus = tmp_path / "corpus"
+    docs = make_docs(60, seed=3)
+    write_jsonl(corpus / "a.jsonl", docs[:40])
+    write_parquet(corpus / "b.parquet", docs[40:])
+    out = tmp_path / "out"
+    counts = rerun(corpus, out)
+    assert counts["added"] == 60 and counts["embedded"] == len({d["text"] for d in docs})
+    return corpus, out, docs
+
+
+def test_nothing_new_embeds_nothing_and_keeps_the_version(day1, monkeypatch):
+    corpus, out, _ = day1
+    link = os.readlink(out / "vectors")
+    guard = ModelGuard(monkeypatch)
+    result = run_ok(*embed_args([corpus], out, "--shard-size", "16", "--no-quiet"))
+    assert guard.calls == 0 and "nothing new" in result.output
+    assert os.readlink(out / "vectors") == link
+
+
+def test_edits_deletions_appends_follow_the_input(tmp_path, day1):
+    corpus, out, docs = day1
+    docs = [dict(d) for d in docs]
+    docs[3]["text"] = "an edited text about copper harbors"  # edited in place
+    docs[45]["text"] = "another edit, in the parquet file"
+    del docs[10]  # deleted row (JSONL)
+    del docs[50]  # deleted row (Parquet: docs[51] before)
+    docs.insert(20, {"id": "new1", "title": "T", "text": "a brand new document inserted mid-file"})
+    write_jsonl(corpus / "a.jsonl", docs[:40])
+    write_parquet(corpus / "b.parquet", docs[40:])
+    counts = rerun(corpus, out)
+    assert (counts["added"], counts["changed"], counts["deleted"]) == (1, 2, 2)
+    assert counts["embedded"] == 3  # the two edits and the new document; every other text is reused or stays
+    assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus))
+
+
+def test_deleted_and_renamed_files(tmp_path, day1, monkeypatch):
+    corpus, out, docs = day1
+    (corpus / "a.jsonl").rename(corpus / "renamed.jsonl")  # same content, new name: nothing to embed
+    guard = ModelGuard(monkeypatch)
+    counts = rerun(corpus, out)
+    assert guard.calls == 0 and counts["embedded"] == 0 and counts["unchanged"] == 60
+    monkeypatch.undo()
+    (corpus / "b.parquet").unlink()
+    counts = rerun(corpus, out)
+    assert counts["deleted"] == 20 and counts["docs"] == 40
+    assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus))
+
+
+def test_generated_ids_follow_a_rename_without_embedding(tmp_path, minilm_dir, monkeypatch):
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "x.jsonl", [{"text": d["text"]} for d in make_docs(30, seed=5)])
+    out = tmp_path / "out"
+    rerun(corpus, out)
+    (corpus / "x.jsonl").rename(corpus / "y.jsonl")
+    guard = ModelGuard(monkeypatch)
+    counts = rerun(corpus, out)
+    assert guard.calls == 0  # new ids (y.jsonl#N), the same texts: vectors copied, not embedded
+    assert counts["added"] == 30 and counts["deleted"] == 30 and counts["embedded"] == 0
+    monkeypatch.undo()
+    assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus))
+
+
+def test_rewritten_file_in_another_order_embeds_nothing(tmp_path, day1, monkeypatch):
+    corpus, out, docs = day1
+    write_jsonl(corpus / "a.jsonl", list(reversed(docs[:40])))
+    guard = ModelGuard(monkeypatch)
+    counts = rerun(corpus, out)
+    assert guard.calls == 0 and counts["unchanged"] == 60 and counts["embedded"] == 0
+    monkeypatch.undo()
+    assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus))
+
+
+def test_duplicate_texts_are_embedded_once(tmp_path, minilm_dir):
+    corpus = tmp_path / "corpus"
+    docs = make_docs(40, seed=8)
+    same = "the very same text in many places"
+    for i in (2, 9, 17, 33):
+        docs[i]["text"] = same
+    write_jsonl(corpus / "a.jsonl", docs[:20])
+    write_jsonl(corpus / "b.jsonl", docs[20:] + [{"id": "z1", "text": same}])
+    out = tmp_path / "out"
+    counts = rerun(corpus, out)
+    texts = {d["text"] for d in docs}
+    assert counts["embedded"] == len(texts) and counts["deduplicated"] == 41 - len(texts)
+    table = read_vectors(out)
+    vecs = embeddings(table)
+    ids = table.column("id").to_pylist()
+    group = [vecs[ids.index(i)] for i in ("doc2", "doc9", "doc17", "doc33", "z1")]
+    assert all(np.array_equal(group[0], v) for v in group)
+    assert_equal_outputs(table, scratch(tmp_path, corpus))
+
+
+def test_changed_kept_value_rewrites_the_row_without_embedding(tmp_path, minilm_dir, monkeypatch):
+    corpus = tmp_path / "corpus"
+    docs = make_docs(20, seed=9)
+    write_parquet(corpus / "a.parquet", docs)
+    out = tmp_path / "out"
+    rerun(corpus, out, "--keep", "title")
+    docs[4]["title"] = "Renamed"
+    write_parquet(corpus / "a.parquet", docs)
+    guard = ModelGuard(monkeypatch)
+    counts = rerun(corpus, out, "--keep", "title")
+    assert guard.calls == 0 and counts["changed"] == 1 and counts["reused"] == 1
+    monkeypatch.undo()
+    table = read_vectors(out)
+    assert table.column("title").to_pylist()[table.column("id").to_pylist().index("doc4")] == "Renamed"
+    assert_equal_outputs(table, scratch(tmp_path, corpus, "--keep", "title"))
+
+
+def test_chunked_documents_are_reused_with_their_chunks(tmp_path, minilm_dir, monkeypatch):
+    corpus = tmp_path / "corpus"
+    long = " ".join(["lantern orbit meadow copper"] * 120)
+    docs = [{"id": f"c{i}", "text": f"{i} {long}"} for i in range(6)]
+    write_jsonl(corpus / "a.jsonl", docs)
+    out = tmp_path / "out"
+    extra = ("--long-docs", "chunk", "--chunk-tokens", "64", "--chunk-overlap", "8")
+    rerun(corpus, out, *extra)
+    docs[0]["id"] = "renamed0"  # same text under a new id: its chunks are copied, renamed
+    write_jsonl(corpus / "a.jsonl", docs)
+    guard = ModelGuard(monkeypatch)
+    counts = rerun(corpus, out, *extra)
+    assert guard.calls == 0 and counts["reused"] == 1
+    monkeypatch.undo()
+    assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus, *extra))
+
+
+def test_plan_only_prints_the_counts_and_changes_nothing(day1, monkeypatch):
+    corpus, out, docs = day1
+    write_jsonl(corpus / "c.jsonl", make_docs(5, start=500))
+    before = (out / "manifest.json").read_bytes()
+    guard = ModelGuard(monkeypatch)
+    result = run_ok(*embed_args([corpus], out, "--shard-size", "16", "--plan-only", "--no-quiet"))
+    assert guard.calls == 0
+    assert "5 added" in result.output and "would make version 2" in result.output
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_versions_are_kept_one_back_and_readers_resolve_the_link(day1):
+    corpus, out, docs = day1
+    first = Path(os.path.realpath(out / "vectors"))
+    write_jsonl(corpus / "c.jsonl", make_docs(5, start=500))
+    rerun(corpus, out)
+    assert os.path.realpath(out / "vectors") != str(first)
+    assert first.is_dir()  # version 1 is kept while version 2 is live
+    old = ds.dataset(first).to_table()
+    assert old.num_rows == 60
+    write_jsonl(corpus / "d.jsonl", make_docs(5, start=600))
+    rerun(corpus, out)
+    assert not first.exists()  # gone once version 3 is committed
+    versions = sorted(p.name for p in (out / "versions").iterdir())
+    assert versions == ["000002", "000003"]
+    # parts no kept version holds are gone from the pool
+    linked = {p.name for v in (out / "versions").iterdir() for p in (v / "vectors").iterdir()}
+    pool = {p.name for p in (out / "parts").glob("part-*.parquet") if not p.name.endswith(".docs.parquet")}
+    assert pool == linked
+
+
+def test_a_reader_iterating_during_a_switch_sees_one_version(day1):
+    corpus, out, docs = day1
+    before = read_vectors(out)
+    folder = os.path.realpath(out / "vectors")  # what a reader holds: the documented way to open the output
+    batches = ds.dataset(folder).to_batches(batch_size=7)
+    first = next(batches)
+    write_jsonl(corpus / "a.jsonl", [{"id": d["id"], "text": d["text"] + " edited"} for d in docs[:40]])
+    rerun(corpus, out)  # a whole new version is committed while the reader is half-way
+    seen = pa.Table.from_batches([first, *batches]).sort_by("id")
+    assert_equal_outputs(seen, before)  # every row of version 1, nothing of version 2
+    after = read_vectors(out)
+    assert after.num_rows == 60 and not np.array_equal(embeddings(after), embeddings(before))
+
+
+def test_settings_that_change_vectors_are_still_refused(day1):
+    corpus, out, _ = day1
+    result = invoke(*embed_args([corpus], out, "--shard-size", "16", "--dims", "64"))
+    assert result.exit_code == 1 and "other settings" in result.output
+
+
+def test_a_failed_start_does_not_lock_the_settings(tmp_path, minilm_dir):
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "a.jsonl", make_docs(10))
+    out = tmp_path / "out"
+    bad = invoke(*embed_args([corpus], out, "--dims", "4096"))  # larger than MiniLM's 384: found from config.json
+    assert bad.exit_code == 1 and "larger than the model's 384" in bad.output
+    run_ok(*embed_args([corpus], out, "--dims", "128"))
+    assert read_vectors(out).column("embedding").type.list_size == 128
+
+
+def test_empty_input_is_an_error_unless_allowed(tmp_path, minilm_dir):
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "a.jsonl", [])
+    result = invoke(*embed_args([corpus], tmp_path / "out"))
+    assert result.exit_code == 1 and "no documents" in result.output
+    run_ok(*embed_args([corpus], tmp_path / "out", "--allow-empty"))
+
+
+def test_parts_missing_their_marker_or_marker_missing_its_part_are_redone(day1):
+    corpus, out, _ = day1
+    shutil.rmtree(out / "versions")
+    (out / "vectors").unlink()
+    for marker in sorted((out / "shards").glob("*.done.json"))[:2]:
+        part = json.loads(marker.read_text())["part"]
+        (out / "parts" / part).unlink()  # a marker whose part is gone must not count
+    m = json.loads((out / "manifest.json").read_text())
+    m["committed"] = False
+    (out / "manifest.json").write_text(json.dumps(m))
+    rerun(corpus, out)
+    assert pq.read_metadata(next((out / "vectors").glob("*.parquet"))).num_rows > 0
+    assert read_vectors(out).num_rows == 60

@@ -1,0 +1,150 @@
+"""kill -9 at precise moments of incremental runs (fault points in the code, ``EMBED_CORPUS_FAULT``): after each
+kill a reader sees the previous version or the new one whole, never a mix; the rerun then gives exactly what a
+run from scratch over the current input gives. Also the windows of ``--overwrite`` and of a part's rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from helpers import (
+    assert_ids_once,
+    assert_same_vectors,
+    embed_args,
+    make_docs,
+    read_vectors,
+    run_ok,
+    subprocess_env,
+    write_jsonl,
+    write_parquet,
+)
+
+pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
+
+SHARD = ("--shard-size", "12", "--lease-seconds", "3")  # a killed worker's claims are taken over soon
+
+
+def killed_run(args: list[str], point: str, log: Path) -> None:
+    """Run the CLI in a child process that kills itself (SIGKILL) at the fault point ``point``."""
+    env = subprocess_env()
+    env["EMBED_CORPUS_FAULT"] = point
+    with open(log, "ab") as f:
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                              env=env, cwd=log.parent, timeout=300)
+    assert proc.returncode == -9, f"the run never reached {point} (exit {proc.returncode}):\n{log.read_text()}"
+
+
+def same(a: pa.Table, b: pa.Table) -> bool:
+    if a.column("id").to_pylist() != b.column("id").to_pylist():
+        return False
+    assert_same_vectors(a, b)
+    return True
+
+
+def edit(corpus: Path, step: int) -> None:
+    """A different change of the input for each step: edits, deletions, additions, duplicates, a rename."""
+    docs = make_docs(48, seed=40 + step)
+    if step % 4 == 0:
+        docs[step % 48]["text"] = f"edited text number {step}"
+        del docs[(step * 7) % 40]
+    elif step % 4 == 1:
+        docs += [{"id": f"dup{step}", "title": "D", "text": docs[5]["text"]}]  # a text twice
+    elif step % 4 == 2:
+        docs = docs[:30]
+    write_jsonl(corpus / "a.jsonl", docs[:24])
+    write_parquet(corpus / "b.parquet", docs[24:])
+    extras = sorted(corpus.glob("c*.jsonl"))
+    if step % 3 == 0:  # a new third file
+        for old in extras:
+            old.unlink()
+        write_jsonl(corpus / "c.jsonl", make_docs(10, seed=90 + step, start=1000))
+    elif extras:  # the third file renamed
+        extras[0].rename(corpus / f"c{step}.jsonl")
+
+
+POINTS = [
+    "after-plan-write", "before-part-rename", "after-part-rename", "after-marker", "after-marker@2",
+    "before-version-rename", "before-switch", "after-switch", "after-commit", "during-gc",
+]
+
+
+def test_kill_at_every_moment_of_incremental_runs(tmp_path, minilm_dir):
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    edit(corpus, 0)
+    run_ok(*embed_args([corpus], out, *SHARD))
+    run_ok(*embed_args([corpus], out, *SHARD))  # (nothing new)
+    log = tmp_path / "runs.log"
+    for step, point in enumerate(POINTS, start=1):
+        before = read_vectors(out)
+        edit(corpus, step)
+        expected_out = tmp_path / f"scratch{step}"
+        run_ok(*embed_args([corpus], expected_out, *SHARD))
+        expected = read_vectors(expected_out)
+        if point == "during-gc":  # there must be a version to collect: commit one more first
+            run_ok(*embed_args([corpus], out, *SHARD))
+            before = read_vectors(out)
+            edit(corpus, step + 10)
+            run_ok(*embed_args([corpus], expected_out, *SHARD, "--overwrite"))
+            expected = read_vectors(expected_out)
+        killed_run(embed_args([corpus], out, *SHARD), point, log)
+        seen = read_vectors(out)
+        assert same(seen, before) or same(seen, expected), f"killed at {point}: a reader sees a mix"
+        run_ok(*embed_args([corpus], out, *SHARD))
+        after = read_vectors(out)
+        assert_ids_once(after, expected.column("id").to_pylist())
+        assert same(after, expected), f"killed at {point}, then rerun: not what a run from scratch gives"
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["committed"] and os.readlink(out / "vectors").endswith(f"{manifest['target']:06d}/vectors")
+
+
+def test_overwrite_killed_half_way_leaves_nothing_that_counts(tmp_path, minilm_dir):
+    """``--overwrite`` killed after it moved part of the old output aside: the next run without ``--overwrite``
+    finds no done-marker without its part and no stale vector; it embeds everything again."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_jsonl(corpus / "a.jsonl", make_docs(30, seed=1))
+    run_ok(*embed_args([corpus], out, *SHARD))
+    log = tmp_path / "run.log"
+    killed_run(embed_args([corpus], out, *SHARD, "--dims", "64", "--overwrite"), "overwrite-moving@2", log)
+    assert not (out / "manifest.json").exists()
+    run_ok(*embed_args([corpus], out, *SHARD, "--dims", "64"))
+    table = read_vectors(out)
+    assert_ids_once(table, [d["id"] for d in make_docs(30, seed=1)])
+    assert table.column("embedding").type.list_size == 64
+
+
+def test_kill_between_a_part_rename_and_its_marker(tmp_path, minilm_dir):
+    """The part is in place but its shard is not marked done: the rerun redoes that shard only, and no id is
+    written twice."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    docs = make_docs(60, seed=2)
+    write_jsonl(corpus / "a.jsonl", docs)
+    log = tmp_path / "run.log"
+    killed_run(embed_args([corpus], out, *SHARD), "after-part-rename@3", log)
+    markers = sorted((out / "shards").glob("*.done.json"))
+    parts = sorted(p for p in (out / "parts").glob("part-*.parquet") if not p.name.endswith(".docs.parquet"))
+    assert len(parts) == len(markers) + 1 == 3
+    assert not (out / "vectors").exists()
+    run_ok(*embed_args([corpus], out, *SHARD))
+    table = read_vectors(out)
+    assert_ids_once(table, [d["id"] for d in docs])
+    scratch = tmp_path / "scratch"
+    run_ok(*embed_args([corpus], scratch, *SHARD))
+    assert same(table, read_vectors(scratch))
+
+
+def test_stale_temporary_part_of_a_dead_worker_is_cleaned(tmp_path, minilm_dir):
+    """A full-size temporary part left by a kill in the rename window (this host, dead pid) is removed by the
+    next run at once, not after the lease."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_jsonl(corpus / "a.jsonl", make_docs(20, seed=3))
+    log = tmp_path / "run.log"
+    killed_run(embed_args([corpus], out, *SHARD), "before-part-rename", log)
+    temps = list((out / "parts").glob(".part-*.tmp-*"))
+    assert temps, "the kill left no temporary part"
+    run_ok(*embed_args([corpus], out, *SHARD))
+    assert not list((out / "parts").glob(".part-*.tmp-*"))
