@@ -56,7 +56,7 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 
 out="$("$python" -c 'import sys
 from pathlib import Path
-from pipeline.config import load_job_file
+from pipeline.job.config import load_job_file
 print(Path(load_job_file(sys.argv[1]).get("output") or "").resolve())' "$job")" || {
     echo "nightly: cannot read the job file $job" >&2
     exit 2
