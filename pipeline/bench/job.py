@@ -42,7 +42,7 @@ def job_vs_plain(job_file: str, workdir: Path) -> dict[str, Any]:
     import dataclasses
 
     from pipeline.job.config import build_config
-    from pipeline.job.plan import load_manifest
+    from pipeline.job.manifest import load_manifest
     from pipeline.job.records import FieldSpec
     from pipeline.job.runner import read_shard, run_job
     from pipeline.model.encoder import Embedder

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.job.plan import Shard
+from pipeline.job.manifest import Shard
 from pipeline.job.ranks import worker_name
 from pipeline.job.sink import is_done
 from pipeline.util import locked, write_json_atomic

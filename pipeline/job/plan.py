@@ -27,7 +27,6 @@ import secrets
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,18 @@ from pipeline.errors import InputError, ManifestMismatch, where
 from pipeline.job import versions
 from pipeline.job.config import JobConfig, fingerprint_fields
 from pipeline.job.diff import Diff, Placed, Target, build_target, diff
+from pipeline.job.manifest import (
+    DUP,
+    EMBED,
+    MANIFEST,
+    REUSE,
+    SAME,
+    WORK,
+    Manifest,
+    PlannedFile,
+    Shard,
+    load_manifest,
+)
 from pipeline.job.readers import InputFile, expand_inputs
 from pipeline.job.records import FieldSpec, Reject, iter_raw
 from pipeline.job.scan import FileScan, generated_id_hashes, identify, remove_unused_scans, scan
@@ -46,120 +57,9 @@ from pipeline.util import fault_point, locked, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
-WORK = "plan/work"
 SHARD_SECONDS = 60  # automatic shard size: about a minute of work on the device
 TRASH = ".trash"
 
-# work-table kinds of an embed shard's rows
-EMBED, SAME, REUSE, DUP = 0, 1, 2, 3
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One unit of work and of resume.
-
-    ``embed``: rows ``[row_start, row_end)`` of input file ``file`` (the rows to write are listed in its work
-    table). ``rewrite``: part ``source`` written again without its lost rows. ``dup``: the rows of embed shard
-    ``source`` whose text another embed shard embeds, copied once every embed shard is done.
-    """
-
-    id: int
-    file: int
-    row_start: int
-    row_end: int
-    byte_start: int = 0
-    kind: str = "embed"
-    docs: int = 0  # documents the shard writes
-    source: int = -1  # rewrite: the part it rewrites
-
-    @property
-    def name(self) -> str:
-        return f"{self.id:06d}"
-
-
-@dataclass
-class PlannedFile:
-    """An input file of the plan: its identity plus what the scan found."""
-
-    file: InputFile
-    rows: int
-    generated_ids: bool
-    rejected: int = 0
-    docs: int = 0  # rows kept in the corpus (valid, not duplicates)
-
-
-@dataclass
-class Manifest:
-    fingerprint: str
-    settings: dict[str, Any]
-    plan: dict[str, Any]
-    plan_id: str = ""
-    base: int = 0  # the live version this plan builds on (0: none)
-    target: int = 1  # the version it commits
-    committed: bool = False
-    files: list[PlannedFile] = field(default_factory=list)
-    shards: list[Shard] = field(default_factory=list)
-    kept_parts: list[int] = field(default_factory=list)  # placed parts linked into the new version as they are
-    next_id: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-    created_at: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": MANIFEST_VERSION, "fingerprint": self.fingerprint, "settings": self.settings,
-            "plan": self.plan, "plan_id": self.plan_id, "base": self.base, "target": self.target,
-            "committed": self.committed, "next_id": self.next_id, "counts": self.counts,
-            "created_at": self.created_at, "kept_parts": self.kept_parts,
-            "files": [{**asdict(pf.file), "rows": pf.rows, "generated_ids": pf.generated_ids,
-                       "rejected": pf.rejected, "docs": pf.docs} for pf in self.files],
-            "shards": [asdict(s) for s in self.shards],
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        files = []
-        for entry in data["files"]:
-            entry = dict(entry)
-            rows, gen = entry.pop("rows"), entry.pop("generated_ids")
-            rejected, docs = entry.pop("rejected", 0), entry.pop("docs", 0)
-            entry["stat"] = tuple(entry.get("stat", ()))
-            files.append(PlannedFile(InputFile(**entry), rows, gen, rejected, docs))
-        return cls(data["fingerprint"], data["settings"], data["plan"], data["plan_id"], data["base"],
-                   data["target"], data["committed"], files, [Shard(**s) for s in data["shards"]],
-                   list(data.get("kept_parts", [])), data["next_id"], data.get("counts", {}),
-                   data.get("created_at", 0.0))
-
-    @property
-    def total_rows(self) -> int:
-        """Documents the plan's shards write (embedded, copied or rewritten)."""
-        return sum(s.docs for s in self.shards)
-
-    def shard_rows(self, shard: Shard) -> int:
-        return shard.docs
-
-    @property
-    def corpus_docs(self) -> int:
-        """Documents of the corpus this plan makes (the target version's size)."""
-        return sum(pf.docs for pf in self.files)
-
-    def work_dir(self, out: Path) -> Path:
-        return out / WORK / self.plan_id
-
-
-def load_manifest(output: str | Path) -> Manifest | None:
-    path = Path(output) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestMismatch(f"{path}: unreadable manifest ({exc}); start over with --overwrite") from exc
-    if data.get("version") != MANIFEST_VERSION:
-        raise ManifestMismatch(f"{path}: written by an older embed-corpus (manifest version {data.get('version')}, "
-                               f"this one reads {MANIFEST_VERSION}): start over with --overwrite")
-    return Manifest.from_json(data)
 
 
 def _plain(value: Any) -> Any:
@@ -458,7 +358,7 @@ def _cut_embed_shards(manifest: Manifest, work: Path, infos: list[InputFile], sc
         lo, hi = int(frow.min()), int(frow.max()) + 1
         lines = scans[f].lines
         byte_start = int(lines[lo]) if lines is not None else 0
-        manifest.shards.append(Shard(sid, f, lo, hi, byte_start, "embed", int((k != DUP).sum())))
+        manifest.shards.append(Shard(sid, f, lo, hi, byte_start, "embed", int((k != DUP).sum()), rows=len(rows_)))
         dups.append((sid, int((k == DUP).sum())))
     for sid, n in dups:
         if n:  # the rows of shard `sid` whose text another shard embeds, copied once every embed shard is done
@@ -543,13 +443,6 @@ def _save_target(work: Path, target: Target) -> None:
                              "k1": target.k[:, 0], "k2": target.k[:, 1], "x": target.x}), work / "target.parquet")
 
 
-def load_target(work: Path) -> Target:
-    t = pq.read_table(work / "target.parquet")
-    c = {n: t.column(n).to_numpy() for n in t.column_names}
-    return Target(c["file"], c["frow"], np.stack([c["h1"], c["h2"]], 1), np.stack([c["k1"], c["k2"]], 1), c["x"],
-                  np.zeros(len(c["frow"]), np.int64))
-
-
 def _write_rejects(out: Path, manifest: Manifest, rejects: list[Reject]) -> None:
     """``OUTPUT/rejects/FFFFF.jsonl``: the rows of each input file that are not embedded, with the reason."""
     folder = out / "rejects"
@@ -617,8 +510,3 @@ def _clean_after_replan(out: Path, new: Manifest, old: Manifest | None) -> None:
         for entry in work.iterdir():
             if entry.name != new.plan_id:
                 shutil.rmtree(entry, ignore_errors=True)
-
-
-def read_work(out: Path, manifest: Manifest, shard: Shard) -> pa.Table:
-    """The work table of a shard (see ``_cut_embed_shards`` and ``_rewrites``)."""
-    return pq.read_table(manifest.work_dir(out) / f"{shard.id:06d}.parquet")

@@ -32,7 +32,8 @@ from pipeline.errors import EncodeError, InputError
 from pipeline.job import versions
 from pipeline.job.claims import DEFAULT_LEASE, Claims
 from pipeline.job.config import JobConfig
-from pipeline.job.plan import DUP, EMBED, REUSE, SAME, Manifest, Shard, load_manifest, prepare, read_work
+from pipeline.job.manifest import DUP, EMBED, REUSE, SAME, Manifest, Shard, load_manifest, read_work
+from pipeline.job.plan import prepare
 from pipeline.job.record import write_job_record
 from pipeline.job.records import FieldSpec, extract, iter_raw
 from pipeline.job.scan import generated_id_hashes, hash128, id_hashes, keep_hashes

