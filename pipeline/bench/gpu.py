@@ -2,17 +2,18 @@
 
 For a named Qwen3-Embedding size it builds a randomly initialised model of the exact shape on the GPU
 (throughput does not depend on the weights' values), generates a corpus of real text (the bundled sample,
-re-cut to token lengths drawn lognormal with median 256 and sigma 1, clipped to [8, 8192]), and measures:
+re-cut to token lengths drawn lognormal with median 256 and sigma 1, clipped to [8, 8192]), and measures,
+repeated and interleaved (medians, with every run and the spread in the record):
 
 1. the matrix-product ceiling of the card (bf16 GEMM TFLOP/s),
-2. the sentence-transformers policy: sorted by length, fixed batches of 32, padded, transformers SDPA,
-3. the model alone: the pipeline's forward on pre-tokenized input,
-4. the full pipeline: ``run_job`` over a Parquet file (read, tokenize, batch, encode, write Parquet),
-   with the same model object,
+2. the model alone: the pipeline's forward on pre-tokenized input,
+3. the pipeline: ``run_job`` over a Parquet file (read, tokenize, batch, encode, write Parquet), same model,
+4. the sentence-transformers policy: sorted by length, fixed batches of 32, padded, transformers SDPA,
+5. documents of 8K-32K tokens;
 
-and prints a table of tokens/s, share of the ceiling and ratios, and writes the records as JSON.
-Packed vectors are compared with the padded policy's (cosine), as a check that the speed is not bought
-with wrong vectors.
+then the real command (``command.py``: ``embed-corpus run`` in a subprocess, model saved to a folder, cold and
+warm compile cache) and every path's vectors against a float32 copy of the model. Shares of the ceiling count
+the FLOPs the vectors need (``needed_flops``). Every key of the record is explained in ``LABELS``.
 """
 
 from __future__ import annotations
@@ -20,22 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.bench import paths
+from pipeline.bench.paths import sync, timed
+
 log = logging.getLogger(__name__)
 
 ST_BATCH = 32
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _peak_gib(device: str, reset: bool = False) -> float:
@@ -48,14 +46,15 @@ def _peak_gib(device: str, reset: bool = False) -> float:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def gemm_tflops(device: str = "cuda", n: int = 8192, iters: int = 20) -> float:
-    """Measured bf16 matrix-product rate of the card (the ceiling)."""
+def gemm_tflops(device: str = "cuda", n: int = 8192, iters: int = 100) -> float:
+    """Measured bf16 matrix-product rate of the card (the ceiling); on CPU a small float32 one (smoke runs)."""
     import torch
 
+    dtype = torch.bfloat16
     if not device.startswith("cuda"):
-        n, iters = 1024, 3
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        n, iters, dtype = 256, 3, torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
@@ -89,18 +88,48 @@ def random_model(size: str, device: str, dtype: str = "bfloat16", seed: int = 0)
     return model.eval()
 
 
+def layer_flops(config) -> dict[str, float]:
+    """Matrix-product FLOPs per token of one decoder layer's parts: ``q``, ``kv`` (k and v), ``o``, ``mlp``."""
+    h, i = config.hidden_size, config.intermediate_size
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    return {"q": 2.0 * h * config.num_attention_heads * d, "kv": 2.0 * h * 2 * config.num_key_value_heads * d,
+            "o": 2.0 * config.num_attention_heads * d * h, "mlp": 2.0 * 3 * h * i}
+
+
 def flops_per_token(config) -> float:
-    """2 x non-embedding parameters: the dense FLOPs of one token (attention over context added separately)."""
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    d = config.head_dim
-    attn = h * d * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
-    return 2.0 * layers * (attn + 3 * h * i)
+    """2 x non-embedding parameters: the dense FLOPs of one token through every layer (attention over context
+    is counted separately)."""
+    return config.num_hidden_layers * sum(layer_flops(config).values())
 
 
 def attention_flops(config, lengths: np.ndarray) -> float:
-    """Causal attention FLOPs of sequences of these lengths (QK^T and AV, half the square)."""
-    per_layer = 4.0 * config.num_attention_heads * config.head_dim * float((lengths.astype(np.float64) ** 2 / 2).sum())
-    return per_layer * config.num_hidden_layers
+    """Causal attention FLOPs of sequences of these lengths in every layer: query ``i`` (1-based) meets ``i``
+    keys, 2 x head size FLOPs each for QK^T and again for AV."""
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    lengths = np.asarray(lengths, dtype=np.float64)
+    pairs = float((lengths * (lengths + 1) / 2).sum())
+    return 4.0 * config.num_attention_heads * d * pairs * config.num_hidden_layers
+
+
+def needed_flops(config, lengths: np.ndarray) -> float:
+    """Matrix-product FLOPs the vectors need (what the pipeline computes): every layer but the last for every
+    token; the last layer's k/v projections for every token, and its q projection, attention, output projection
+    and MLP only at each sequence's last (pooled) position. Norms, rotary and activations are not counted."""
+    parts = layer_flops(config)
+    lengths = np.asarray(lengths, dtype=np.float64)
+    tokens, n = float(lengths.sum()), len(lengths)
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    body = (config.num_hidden_layers - 1) * sum(parts.values()) * tokens
+    body += attention_flops(config, lengths) * (config.num_hidden_layers - 1) / config.num_hidden_layers
+    last = parts["kv"] * tokens + (parts["q"] + parts["o"] + parts["mlp"]) * n
+    last += 4.0 * config.num_attention_heads * d * tokens  # one query per sequence over all its keys
+    return body + last
+
+
+def all_positions_flops(config, lengths: np.ndarray) -> float:
+    """FLOPs of the whole model at every position (the count of a language model's forward; more than the
+    vectors need, since the last layer runs only at pooled positions here)."""
+    return flops_per_token(config) * float(np.asarray(lengths).sum()) + attention_flops(config, lengths)
 
 
 def make_corpus(tokenizer, n_docs: int, *, median: int = 256, sigma: float = 1.0, lo: int = 8, hi: int = 8192,
@@ -156,255 +185,309 @@ def st_policy(model, tokenizer, texts: list[str], device: str) -> tuple[float, n
     return time.perf_counter() - t0, out, tokens
 
 
-def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int, workdir: Path,
-              compile: bool = True, st_docs: int | None = None, long_docs: int = 0, device: str = "cuda",
-              dtype: str = "bfloat16", profile: Path | None = None, levers: bool = False,
-              reference_docs: int = 32) -> dict[str, Any]:
-    """One model size: ceiling, ST policy, model alone, full pipeline. Returns the record.
+LABELS = {
+    "model_tokens_per_s": "model alone: the pipeline's forward on pre-tokenized documents, in the bench process, "
+                          "after the compiled warm-up (median of the repeats)",
+    "tokens_per_s": "pipeline in the bench process (run_job: Parquet in, tokenizer, batching, forward, Parquet "
+                    "out) with the model already loaded and warmed up: steady state (median of the repeats)",
+    "run_tokens_per_s": "the real command (embed-corpus run in a subprocess, model folder on disk, Parquet in), "
+                        "steady state: tokens over the span from the first shard's start to the last shard's end "
+                        "(warm compile cache)",
+    "run_whole_tokens_per_s": "the real command, tokens over its whole wall time from process start to exit, for "
+                              "run_docs documents (warm compile cache); _cold: empty compile cache",
+    "startup_s_warm": "the real command, process start to its first shard's start (imports, planning, model load "
+                      "straight to the GPU, compiled warm-up, first shard read and tokenized); compile cache "
+                      "filled by the cold run; _cold: empty compile cache; model files in the page cache in both",
+    "st_policy_tokens_per_s": "sentence-transformers policy on st_docs documents: sorted by characters, batches "
+                              "of 32, padded, transformers SDPA, same bf16 model object, tokenization timed",
+    "share_of_ceiling": "tokens_per_s x flops_per_token / ceiling: flops_per_token counts the matrix products "
+                        "the vectors need (the last layer only at pooled positions)",
+    "share_of_ceiling_all_positions": "the same rate against the FLOPs of the model at every position (the "
+                                      "count earlier records used; overstates the share)",
+    "ceiling_tflops": "bf16 8192^3 matrix products through torch on this card, median of one per repeat",
+    "batch_tokens": "packed tokens per forward in every figure of the record (the default where "
+                    "batch_tokens_is_default)",
+    "_runs": "each repeat's value, in order; the repeats interleave model alone, pipeline, ST policy and long "
+             "documents in one process",
+}
 
-    The ST policy is slow, so it runs on the first ``st_docs`` documents (lengths are drawn independently, so
-    they follow the same distribution); its rate is compared with the pipeline's rate on all documents. The
-    first ``reference_docs`` documents are also run one at a time through a float32 copy of the model: how close
-    each bf16 path comes to it (cosine) says which is the more exact, not only whether two bf16 paths agree.
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=np.float64)
+    med = float(np.median(arr))
+    return {"median": med, "runs": [round(float(v)) if v >= 100 else float(f"{v:.4g}") for v in arr],
+            "spread": round(float(arr.max() - arr.min()) / med, 4) if med else None}
+
+
+def long_embedder(model, emb, tokenizer_dir: str, device: str):
+    """An embedder for documents up to 32K tokens that runs ``emb``'s forward (its compiled graphs and its one set
+    of fused weights, so peak memory stays the pipeline's), with a budget of at least 32K tokens."""
+    from transformers import AutoTokenizer
+
+    from pipeline.model.encoder import Embedder
+
+    long = Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model=emb.info.model,
+                                path=tokenizer_dir, device=device, attention="padded", compile=False,
+                                batch_tokens=max(emb.batch_tokens, 32768), max_length=32768)
+    long.packed = emb.packed
+    return long
+
+
+def _graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a rise inside a timed region is a recompile)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - an internal counter: report nothing rather than fail
+        return -1
+
+
+def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int | None, workdir: Path,
+              compile: bool = True, st_docs: int | None = None, long_docs: int = 0, device: str = "cuda",
+              dtype: str | None = None, profile: Path | None = None, levers: bool = False,
+              reference_docs: int = 32, repeats: int = 3, run_command: bool = True,
+              run_shard_size: int | None = None, ab: bool = True, logs: Path | None = None) -> dict[str, Any]:
+    """One model size, every figure from this one process. Returns the record (keys explained in ``LABELS``).
+
+    Repeated ``repeats`` times, interleaved: the card's ceiling, the model alone, the pipeline (``run_job``),
+    the sentence-transformers policy on the first ``st_docs`` documents, and (``long_docs``) 8K-32K-token
+    documents; each figure is the median with every run and the spread recorded. Then the real command in a
+    subprocess (``run_command``): a cold start (empty compile cache) and a warm one, over the same Parquet file
+    with shards of ``run_shard_size`` rows (default: a quarter of the documents). ``ab``: in the middle repeat,
+    the model alone with the old wait on the device after every batch, and with half the token budget (what
+    those two choices are worth). The first ``reference_docs`` documents also run one at a time through a
+    float32 copy of the model: how close each bf16 path comes to it.
     """
     import pyarrow as pa
-    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoTokenizer
 
+    from pipeline.bench import command
+    from pipeline.bench.synthetic import save_embedding_dir
     from pipeline.job.config import make_config
     from pipeline.job.runner import run_job
     from pipeline.model.encoder import Embedder
+    from pipeline.model.packed import compile_cache_dir
 
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
-    rec: dict[str, Any] = {"model_size": size, "gpu": gpu, "docs": n_docs,
-                           "batch_tokens": batch_tokens, "compile": compile}
-    rec["ceiling_tflops"] = round(gemm_tflops(device), 1)
+    rec: dict[str, Any] = {"model_size": size, "gpu": gpu, "date": time.strftime("%Y-%m-%d"), "docs": n_docs,
+                           "compile": compile, "repeats": repeats, "torch": torch.__version__}
+    try:
+        import triton
+
+        rec["triton"] = triton.__version__
+    except ImportError:
+        pass
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.model_max_length = 1 << 30  # the corpus stream is long on purpose
     texts = make_corpus(tok, n_docs)
-    model = random_model(size, device, dtype)
+    model = random_model(size, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     cfg_model = model.config
+    model_dir = None
+    if run_command:  # saved before the packed forward fuses the projections into shared tensors
+        model_dir = save_embedding_dir(model, workdir / f"model-{size}", tokenizer_dir=tokenizer_dir)
     emb = Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model=f"random:{size}",
                                path=tokenizer_dir, device=device, batch_tokens=batch_tokens, compile=compile,
                                max_length=8192)
+    rec["batch_tokens"] = emb.batch_tokens
+    rec["batch_tokens_is_default"] = batch_tokens is None
     rec["attention_kernel"] = emb.packed.kernel if emb.packed is not None else "padded"
     rec["fp32_residual"] = bool(emb.packed is not None and emb.packed.fp32_residual)
     enc = emb.tokenizer.encode(texts)
     lengths = enc.lengths
     rec["tokens"] = int(lengths.sum())
     rec["mean_tokens"] = round(float(lengths.mean()), 1)
-    flops = flops_per_token(cfg_model) * lengths.sum() + attention_flops(cfg_model, lengths)
-    rec["flops_per_token"] = round(float(flops / lengths.sum()), 1)
+    rec["flops_per_token"] = round(needed_flops(cfg_model, lengths) / rec["tokens"], 1)
+    rec["flops_per_token_all_positions"] = round(all_positions_flops(cfg_model, lengths) / rec["tokens"], 1)
+    rec["flops_counted"] = "matrix products the vectors need: every layer but the last at every token; the last " \
+                           "layer's k/v at every token, its q, attention, o and MLP at pooled positions only"
 
-    # warm-up (compiles the packed graphs once, for every length), then the model alone on everything
+    # compiled warm-up (one small pack: the graph every pack length uses), then a real batch as a second check
     t0 = time.perf_counter()
-    emb.embed_texts(texts[:256])
+    if emb.packed is not None and emb.packed.compiled:
+        emb.packed.warmup()
+    emb.embed_texts(texts[:64])
     sync(device)
     rec["warmup_s"] = round(time.perf_counter() - t0, 1)
-    _peak_gib(device, reset=True)
-    t0 = time.perf_counter()
-    vec_model = emb.embed_encoded(enc)
-    sync(device)
-    model_s = time.perf_counter() - t0
-    rec["model_tokens_per_s"] = round(rec["tokens"] / model_s)
-    rec["model_peak_gib"] = _peak_gib(device)
 
-    # full pipeline through run_job over Parquet, same model object
     workdir.mkdir(parents=True, exist_ok=True)
     src = workdir / f"corpus-{size}.parquet"
-    pq.write_table(pa.table({"id": [f"d{i}" for i in range(n_docs)], "text": texts}), src, row_group_size=256)
+    ids = [f"d{i}" for i in range(n_docs)]
+    pq.write_table(pa.table({"id": ids, "text": texts}), src, row_group_size=256)
+    shard_size = run_shard_size or max(64, -(-n_docs // 4))
+    rec["shard_size"] = shard_size
     cfg = make_config({"input": (str(src),), "output": str(workdir / f"out-{size}"), "model": f"random:{size}",
-                       "batch_tokens": batch_tokens, "shard_size": max(64, n_docs // 12), "quiet": True,
+                       "batch_tokens": emb.batch_tokens, "shard_size": shard_size, "quiet": True,
                        "max_length": 8192, "device": device})
-    t0 = time.perf_counter()
-    summary = run_job(cfg, overwrite=True, embedder=emb)
-    e2e_s = time.perf_counter() - t0
-    rec["tokens_per_s"] = round(summary.tokens / e2e_s)
-    rec["e2e_seconds"] = round(e2e_s, 2)
-    got = ds.dataset(str(workdir / f"out-{size}" / "vectors")).to_table()
-    ids = got.column("id").to_pylist()
-    vec_e2e = np.stack(got.column("embedding").to_numpy(zero_copy_only=False))[np.argsort([int(i[1:]) for i in ids])]
-    rec["e2e_vs_model_min_cosine"] = round(float((vec_e2e * vec_model).sum(1).min()), 5)
-
-    if profile is not None:
-        _profile(emb, enc, profile / f"profile-{size}.txt")
-    n_st = min(st_docs or n_docs, n_docs)
-    vec_st = None
-    if st_docs != 0:
-        st_s, vec_st, st_tokens = st_policy(model, tok, texts[:n_st], device)
+    n_st = min(st_docs or n_docs, n_docs) if st_docs != 0 else 0
+    long_enc = emb_long = None
+    if long_docs:
+        long_texts = make_corpus(tok, long_docs, median=16384, sigma=0.4, lo=8192, hi=32000, seed=1)
+        emb_long = long_embedder(model, emb, tokenizer_dir, device)
+        long_enc = emb_long.tokenizer.encode(long_texts)
+        emb_long.embed_texts(long_texts[:1])  # the same compiled graphs; the kernel at long lengths
+        rec["long_docs"] = long_docs
+        rec["long_mean_tokens"] = round(float(long_enc.lengths.mean()))
+        rec["long_batch_tokens"] = emb_long.batch_tokens
+    runs: dict[str, list[float]] = {k: [] for k in ("ceiling_tflops", "model_tokens_per_s", "tokens_per_s",
+                                                    "st_policy_tokens_per_s", "long_tokens_per_s")}
+    vec_model = vec_st = None
+    _peak_gib(device, reset=True)
+    graphs_before = _graphs()
+    for r in range(repeats):
+        runs["ceiling_tflops"].append(gemm_tflops(device))
+        seconds, vecs = timed(lambda: emb.embed_encoded(enc), device)
+        runs["model_tokens_per_s"].append(rec["tokens"] / seconds)
+        vec_model = vecs if vec_model is None else vec_model
+        if r == 0:
+            rec["model_peak_gib"] = _peak_gib(device)
+        seconds, summary = timed(lambda: run_job(cfg, overwrite=True, embedder=emb), device)
+        runs["tokens_per_s"].append(summary.tokens / seconds)
+        if r == 0:
+            got_ids, got = command.read_output(Path(cfg.output))
+            order = np.argsort([int(i[1:]) for i in got_ids])
+            rec["e2e_vs_model_min_cosine"] = round(float((got[order] * vec_model).sum(1).min()), 5)
+        if n_st:
+            st_s, vecs, st_tokens = st_policy(model, tok, texts[:n_st], device)
+            runs["st_policy_tokens_per_s"].append(st_tokens / st_s)
+            vec_st = vecs if vec_st is None else vec_st
+        if long_enc is not None:
+            _peak_gib(device, reset=True)
+            seconds, _ = timed(lambda: emb_long.embed_encoded(long_enc), device)
+            runs["long_tokens_per_s"].append(int(long_enc.lengths.sum()) / seconds)
+            rec["long_peak_gib"] = _peak_gib(device)
+        if ab and r == repeats // 2 and emb.packed is not None:
+            rec["ab"] = paths.ab(emb, enc, device, rec["tokens"], runs["model_tokens_per_s"][-1])
+    rec["recompiles_in_timed_region"] = _graphs() - graphs_before if graphs_before >= 0 else None
+    for key, values in runs.items():
+        if values:
+            s = _summary(values)
+            rec[key] = round(s["median"], 1 if s["median"] >= 10 else 4) if key == "ceiling_tflops" \
+                else round(s["median"])
+            rec[f"{key}_runs"] = s["runs"]
+            rec[f"{key}_spread"] = s["spread"]
+    if n_st:
         rec["st_docs"] = n_st
-        rec["st_policy_tokens_per_s"] = round(st_tokens / st_s)
+        ratios = [a / b for a, b in zip(runs["tokens_per_s"], runs["st_policy_tokens_per_s"], strict=True)]
         rec["ratio_vs_sentence_transformers"] = round(rec["tokens_per_s"] / rec["st_policy_tokens_per_s"], 2)
+        rec["ratio_vs_sentence_transformers_runs"] = [round(x, 2) for x in ratios]
         cos = (vec_model[:n_st] * vec_st).sum(1)
         rec["packed_vs_padded_min_cosine"] = round(float(cos.min()), 5)
         rec["packed_vs_padded_mean_cosine"] = round(float(cos.mean()), 6)
+    if long_enc is not None:
+        rec["long_share_of_ceiling"] = round(
+            rec["long_tokens_per_s"] * needed_flops(cfg_model, long_enc.lengths) / int(long_enc.lengths.sum())
+            / (rec["ceiling_tflops"] * 1e12), 3)
+    if profile is not None:
+        paths.profile_kernels(emb, enc, profile / f"profile-{size}.txt")
     others: dict[str, np.ndarray] = {}
     if levers:
-        rec["levers"], others = _levers(model, tokenizer_dir, texts[:n_st], batch_tokens, device, emb, vec_st)
+        rec["levers"], others = paths.levers(model, tokenizer_dir, texts[:n_st or n_docs], emb.batch_tokens, device,
+                                             emb, vec_st)
     if reference_docs:
-        candidates = {"pipeline": vec_model[:n_st], **others}
+        candidates = {"pipeline": vec_model, **others}
         if vec_st is not None:
             candidates["sentence_transformers_policy"] = vec_st
-        rec["vs_float32_reference"] = float32_reference(model, enc, reference_docs, candidates)
+        rec["vs_float32_reference"] = paths.float32_reference(model, enc, reference_docs, candidates)
     ceiling_tok = rec["ceiling_tflops"] * 1e12 / rec["flops_per_token"]
     rec["ceiling_tokens_per_s"] = round(ceiling_tok)
     rec["share_of_ceiling"] = round(rec["tokens_per_s"] / ceiling_tok, 3)
     rec["model_share_of_ceiling"] = round(rec["model_tokens_per_s"] / ceiling_tok, 3)
+    rec["share_of_ceiling_all_positions"] = round(
+        rec["tokens_per_s"] * rec["flops_per_token_all_positions"] / (rec["ceiling_tflops"] * 1e12), 3)
     rec["e2e_over_model"] = round(rec["tokens_per_s"] / rec["model_tokens_per_s"], 3)
-
-    if long_docs:
-        long_texts = make_corpus(tok, long_docs, median=16384, sigma=0.4, lo=8192, hi=32000, seed=1)
-        emb_long = Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model=f"random:{size}",
-                                        path=tokenizer_dir, device=device, batch_tokens=max(batch_tokens, 32768),
-                                        compile=compile, max_length=32768)
-        long_enc = emb_long.tokenizer.encode(long_texts)
-        emb_long.embed_texts(long_texts[:1])  # warm-up: two calls, so packs of two lengths (see _model_rate)
-        emb_long.embed_texts(long_texts[1:2])
-        sync(device)
-        _peak_gib(device, reset=True)
-        t0 = time.perf_counter()
-        emb_long.embed_encoded(long_enc)
-        sync(device)
-        rec["long_docs"] = long_docs
-        rec["long_mean_tokens"] = round(float(long_enc.lengths.mean()))
-        rec["long_tokens_per_s"] = round(int(long_enc.lengths.sum()) / (time.perf_counter() - t0))
-        rec["long_peak_gib"] = _peak_gib(device)
-    del emb, model
+    emb = emb_long = None  # free the packed forwards' memory before the command runs
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+    if model_dir is not None:
+        rec.update(_measure_command(size, model_dir, src, workdir, shard_size, device, logs or workdir / "logs",
+                                    dict(zip(ids, vec_model, strict=True)), ids))
+        rec["run_over_model"] = round(rec["run_tokens_per_s"] / rec["model_tokens_per_s"], 3)
+        rec["run_over_pipeline"] = round(rec["run_tokens_per_s"] / rec["tokens_per_s"], 3)
+        rec["compile_cache_default"] = str(compile_cache_dir())
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    rec["labels"] = LABELS
     return rec
 
 
-def _model_rate(emb, texts: list[str], device: str) -> tuple[int, np.ndarray]:
-    """Model-only tokens/s on pre-tokenized ``texts`` and the vectors. The warm-up runs packs of two lengths,
-    so that a compiled forward has made its dynamic-length graph before the clock starts."""
-    enc = emb.tokenizer.encode(texts)
-    emb.embed_texts(texts[:64])
-    emb.embed_texts(texts[64:256])
-    sync(device)
-    t0 = time.perf_counter()
-    vecs = emb.embed_encoded(enc)
-    sync(device)
-    return round(int(enc.lengths.sum()) / (time.perf_counter() - t0)), vecs
+def _measure_command(size: str, model_dir: Path, src: Path, workdir: Path, shard_size: int, device: str,
+                     logs: Path, reference: dict[str, np.ndarray], ids: list[str]) -> dict[str, Any]:
+    """``embed-corpus run`` in a subprocess, cold (empty compile cache) then warm (the cache the cold run filled)."""
+    import shutil
 
+    from pipeline.bench import command
 
-def _levers(model, tokenizer_dir: str, texts: list[str], batch_tokens: int, device: str, default,
-            vec_st: np.ndarray | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Model-only tokens/s of each forward path on the same texts, from the padded policy to the default, one
-    lever added at a time: what each contributes; with each path's min cosine against the sentence-transformers
-    policy.
+    cache = workdir / f"compile-cache-{size}"
+    shutil.rmtree(cache, ignore_errors=True)
+    devices = None
+    if device.startswith("cuda"):
+        import torch
 
-    Returns:
-        ``(rates and cosines, {name: vectors} of the bf16-residual and padded paths)``.
-    """
-    import torch
-    from transformers import AutoTokenizer
-
-    from pipeline.model.encoder import Embedder
-
-    def make(attention: str, budget: int, compile: bool, **options):
-        return Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model="random",
-                                    path=tokenizer_dir, device=device, batch_tokens=budget, attention=attention,
-                                    compile=compile, max_length=8192, packed_options=options)
-
-    bf16 = {"fp32_residual": False}
-    ladder = {
-        "padded_budget_16k_sdpa": lambda: make("padded", 16384, False),
-        "packed_varlen_eager_bf16_residual": lambda: make("packed", batch_tokens, False, kernel="varlen", **bf16),
-        "packed_varlen_compiled_all_dims_dynamic_bf16_residual": lambda: make(
-            "packed", batch_tokens, True, kernel="varlen", all_dims_dynamic=True, **bf16),
-        "packed_triton_compiled_all_dims_dynamic_bf16_residual": lambda: make(
-            "packed", batch_tokens, True, kernel="triton", all_dims_dynamic=True, **bf16),
-        "packed_triton_compiled_bf16_residual": lambda: make("packed", batch_tokens, True, kernel="triton", **bf16),
-        "default": lambda: default,
-        "default_budget_x2": lambda: make("packed", 2 * batch_tokens, True),
-        # the default's numerics with the pack laid out padded for SDPA: what packing alone changes
-        "default_numerics_padded_layout_sdpa": lambda: make("packed", batch_tokens, False, kernel="sdpa"),
-    }
-    out: dict[str, Any] = {"default_is": "packed {} {}, {} residual".format(
-        default.packed.kernel, "compiled" if default.packed.compiled else "eager",
-        "fp32" if default.packed.fp32_residual else "bf16") if default.packed is not None else "padded"}
-    vectors: dict[str, np.ndarray] = {}
-    reference = {"st_policy": vec_st}
-    for name in ("default", *(n for n in ladder if n != "default")):  # the default first: others compare to it
-        torch._dynamo.reset()  # compiled code is cached per function: each lever compiles its own
-        try:
-            rate, vecs = _model_rate(ladder[name](), texts, device)
-        except Exception as exc:  # noqa: BLE001 - a lever this machine cannot run is reported, not fatal
-            out[name] = {"error": repr(exc)[:300]}
-            continue
-        out[name] = {"tokens_per_s": rate}
-        for other, ref in reference.items():
-            if ref is not None and name != other:
-                out[name][f"min_cosine_vs_{other}"] = round(float((vecs * ref).sum(1).min()), 5)
-        if name == "default":
-            reference["default"] = vecs
-        if name.endswith("bf16_residual") or name.startswith("padded"):
-            vectors[name] = vecs
-    torch._dynamo.reset()
-    out = {k: out[k] for k in ("default_is", *ladder) if k in out}
-    return out, vectors
-
-
-def float32_reference(model, enc, n: int, candidates: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Cosine of each candidate's first ``n`` vectors against a float32 copy of ``model`` run one sequence at
-    a time (no padding, no packing, transformers' own forward, last token after the final norm)."""
-    import copy
-
-    import torch
-
-    ref_model = copy.deepcopy(model).float()
-    dev = next(ref_model.parameters()).device
-    n = min(n, len(enc))
-    ref = np.empty((n, model.config.hidden_size), dtype=np.float32)
-    with torch.inference_mode():
-        for i in range(n):
-            ids = torch.from_numpy(enc.sequence(i).astype(np.int64)).to(dev)[None]
-            hidden = ref_model(input_ids=ids).last_hidden_state[0, -1]
-            ref[i] = torch.nn.functional.normalize(hidden, dim=-1).cpu().numpy()
-    del ref_model
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    out = {}
-    for name, vecs in candidates.items():
-        cos = (vecs[:n] * ref).sum(1)
-        out[name] = {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6)}
-    out["docs"] = {"min": n, "mean": n}
+        index = torch.device(device).index or 0
+        visible = [v for v in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if v.strip()]
+        devices = visible[index] if visible else str(index)
+    extra = () if device.startswith("cuda") else ("--device", "cpu")
+    out: dict[str, Any] = {"run_shard_size": shard_size}
+    for label in ("cold", "warm"):
+        output = workdir / f"run-{size}-{label}"
+        shutil.rmtree(output, ignore_errors=True)
+        got = command.measure(command.run_args([src], output, model_dir, shard_size=shard_size, extra=extra),
+                              command.command_env(compile_cache=cache, devices=devices, trace_recompiles=True),
+                              output, logs / f"run-{size}-{label}.log")
+        check = command.compare_outputs(output, reference, ids)
+        out[f"startup_s_{label}"] = got["startup_s"]
+        out[f"run_wall_s_{label}"] = got["wall_s"]
+        out[f"run_steady_s_{label}"] = got["steady_s"]
+        out[f"run_tail_s_{label}"] = got["tail_s"]
+        out["run_tokens_per_s" if label == "warm" else "run_tokens_per_s_cold"] = got["steady_tokens_per_s"]
+        out["run_whole_tokens_per_s" if label == "warm" else "run_whole_tokens_per_s_cold"] = \
+            got["whole_tokens_per_s"]
+        out[f"run_check_{label}"] = check
+        out[f"run_log_{label}"] = got["log"]
+        out["run_docs"], out["run_tokens"], out["run_shards"] = got["docs"], got["tokens"], got["shards"]
     return out
 
 
-def _profile(emb, enc, path: Path, batches: int = 4) -> None:
-    """Kernel time of a few packed batches (torch.profiler), written as a table."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from pipeline.model.tokens import Encoded
-
-    idx = np.concatenate(emb.plan_batches(enc.lengths)[:batches])
-    offsets = np.zeros(len(idx) + 1, dtype=np.int64)
-    np.cumsum(enc.lengths[idx], out=offsets[1:])
-    sub = Encoded(np.concatenate([enc.sequence(int(i)) for i in idx]), offsets, np.arange(len(idx)),
-                  enc.chunk[idx], enc.span[idx], enc.truncated[idx])
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        emb.embed_encoded(sub)
-        torch.cuda.synchronize()
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+def _pm(rec: dict[str, Any], key: str) -> str:
+    """``median ±half-range%`` of a repeated figure."""
+    if key not in rec:
+        return "-"
+    spread = rec.get(f"{key}_spread")
+    return f"{rec[key]:,}" + (f" ±{spread / 2:.1%}" if spread else "")
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    """A short text table of the records."""
-    head = (f"{'size':>5} {'e2e tok/s':>10} {'model tok/s':>11} {'ST tok/s':>9} {'x ST':>5} "
-            f"{'ceiling':>8} {'e2e/model':>9} {'cos min':>8} {'kernel':>7}")
-    lines = [head]
+    """A short text table of the records: medians with half their range, the real command, accuracy."""
+    lines = []
     for r in records:
         lines.append(
-            f"{r['model_size']:>5} {r['tokens_per_s']:>10,} {r['model_tokens_per_s']:>11,} "
-            f"{r.get('st_policy_tokens_per_s', 0):>9,} {r.get('ratio_vs_sentence_transformers', 0):>5} "
-            f"{r['share_of_ceiling']:>8.0%} {r['e2e_over_model']:>9} {r.get('packed_vs_padded_min_cosine', 0):>8} "
-            f"{r.get('attention_kernel', '?'):>7}"
-        )
+            f"{r['model_size']} on {r['gpu']}, {r['docs']:,} docs ({r['tokens']:,} tokens), batch_tokens "
+            f"{r['batch_tokens']}{' (default)' if r.get('batch_tokens_is_default') else ''}, {r['repeats']} repeats; "
+            f"ceiling {_pm(r, 'ceiling_tflops')} TFLOP/s -> {r['ceiling_tokens_per_s']:,} tok/s")
+        lines.append(f"  model alone {_pm(r, 'model_tokens_per_s')} tok/s ({r['model_share_of_ceiling']:.1%} of "
+                     f"ceiling) | pipeline steady {_pm(r, 'tokens_per_s')} ({r['share_of_ceiling']:.1%}; "
+                     f"{r['share_of_ceiling_all_positions']:.1%} counting every position) | ST policy "
+                     f"{_pm(r, 'st_policy_tokens_per_s')} -> x{r.get('ratio_vs_sentence_transformers', '-')} "
+                     f"{r.get('ratio_vs_sentence_transformers_runs', '')}")
+        if "run_tokens_per_s" in r:
+            lines.append(
+                f"  embed-corpus run ({r['run_docs']:,} docs, shards of {r['run_shard_size']}): steady "
+                f"{r['run_tokens_per_s']:,} tok/s ({r['run_over_model']} of model alone), whole command "
+                f"{r['run_whole_tokens_per_s']:,} tok/s in {r['run_wall_s_warm']} s; start-up warm "
+                f"{r['startup_s_warm']} s, cold {r['startup_s_cold']} s (cold: {r['run_tokens_per_s_cold']:,} "
+                f"steady, {r['run_whole_tokens_per_s_cold']:,} whole); ids once "
+                f"{r['run_check_warm']['ids_once']}, min cos vs model alone "
+                f"{r['run_check_warm']['min_cosine_vs_reference']}")
+        if "long_tokens_per_s" in r:
+            lines.append(f"  8K-32K docs {_pm(r, 'long_tokens_per_s')} tok/s ({r['long_share_of_ceiling']:.1%})")
+        if "ab" in r:
+            lines.append(f"  same repeat, model alone: {r['ab']}")
+        lines.append(f"  recompiles in the timed region: {r.get('recompiles_in_timed_region')}")
         for name, lever in r.get("levers", {}).items():
             if isinstance(lever, dict):
                 lines.append(f"  lever {name:<54} " + (
@@ -417,10 +500,13 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(sizes: list[str], tokenizer_dir: str, docs: dict[str, int], batch_tokens: dict[str, int], out: Path,
-         compile: bool = True, long_docs: int = 0, st_docs: dict[str, int] | None = None,
-         profile: bool = False, levers: bool = False, reference_docs: int = 32,
-         device: str = "cuda") -> list[dict[str, Any]]:
+def main(sizes: list[str], tokenizer_dir: str, docs: dict[str, int], batch_tokens: dict[str, int | None],
+         out: Path, compile: bool = True, long_docs: int = 0, st_docs: dict[str, int] | None = None,
+         profile: bool = False, levers: bool = False, reference_docs: int = 32, device: str = "cuda",
+         repeats: int = 3, run_command: bool = True, run_shard_size: int | None = None, ab: bool = True,
+         logs: Path | None = None) -> list[dict[str, Any]]:
+    """Every size in turn, in this process; the records file is rewritten after each size (all records of
+    this run, nothing merged from elsewhere)."""
     import tempfile
 
     records = []
@@ -429,8 +515,9 @@ def main(sizes: list[str], tokenizer_dir: str, docs: dict[str, int], batch_token
             rec = run_bench(size, tokenizer_dir=tokenizer_dir, n_docs=docs[size], batch_tokens=batch_tokens[size],
                             workdir=Path(tmp), compile=compile, long_docs=long_docs,
                             st_docs=(st_docs or {}).get(size), profile=out.parent if profile else None,
-                            levers=levers, reference_docs=reference_docs, device=device)
-            rec["date"] = time.strftime("%Y-%m-%d")
+                            levers=levers, reference_docs=reference_docs, device=device, repeats=repeats,
+                            run_command=run_command, run_shard_size=run_shard_size, ab=ab,
+                            logs=logs or out.parent / "logs")
             records.append(rec)
             log.warning("%s", json.dumps(rec))
             out.parent.mkdir(parents=True, exist_ok=True)

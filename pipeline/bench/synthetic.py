@@ -236,13 +236,25 @@ def make_qwen3_embedding_dir(
     """
     from transformers import Qwen3Model
 
-    out = _fresh_dir(out_dir)
     config = qwen3_config(size, dtype=dtype)
     model = _random_model(config, Qwen3Model, seed, dtype)
+    return save_embedding_dir(model, out_dir, tokenizer_dir=tokenizer_dir, append_eos=append_eos)
+
+
+def save_embedding_dir(model: Any, out_dir: str | os.PathLike[str], *,
+                       tokenizer_dir: str | os.PathLike[str] | None = None, append_eos: bool = True) -> Path:
+    """Save a ``Qwen3Model`` already in memory (any device) as a Qwen3-Embedding checkpoint folder: weights in
+    safetensors, the tokenizer, and the sentence-transformers files (last-token pooling, prompts).
+
+    Save before building a packed forward on the model: that fuses the projection weights into shared tensors.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+    """
+    out = _fresh_dir(out_dir)
     model.save_pretrained(str(out), safe_serialization=True)
-    del model
     install_tokenizer(out, tokenizer_dir, append_eos)
-    _write_sentence_transformers_files(out, config.hidden_size)
+    _write_sentence_transformers_files(out, model.config.hidden_size)
     return out
 
 

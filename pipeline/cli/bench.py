@@ -14,41 +14,129 @@ import click
               help="Qwen tokenizer folder (default: built from dashscope's qwen.tiktoken, or --tiktoken).")
 @click.option("--tiktoken", type=click.Path(exists=True, dir_okay=False), default=None,
               help="qwen.tiktoken file to build the tokenizer from.")
-@click.option("--docs", type=int, default=None, help="Documents per size (default 4000 for 4B/8B, 16000 for 0.6B).")
-@click.option("--st-docs", type=int, default=None,
-              help="Documents for the sentence-transformers policy (default 1500 for 4B/8B, 3000 for 0.6B).")
+@click.option("--docs", "docs_spec", multiple=True,
+              help="Documents: N for every size, or SIZE=N (repeatable). Default 4000 for 4B/8B, 16000 for 0.6B.")
+@click.option("--st-docs", "st_spec", multiple=True,
+              help="Documents of the sentence-transformers policy: N or SIZE=N (repeatable; 0: skip it). "
+                   "Default 1500 for 4B/8B, 3000 for 0.6B.")
+@click.option("--repeats", type=int, default=3, show_default=True,
+              help="Repeats of the headline measurements, interleaved in this process (median and spread).")
+@click.option("--run/--no-run", "run_command", default=True, show_default=True,
+              help="Also time the real command (embed-corpus run in a subprocess, cold and warm compile cache).")
+@click.option("--run-shard-size", type=int, default=None,
+              help="Rows per shard of the pipeline and command runs (default: a quarter of --docs).")
+@click.option("--ab/--no-ab", default=True, show_default=True,
+              help="Also time the model alone waiting on the device after each batch, and at half the budget.")
 @click.option("--profile", is_flag=True, help="Also write a kernel-time table per size next to --out.")
 @click.option("--levers", is_flag=True, help="Also measure the model alone padded, packed eager and compiled.")
-@click.option("--batch-tokens", type=int, default=None, help="Packed tokens per forward (default 32768; 0.6B 65536).")
+@click.option("--batch-tokens", type=int, default=None,
+              help="Packed tokens per forward (default: the pipeline's default for the model).")
 @click.option("--long-docs", type=int, default=0, help="Also measure this many documents of 8K-32K tokens.")
 @click.option("--compile/--no-compile", default=True, show_default=True)
 @click.option("--reference-docs", type=int, default=32, show_default=True,
               help="Documents also run one at a time through a float32 copy of the model (0: none).")
 @click.option("--device", default="cuda", show_default=True, help="cuda (the figures) or cpu (a smoke run).")
 @click.option("--out", "out_path", type=click.Path(), default="bench.json", show_default=True)
-def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | None, docs: int | None,
-          st_docs: int | None, profile: bool, levers: bool, batch_tokens: int | None, long_docs: int, compile: bool,
-          reference_docs: int, device: str, out_path: str) -> None:
+def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | None, docs_spec: tuple[str, ...],
+          st_spec: tuple[str, ...], repeats: int, run_command: bool, run_shard_size: int | None, ab: bool,
+          profile: bool, levers: bool, batch_tokens: int | None, long_docs: int, compile: bool, reference_docs: int,
+          device: str, out_path: str) -> None:
     """GPU throughput: the pipeline vs the sentence-transformers policy, on random Qwen3 weights."""
-    import tempfile
     from pathlib import Path
 
     from pipeline.bench import gpu as bench_mod
+
+    tokenizer_dir = _tokenizer(tokenizer_dir, tiktoken)
+    small = ("0.6B", "tiny")
+    n_docs = _per_size(docs_spec, sizes, "--docs", {s: 16000 if s in small else 4000 for s in sizes})
+    n_st = _per_size(st_spec, sizes, "--st-docs", {s: 3000 if s in small else 1500 for s in sizes})
+    budget = {s: batch_tokens for s in sizes}
+    records = bench_mod.main(list(sizes), tokenizer_dir, n_docs, budget, Path(out_path), compile=compile,
+                             long_docs=long_docs, st_docs=n_st, profile=profile, levers=levers,
+                             reference_docs=reference_docs, device=device, repeats=repeats, run_command=run_command,
+                             run_shard_size=run_shard_size, ab=ab)
+    click.echo(bench_mod.table(records))
+    click.echo(f"results: {out_path}")
+
+
+@click.command("bench-scale")
+@click.option("--size", "sizes", multiple=True, default=("0.6B",), show_default=True,
+              type=click.Choice(["0.6B", "4B", "8B", "tiny"]), help="Qwen3-Embedding shapes to measure. Repeatable.")
+@click.option("--docs", "docs_spec", multiple=True, required=True,
+              help="SIZE=N documents of the measured job (size it to the device time you have). Repeatable.")
+@click.option("--shard-size", "shard_spec", multiple=True, required=True, help="SIZE=N rows per shard. Repeatable.")
+@click.option("--gpus", type=int, default=2, show_default=True,
+              help="GPUs of the scaled runs (0: CPU worker processes, for a smoke run).")
+@click.option("--lease-seconds", type=int, default=15, show_default=True, help="Lease of the kill run.")
+@click.option("--nodes", "node_sizes", multiple=True,
+              help="Sizes that also get the N-separate-processes run and the run with one killed "
+                   "(repeatable; default: every size; 'none': no size).")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(), default=None, help="Qwen tokenizer folder.")
+@click.option("--tiktoken", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--budget-seconds", type=float, default=None, help="Start no further run after this many seconds.")
+@click.option("--out", "out_path", type=click.Path(), default="bench-scale.json", show_default=True)
+def bench_scale(sizes: tuple[str, ...], docs_spec: tuple[str, ...], shard_spec: tuple[str, ...], gpus: int,
+                lease_seconds: int, node_sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | None,
+                budget_seconds: float | None, out_path: str) -> None:
+    """The real command on one GPU against several (start-up counted), N separate processes, and one killed."""
+    import json
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from pipeline.bench import scale
+
+    start = time.time()
+    tokenizer_dir = _tokenizer(tokenizer_dir, tiktoken)
+    docs, shards = _per_size(docs_spec, sizes, "--docs"), _per_size(shard_spec, sizes, "--shard-size")
+    devices = [str(i) for i in range(gpus)]
+    out = Path(out_path)
+
+    def extra_runs(size: str) -> bool:
+        return not node_sizes or size in node_sizes
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            records += scale.scaling(size, tokenizer_dir=tokenizer_dir, n_docs=docs[size], shard_size=shards[size],
+                                     workdir=Path(tmp), logs=out.parent / "logs", devices=devices,
+                                     workers=2 if gpus == 0 else gpus, lease_s=lease_seconds,
+                                     kill=extra_runs(size), nodes=extra_runs(size),
+                                     deadline=start + budget_seconds if budget_seconds else None)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(records, indent=1) + "\n")
+    click.echo(scale.table(records))
+    click.echo(f"results: {out_path}")
+
+
+def _per_size(specs: tuple[str, ...], sizes: tuple[str, ...], flag: str,
+              default: dict[str, int] | None = None) -> dict[str, int]:
+    """``N`` (every size) or ``SIZE=N`` values of a repeatable option -> {size: N}; sizes not named get
+    ``default``'s value."""
+    values = dict(default or {})
+    for spec in specs:
+        size, sep, n = spec.partition("=")
+        if not sep and size.isdigit():
+            values.update({s: int(size) for s in sizes})
+            continue
+        if not n.isdigit():
+            raise click.BadParameter(f"{spec!r}: expected N or SIZE=N", param_hint=flag)
+        values[size] = int(n)
+    missing = [s for s in sizes if s not in values]
+    if missing:
+        raise click.BadParameter(f"no value for {', '.join(missing)}", param_hint=flag)
+    return values
+
+
+def _tokenizer(tokenizer_dir: str | None, tiktoken: str | None) -> str:
+    import tempfile
+    from pathlib import Path
+
     from pipeline.bench.qwen_tokenizer import build_qwen_tokenizer
 
     if tokenizer_dir is None or not Path(tokenizer_dir).exists():
         target = Path(tokenizer_dir or tempfile.mkdtemp(prefix="qwen-tok-"))
         tokenizer_dir = str(build_qwen_tokenizer(target, append_eos=True, tiktoken_path=tiktoken))
-    small = ("0.6B", "tiny")
-    n_docs = {s: docs or (16000 if s in small else 4000) for s in sizes}
-    n_st = {s: st_docs or (3000 if s in small else 1500) for s in sizes}
-    budget = {s: batch_tokens or (65536 if s in small else 32768) for s in sizes}
-    records = bench_mod.main(list(sizes), tokenizer_dir, n_docs, budget, Path(out_path), compile=compile,
-                             long_docs=long_docs, st_docs=n_st, profile=profile, levers=levers,
-                             reference_docs=reference_docs, device=device)
-    click.echo(bench_mod.table(records))
-    click.echo(f"results: {out_path}")
-
+    return tokenizer_dir
 
 
 @click.command("bench-job")

@@ -4,6 +4,9 @@ Work is shared through shard claims (``claims.py``), never by a fixed split, so 
 and picks its GPU; any number of workers may join or leave. Local workers are spawned processes, one per GPU
 with its own ``CUDA_VISIBLE_DEVICES`` (or N CPU workers sharing the cores); the parent plans once, shows one
 progress bar from the shard markers, waits for the children, and reports the shards of a worker that failed.
+
+Start-up overlaps: the workers are started first and load their model (GPU workers: and warm up its compiled
+forward, from the shared compile cache) while the parent plans; they claim nothing until the plan is written.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | None) -> None:
+def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | None, planned=None,
+           parent: int | None = None) -> None:
     import threading
 
     # First thing: a signal that arrives while torch and the model load must stop the run, not kill it.
@@ -80,13 +84,29 @@ def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | Non
         import torch
 
         torch.set_num_threads(threads)
-    from pipeline.job.runner import run_job
+    from pipeline.job.runner import load_embedder, loads_during_planning, run_job
+    from pipeline.job.startup import ModelLoad
 
-    summary = run_job(cfg, stop=flag, lease_seconds=lease)
+    # The model loads while the parent plans; nothing is claimed before the plan is written.
+    loading = ModelLoad(lambda: load_embedder(cfg)) if loads_during_planning(cfg) else None
+    if planned is not None:
+        while not planned.wait(0.5):
+            if os.getppid() != parent:  # the parent died while planning: no plan will come
+                raise SystemExit(1)
+    summary = run_job(cfg, stop=flag, lease_seconds=lease, embedder=loading)
     if summary.failed:
         raise SystemExit(1)
     if summary.stopped_early:
         raise SystemExit(75)
+
+
+def _stop_unplanned(procs: list) -> None:
+    """End workers that are still waiting for the plan (they have claimed nothing, so nothing is lost)."""
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join()
 
 
 def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = None, lease: float,
@@ -116,13 +136,6 @@ def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = No
     # Installed before planning, so that a signal during a long plan stops the run (75) instead of killing it.
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        manifest = prepare(cfg, overwrite=overwrite)
-        if manifest.committed or all(is_done(Path(cfg.output), s) for s in manifest.shards):
-            try_commit(Path(cfg.output), manifest)  # nothing to embed: no worker to start, no model to load
-            return 0
-        if received:
-            log.warning("signal %d before the workers started: nothing done", received[0])
-            return 75
         envs: list[dict[str, str]] = []
         threads = None
         if gpus:
@@ -132,14 +145,29 @@ def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = No
             envs = [{"CUDA_VISIBLE_DEVICES": ""} for _ in range(workers)]
             child_cfg = dataclasses.replace(cfg, device="cpu", quiet=True)
             threads = max(1, _cpu_count() // workers)
+        # Workers start first, so that their start-up (imports, model load, compiled warm-up) overlaps the plan;
+        # they wait for it before claiming anything.
         ctx = mp.get_context("spawn")
+        planned = ctx.Event()
         for i, env in enumerate(envs):
-            p = ctx.Process(target=_child, args=(child_cfg, env, lease, threads), name=f"worker-{i}")
+            p = ctx.Process(target=_child, args=(child_cfg, env, lease, threads, planned, os.getpid()),
+                            name=f"worker-{i}")
             p.start()
             procs.append(p)
-        for p in procs if received else []:  # a signal that came while they were being started
-            if p.is_alive() and p.pid:
-                os.kill(p.pid, received[-1])
+        try:
+            manifest = prepare(cfg, overwrite=overwrite)
+        except BaseException:
+            _stop_unplanned(procs)
+            raise
+        if received:
+            _stop_unplanned(procs)
+            log.warning("signal %d while planning: nothing done", received[0])
+            return 75
+        if manifest.committed or all(is_done(Path(cfg.output), s) for s in manifest.shards):
+            _stop_unplanned(procs)  # nothing to embed: the workers have claimed nothing
+            try_commit(Path(cfg.output), manifest)
+            return 0
+        planned.set()
         log.info("%d workers started on %s", len(procs), cfg.output)
         bar = tqdm(total=manifest.total_rows, unit="doc", disable=cfg.quiet, dynamic_ncols=True,
                    desc=f"embedding x{len(procs)}")

@@ -49,7 +49,9 @@ def block_table(lengths: np.ndarray, block_m: int = BLOCK_M) -> np.ndarray:
 
 if triton is not None:
 
-    @triton.jit
+    # ``nblocks`` changes with every pack: left unspecialised, so Triton does not compile a variant of the kernel
+    # for each of its divisibility classes (by 16, or 1) in the middle of a run.
+    @triton.jit(do_not_specialize=["nblocks"])
     def _causal_fwd(Q, K, V, Out, CU_Q, CU_K, BLOCKS, nblocks, qk_scale,
                     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

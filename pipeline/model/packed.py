@@ -17,13 +17,20 @@ rounding:
 - with ``compile=True``, the work around attention (norms, projections, rope, MLP) is compiled by
   ``torch.compile`` with a dynamic token dimension (one graph for every pack length); attention runs
   eagerly between, so each pack's own lengths go to the kernel without recompiling.
+
+Start-up: the token dimension is marked dynamic before the first call, so one compilation (``warmup``, a small
+pack) makes the graph every pack uses, and compiled kernels are kept on disk between runs in
+``compile_cache_dir()`` (shared by every worker that sees the same folder).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +41,39 @@ from pipeline.model import attention
 log = logging.getLogger(__name__)
 
 PACKED_TYPES = {"qwen3", "qwen2"}
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled kernels are kept between runs: ``$EMBED_CORPUS_COMPILE_CACHE``, else
+    ``$XDG_CACHE_HOME/embed-corpus/compile`` (``~/.cache/embed-corpus/compile``)."""
+    explicit = os.environ.get("EMBED_CORPUS_COMPILE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "embed-corpus" / "compile"
+
+
+def use_compile_cache() -> Path:
+    """Point torch.compile's (Inductor's) and Triton's on-disk caches at ``compile_cache_dir()``, unless
+    ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` are set already (then those win). Their defaults live
+    under ``/tmp`` (Inductor) and ``~/.triton``: a cluster node's ``/tmp`` is often emptied between jobs, and a
+    folder on a shared filesystem lets every worker of every node reuse what the first one compiled (both
+    caches write each entry under a temporary name and rename it, so workers can share them).
+
+    Returns:
+        The folder in use for Inductor's cache.
+    """
+    root = compile_cache_dir()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def _dynamic_tokens(*tensors: torch.Tensor) -> None:
+    """Mark dimension 0 (tokens) dynamic, so the first compilation is the one every pack length uses (without
+    it, the first call compiles for its own length and the second compiles again)."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def supports_packing(model) -> bool:
@@ -203,15 +243,34 @@ class PackedDecoder:
                "post_pad": _post_attention_padded}
         self.compiled = bool(compile and on_cuda)
         if self.compiled:
-            # One graph serves every pack length (packs need no padding to fixed sizes): the first call compiles
-            # for its length, the second, of another length, recompiles with the token dimension dynamic, and
-            # that graph serves every later pack. Only that dimension: with all dimensions dynamic
-            # (``dynamic=True``) the generated kernels know no hidden size, and on an H200 the model ran 6%
-            # (4B) and 10% (0.6B) slower.
+            # One graph serves every pack length (packs need no padding to fixed sizes): the token dimension is
+            # marked dynamic before the first call (``_dynamic_tokens``), so the first compilation is the one
+            # every later pack uses. Only that dimension: with all dimensions dynamic (``dynamic=True``) the
+            # generated kernels know no hidden size, and on an H200 the model ran 6% (4B) and 10% (0.6B) slower.
+            use_compile_cache()
             fns = {k: torch.compile(f, dynamic=True if all_dims_dynamic else None) for k, f in fns.items()}
         self.pre, self.post, self.pre_pad, self.post_pad = fns["pre"], fns["post"], fns["pre_pad"], fns["post_pad"]
         log.info("packed forward: %s attention%s%s", self.kernel, ", compiled" if self.compiled else "",
                  ", float32 residual" if fp32_residual else "")
+
+    def warmup(self, lengths: tuple[int, ...] = (200, 61, 1)) -> float:
+        """Run one small pack through the forward, so that the compiled graphs and the attention kernel are built
+        (or read from the compile cache) before real work starts; every later pack reuses them.
+
+        Returns:
+            Seconds it took (compilation included), after a device synchronisation.
+        """
+        t0 = time.perf_counter()
+        lens = np.asarray(lengths, dtype=np.int64)
+        positions, cu = pack_arrays(lens)
+        vocab = int(self.model.embed_tokens.weight.shape[0])
+        ids = torch.arange(int(cu[-1]), device=self.device, dtype=torch.long) * 7919 % vocab
+        layout = tuple(torch.from_numpy(a).to(self.device) for a in self.host_layout(lens))
+        self.forward(ids, torch.from_numpy(positions).to(self.device), torch.from_numpy(cu).to(self.device),
+                     int(lens.max()), layout)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     def host_layout(self, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
         """What the kernel needs to know of a pack besides its cumulative lengths, computed on the host: the
@@ -270,11 +329,16 @@ class PackedDecoder:
         last = (cu[1:] - 1).long()
         n = len(last)
         *body, final = self.layers
+        if self.compiled:
+            _dynamic_tokens(x, cos, sin)
         for ly in body:
             q, k, v = self.pre(x, ly.ln1, ly.qkv, ly.qkv_b, ly.q_norm, ly.k_norm, cos, sin,
                                self.n_q, self.n_kv, self.head_dim, self.eps)
             a = self._attention(q, k, v, cu, cu, max_len, max_len, blocks)
-            x = self.post(x, a.reshape(a.shape[0], -1), ly.o, ly.ln2, ly.gate_up, ly.down, self.eps)
+            a = a.reshape(a.shape[0], -1)
+            if self.compiled:
+                _dynamic_tokens(a)
+            x = self.post(x, a, ly.o, ly.ln2, ly.gate_up, ly.down, self.eps)
         q, k, v = self.pre(x, final.ln1, final.qkv, final.qkv_b, final.q_norm, final.k_norm, cos, sin,
                            self.n_q, self.n_kv, self.head_dim, self.eps)
         # the last layer only at each sequence's last position: one query per sequence, over all its keys

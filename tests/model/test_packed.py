@@ -112,3 +112,94 @@ def test_auto_kernel_is_the_fastest_this_machine_runs(tiny_qwen3_dir):
         gpu = Embedder.load(str(tiny_qwen3_dir), device="cuda", attention="packed", compute_dtype="bfloat16",
                             compile=False)
         assert gpu.packed.kernel == ("triton" if attention.available() else "varlen")
+
+
+def test_default_token_budget_by_path_and_model_size():
+    from pipeline.model.encoder import default_batch_tokens
+
+    assert default_batch_tokens("packed", "cuda", 1024) == 65536  # Qwen3-Embedding-0.6B
+    assert default_batch_tokens("packed", "cuda", 2560) == 32768  # 4B
+    assert default_batch_tokens("padded", "cuda", 1024) == 16384
+    assert default_batch_tokens("padded", "cpu", 64) == 4096
+
+
+def test_compile_cache_goes_to_the_documented_folder_unless_the_user_chose_one(monkeypatch, tmp_path):
+    from pipeline.model.packed import compile_cache_dir, use_compile_cache
+
+    for var in ("EMBED_CORPUS_COMPILE_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_dir() == tmp_path / "xdg" / "embed-corpus" / "compile"
+    monkeypatch.setenv("EMBED_CORPUS_COMPILE_CACHE", str(tmp_path / "shared"))
+    assert use_compile_cache() == tmp_path / "shared" / "inductor"
+    import os
+
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "shared" / "triton")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache() == tmp_path / "mine"  # the user's own setting wins
+
+
+def test_warmup_runs_one_pack_and_leaves_the_vectors_alone(embedders):
+    _, packed = embedders
+    before = packed.embed_texts(TEXTS)
+    assert packed.packed.warmup() > 0
+    assert np.array_equal(before, packed.embed_texts(TEXTS))
+
+
+def _float32_reference(tiny_qwen3_dir):
+    """The float32 padded CPU path (itself checked against transformers' own forward in test_qwen_reference)."""
+    return Embedder.load(str(tiny_qwen3_dir), device="cpu", attention="padded")
+
+
+LONG_TEXTS = TEXTS + ["word " * n for n in (3, 40, 130, 257, 600, 1100)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_default_gpu_path_against_the_float32_reference(tiny_qwen3_dir):
+    """What ``embed-corpus run`` uses on a GPU: packed, Triton attention, torch.compile, bf16 weights, float32
+    residual stream; against float32, and no worse than the same path uncompiled."""
+    default = Embedder.load(str(tiny_qwen3_dir), device="cuda")
+    assert default.packed is not None and default.packed.compiled and default.packed.kernel == "triton"
+    assert default.info.compute_dtype == "bfloat16" and default.packed.fp32_residual
+    eager = Embedder.load(str(tiny_qwen3_dir), device="cuda", compile=False)
+    ref = _float32_reference(tiny_qwen3_dir).embed_texts(LONG_TEXTS)
+    compiled = (default.embed_texts(LONG_TEXTS) * ref).sum(1)
+    uncompiled = (eager.embed_texts(LONG_TEXTS) * ref).sum(1)
+    assert compiled.min() >= 0.995, compiled
+    assert compiled.min() >= uncompiled.min() - 1e-3, (compiled, uncompiled)
+    assert (ref[0] * ref[1]).sum() < 0.99  # the comparison has power
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_default_builds_its_graph_at_load_and_never_again(tiny_qwen3_dir):
+    """The warm-up at load compiles the one graph every pack length uses: packs of many lengths later (small
+    budget: many packs) add no graph, and give the float32 reference's vectors."""
+    from torch._dynamo.utils import counters
+
+    emb = Embedder.load(str(tiny_qwen3_dir), device="cuda", batch_tokens=300)
+    graphs = counters["stats"]["unique_graphs"]
+    enc = emb.tokenizer.encode(LONG_TEXTS * 3)
+    assert len(emb.plan_batches(enc.lengths)) > 5
+    got = emb.embed_encoded(enc)
+    assert counters["stats"]["unique_graphs"] == graphs, "a pack of a new length compiled again"
+    ref = _float32_reference(tiny_qwen3_dir).embed_encoded(enc)
+    assert (got * ref).sum(1).min() >= 0.995
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_default_real_command_on_gpu(tmp_path, tiny_qwen3_dir):
+    """``embed-corpus run`` on the GPU with every default: every id once, vectors of the float32 reference."""
+    docs = [{"id": f"d{i}", "text": t} for i, t in enumerate(LONG_TEXTS * 4)]
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    run_ok("run", "--input", str(src), "--output", str(tmp_path / "out"), "--model", str(tiny_qwen3_dir),
+           "--quiet", "--shard-size", "10")
+    got = read_vectors(tmp_path / "out")
+    assert_ids_once(got, [d["id"] for d in docs])
+    ref = _float32_reference(tiny_qwen3_dir).embed_texts([d["text"] for d in docs])
+    by_id = dict(zip(got.column("id").to_pylist(), np.stack(got.column("embedding").to_numpy(zero_copy_only=False)),
+                     strict=True))
+    cos = np.array([(by_id[d["id"]] * ref[i]).sum() for i, d in enumerate(docs)])
+    assert cos.min() >= 0.995, cos

@@ -1,0 +1,160 @@
+"""The real command, timed from outside: ``embed-corpus run`` in a subprocess, as a user starts it.
+
+The clock starts just before the process is started and stops when it exits. What happened in between is read
+from the shards' done-markers (each has ``finished_at`` and the shard's ``seconds``, so its start is known):
+
+- ``startup_s``: process start to the first shard's start (imports, planning, model load, compiled warm-up,
+  reading and tokenizing the first shard); the first pack goes to the GPU right after;
+- ``steady_tokens_per_s``: tokens over the span from the first shard's start to the last shard's end (the
+  definition ``embed-corpus status`` uses; with several workers, all of them together);
+- ``whole_tokens_per_s``: tokens over the whole wall time from process start to exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_args(inputs: list[Path], output: Path, model_dir: Path, *, shard_size: int | None = None,
+             extra: tuple[str, ...] = ()) -> list[str]:
+    """``python -m pipeline.cli run ...``: the ``embed-corpus`` console script's code path, in this interpreter."""
+    args = [sys.executable, "-m", "pipeline.cli", "run"]
+    for path in inputs:
+        args += ["--input", str(path)]
+    args += ["--output", str(output), "--model", str(model_dir), "--quiet"]
+    if shard_size:
+        args += ["--shard-size", str(shard_size)]
+    return args + list(extra)
+
+
+def command_env(*, compile_cache: Path | None = None, devices: str | None = None,
+                trace_recompiles: bool = False) -> dict[str, str]:
+    """The environment of a measured command: this checkout first on ``PYTHONPATH``; a compile cache of its
+    own (a fresh folder makes a cold start; the same folder again a warm one); the GPUs it may see."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    if compile_cache is not None:
+        env["EMBED_CORPUS_COMPILE_CACHE"] = str(compile_cache)
+        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        env.pop("TRITON_CACHE_DIR", None)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    if trace_recompiles:
+        env["TORCH_LOGS"] = "recompiles"  # a recompilation in the middle of a run shows in the log
+    return env
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, float]:
+    """Start the command with its output in ``log``; returns the process and the wall-clock start."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as f:
+        f.write(f"$ {' '.join(args)}\n".encode())
+        launched = time.time()
+        proc = subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(REPO))
+    return proc, launched
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float | None = None) -> float:
+    """Wait for the command; raise with the end of its log if it failed. Returns the wall-clock end."""
+    code = proc.wait(timeout=timeout)
+    ended = time.time()
+    if code != 0:
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise RuntimeError(f"command failed with exit code {code}:\n{tail}")
+    return ended
+
+
+def measure(args: list[str], env: dict[str, str], output: Path, log: Path, timeout: float | None = None
+            ) -> dict[str, Any]:
+    """Run one command to the end and return ``timings``."""
+    proc, launched = start(args, env, log)
+    ended = finish(proc, log, timeout)
+    return {**timings(output, launched, ended), "log": startup_log(output, launched)}
+
+
+def timings(output: Path, launched: float, ended: float | None = None) -> dict[str, Any]:
+    """Start-up, steady rate and whole-command rate of a finished output, from its done-markers.
+
+    Args:
+        output: the output directory.
+        launched: wall-clock time the first process was started.
+        ended: wall-clock time the last process exited (None: no whole-command figures).
+    """
+    from pipeline.job.sink import read_markers
+
+    done, _ = read_markers(output)
+    if not done:
+        raise RuntimeError(f"{output}: no finished shard")
+    starts = np.array([m["finished_at"] - m["seconds"] for m in done.values()])
+    ends = np.array([m["finished_at"] for m in done.values()])
+    tokens = int(sum(m["tokens"] for m in done.values()))
+    span = float(ends.max() - starts.min())
+    rec: dict[str, Any] = {
+        "shards": len(done),
+        "docs": int(sum(m["rows"] for m in done.values())),
+        "tokens": tokens,
+        "startup_s": round(float(starts.min() - launched), 2),
+        "steady_s": round(span, 2),
+        "steady_tokens_per_s": round(tokens / span) if span > 0 else None,
+        "workers": len({m.get("worker") for m in done.values()}),
+    }
+    if ended is not None:
+        rec["wall_s"] = round(ended - launched, 2)
+        rec["whole_tokens_per_s"] = round(tokens / (ended - launched))
+        rec["tail_s"] = round(float(ended - ends.max()), 2)  # last commit to exit
+    return rec
+
+
+def startup_log(output: Path, launched: float) -> list[str]:
+    """The start-up lines of the run's own log (``OUTPUT/logs/run-*.log``: model load, compiled warm-up, model
+    ready, first shard), each prefixed with its seconds since ``launched``: where the start-up time goes."""
+    import datetime
+
+    wanted = ("loaded in", "warmed up in", "model ready", "shards,", "scanning", "shard ")
+    lines: list[str] = []
+    for path in sorted((output / "logs").glob("run-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if not any(w in line for w in wanted):
+                continue
+            try:
+                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                lines.append(f"+{stamp - launched:6.2f}s {line[24:]}")
+            except ValueError:
+                lines.append(line)
+            if len(lines) >= 12:
+                return lines
+    return lines
+
+
+def kill_hard(proc: subprocess.Popen) -> None:
+    """``kill -9`` the process (a worker lost with its node)."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def read_output(output: Path) -> tuple[list[str], np.ndarray]:
+    """Ids and float32 vectors of a finished output, in the order the parts list them."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(output / "vectors")).to_table(columns=["id", "embedding"])
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return table.column("id").to_pylist(), vectors
+
+
+def compare_outputs(output: Path, reference: dict[str, np.ndarray], expected_ids: list[str]) -> dict[str, Any]:
+    """Every expected id exactly once, and the min cosine of each vector against the reference's."""
+    ids, vectors = read_output(output)
+    once = len(ids) == len(set(ids)) and sorted(ids) == sorted(expected_ids)
+    ref = np.stack([reference[i] for i in ids]) if once else None
+    return {"ids_once": once, "rows": len(ids),
+            "min_cosine_vs_reference": round(float((vectors * ref).sum(1).min()), 6) if ref is not None else None}
