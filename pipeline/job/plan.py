@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError, ManifestMismatch, where
 from pipeline.job import versions
 from pipeline.job.config import JobConfig, fingerprint_fields
-from pipeline.job.diff import Diff, Placed, Target, build_target, diff
+from pipeline.job.diff import Diff, Placed, Target, build_target, diff, member
 from pipeline.job.manifest import (
     DUP,
     EMBED,
@@ -229,8 +229,7 @@ def make_plan(out: Path, cfg: JobConfig, settings: dict[str, Any], infos: list[I
             shutil.rmtree(work, ignore_errors=True)
     if not dry_run:
         _write_rejects(out, manifest, rejects)
-    old_live = set(np.unique(placed.part[placed.live]).tolist())
-    manifest.counts = _counts(target, placed, d, old_live, sources, rejects)
+    manifest.counts = _counts(target, placed, d, sources, rejects)
     return manifest
 
 
@@ -461,39 +460,17 @@ def _write_rejects(out: Path, manifest: Manifest, rejects: list[Reject]) -> None
         log.warning("%s: %d bad rows skipped, listed in %s", path, len(rows), folder)
 
 
-def _counts(target: Target, placed: Placed, d: Diff, old_live: set[int], sources: dict[str, int],
-            rejects: list[Reject]) -> dict[str, int]:
+def _counts(target: Target, placed: Placed, d: Diff, sources: dict[str, int], rejects: list[Reject]
+            ) -> dict[str, int]:
     """What the run changes, by document: added, changed, deleted, unchanged; texts reused and deduplicated."""
-    live = placed.live
-    old_ids = _id_set(placed.h[live])
-    in_old = _member(target.h, old_ids)
+    old = placed.h[placed.live]
+    in_old = member(target.h, old)
     unchanged = d.stay >= 0
-    changed = in_old & ~unchanged
     counts = d.counts()
-    new_ids = _id_set(target.h)
-    deleted = int((~_member(old_ids, new_ids)).sum()) if len(old_ids) else 0
-    return {"docs": len(target), "added": int((~in_old).sum()), "changed": int(changed.sum()),
-            "deleted": deleted, "unchanged": int(unchanged.sum()), "reused": counts["reused"],
-            "embedded": counts["embedded"], "deduplicated": counts["deduplicated"], "rejected": len(rejects),
-            "pending_parts": sources.get("pending_parts", 0)}
-
-
-def _id_set(h: np.ndarray) -> np.ndarray:
-    rec = np.empty(len(h), dtype=[("a", "<u8"), ("b", "<u8")])
-    rec["a"], rec["b"] = h[:, 0], h[:, 1]
-    return np.unique(rec)
-
-
-def _member(h: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    if h.dtype.names is None:
-        rec = np.empty(len(h), dtype=[("a", "<u8"), ("b", "<u8")])
-        rec["a"], rec["b"] = h[:, 0], h[:, 1]
-    else:
-        rec = h
-    if not len(sorted_set):
-        return np.zeros(len(rec), bool)
-    pos = np.minimum(np.searchsorted(sorted_set, rec), len(sorted_set) - 1)
-    return sorted_set[pos] == rec
+    return {"docs": len(target), "added": int((~in_old).sum()), "changed": int((in_old & ~unchanged).sum()),
+            "deleted": int((~member(old, target.h)).sum()), "unchanged": int(unchanged.sum()),
+            "reused": counts["reused"], "embedded": counts["embedded"], "deduplicated": counts["deduplicated"],
+            "rejected": len(rejects), "pending_parts": sources.get("pending_parts", 0)}
 
 
 def _clean_after_replan(out: Path, new: Manifest, old: Manifest | None) -> None:

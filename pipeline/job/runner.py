@@ -32,6 +32,7 @@ from pipeline.job import versions
 from pipeline.job.assemble import PartCache, copied_table, output_table
 from pipeline.job.claims import DEFAULT_LEASE, Claims
 from pipeline.job.config import JobConfig
+from pipeline.job.diff import find, sort_order
 from pipeline.job.manifest import DUP, EMBED, REUSE, SAME, Manifest, Shard, load_manifest, read_work
 from pipeline.job.plan import prepare
 from pipeline.job.record import write_job_record
@@ -133,12 +134,6 @@ def _check_rows(manifest: Manifest, shard: Shard, table: pa.Table, work: pa.Tabl
         row = int(frow[np.flatnonzero(bad)[0]])
         raise InputError(f"{planned.file.path}: row {row} changed since the run was planned (its content digest no "
                          "longer matches): run the same command again to plan over the current input")
-
-
-def _key_records(k: np.ndarray) -> np.ndarray:
-    rec = np.empty(len(k), dtype=[("k1", "<u8"), ("k2", "<u8")])
-    rec["k1"], rec["k2"] = k[:, 0], k[:, 1]
-    return rec
 
 
 def _hkx(work: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -369,10 +364,9 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         nseq = np.zeros(len(dup), np.int64)
         for o in np.unique(owner_shard):
             owned = versions.part_placements(out, int(o))
-            keys = _key_records(owned.k)
-            order = np.argsort(keys, kind="stable")
+            order = sort_order([owned.k[:, 0], owned.k[:, 1]])
             sel = np.flatnonzero(owner_shard == o)
-            pos = order[np.searchsorted(keys[order], _key_records(k[sel]))]
+            pos = order[find([owned.k[order, 0], owned.k[order, 1]], [k[sel, 0], k[sel, 1]])]
             part[sel], prow[sel], nseq[sel] = o, owned.prow[pos], owned.nseq[pos]
         table = copied_table(cache, side, part, prow, nseq, cfg)
         return table, docs_table(h, k, x, np.cumsum(nseq) - nseq, nseq), 0

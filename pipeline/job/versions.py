@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ManifestMismatch, PipelineError
-from pipeline.job.diff import Placed
+from pipeline.job.diff import Placed, find, sort_order
 from pipeline.job.sink import POOL, docs_path, dups_path, part_path
 from pipeline.util import fault_point, write_json_atomic
 
@@ -186,12 +186,13 @@ def _build_version(out: Path, manifest: Manifest) -> None:
     placed = _version_placements(out, manifest)
     target = load_target(manifest.work_dir(out))
     # exactly once: the new version's parts hold every document of the target, and nothing else
-    prec = _hkx(placed.h, placed.k, placed.x)
-    trec = _hkx(target.h, target.k, target.x)
-    porder, torder = np.argsort(prec, kind="stable"), np.argsort(trec, kind="stable")
-    if len(prec) != len(trec) or not np.array_equal(prec[porder], trec[torder]):
-        missing = len(np.setdiff1d(trec, prec))
-        extra = len(prec) - len(np.unique(prec)) + len(np.setdiff1d(prec, trec))
+    pcols = [placed.h[:, 0], placed.h[:, 1], placed.k[:, 0], placed.k[:, 1], placed.x]
+    tcols = [target.h[:, 0], target.h[:, 1], target.k[:, 0], target.k[:, 1], target.x]
+    porder, torder = sort_order(pcols), sort_order(tcols)
+    if len(porder) != len(torder) or not all(np.array_equal(p[porder], t[torder]) for p, t in
+                                             zip(pcols, tcols, strict=True)):
+        missing = int((find([c[porder] for c in pcols], tcols) < 0).sum())
+        extra = len(porder) - (len(torder) - missing)
         raise PipelineError(f"{out}: the parts of version {n} do not hold the corpus exactly once ({missing} "
                             f"documents missing, {extra} extra); nothing was switched. Rerun the same command.")
     rows = pa.table({
@@ -222,12 +223,6 @@ def _build_version(out: Path, manifest: Manifest) -> None:
     fault_point("before-version-rename")
     os.rename(tmp, final)
     _fsync_dir(final.parent)
-
-
-def _hkx(h: np.ndarray, k: np.ndarray, x: np.ndarray) -> np.ndarray:
-    rec = np.empty(len(x), dtype=[("h1", "<u8"), ("h2", "<u8"), ("k1", "<u8"), ("k2", "<u8"), ("x", "<u8")])
-    rec["h1"], rec["h2"], rec["k1"], rec["k2"], rec["x"] = h[:, 0], h[:, 1], k[:, 0], k[:, 1], x
-    return rec
 
 
 def _switch(out: Path, n: int) -> None:
