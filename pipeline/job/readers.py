@@ -350,20 +350,3 @@ def parquet_row_groups(file: InputFile) -> list[int]:
     """Row counts of each row group, from the footer."""
     meta = open_parquet(file).metadata
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-
-
-def jsonl_line_offsets(file: InputFile, every: int) -> tuple[list[int] | None, int]:
-    """Byte offsets of lines ``0, every, 2*every, ...`` and the number of lines.
-
-    Compressed files cannot be entered in the middle, so they get ``None`` offsets (their shards are line
-    ranges read from the start of the stream).
-    """
-    offsets: list[int] | None = [] if file.compression is None else None
-    n, offset = 0, 0
-    with _open_text_stream(file.path, file.compression) as stream:
-        for line in _lines(file, stream):
-            if offsets is not None and n % every == 0:
-                offsets.append(offset)
-            offset += len(line)
-            n += 1
-    return offsets, n

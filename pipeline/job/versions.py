@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ManifestMismatch, PipelineError
 from pipeline.job.diff import Placed, find, sort_order
-from pipeline.job.sink import POOL, docs_path, dups_path, part_path
+from pipeline.job.sink import POOL, docs_path, part_path
 from pipeline.util import fault_point, write_json_atomic
 
 if TYPE_CHECKING:
@@ -122,14 +122,6 @@ def placements(out: Path, n: int) -> Placed:
 def part_placements(out: Path, part: int) -> Placed:
     """The documents of one part (from its document index)."""
     return _placed(pq.read_table(docs_path(out, part)), live=False, part=part)
-
-
-def live_rows(output: str | Path, n: int | None = None) -> pa.Table | None:
-    """``rows.parquet`` of version ``n`` (default: the live one), or None."""
-    out = Path(output)
-    n = live_version(out) if n is None else n
-    path = version_dir(out, n) / ROWS
-    return pq.read_table(path) if n and path.exists() else None
 
 
 # --------------------------------------------------------------------------------------------- commit
@@ -261,10 +253,6 @@ def collect_garbage(out: Path, keep: set[int]) -> None:
     for path in pool.glob("part-*.docs.parquet"):
         if not part_path(out, int(path.name[5:11])).exists():
             path.unlink(missing_ok=True)
-
-
-def remove_dups(out: Path, shard: int) -> None:
-    dups_path(out, shard).unlink(missing_ok=True)
 
 
 def publish(out: Path, add: list[int], drop: Iterable[int] = ()) -> int:
