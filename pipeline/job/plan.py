@@ -33,7 +33,7 @@ from pipeline.job.readers import (
     jsonl_line_offsets,
     parquet_row_groups,
 )
-from pipeline.job.records import FieldSpec, Reject, extract, file_has_ids, iter_raw
+from pipeline.job.records import FieldSpec, Reject, check_fields, extract, file_has_ids, iter_raw
 from pipeline.util import locked, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,8 @@ def _row_group_ranges(groups: list[int], shard_size: int) -> list[tuple[int, int
 
 
 def _add_files(out: Path, manifest: Manifest, new: list[InputFile], cfg: JobConfig) -> None:
-    spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
+    spec = FieldSpec.of(cfg)
+    new = check_fields(new, [pf.file for pf in manifest.files], spec)  # records.py: fields exist, id kinds, kept types
     first_idx = len(manifest.files)
     scans = []
     for info in new:
