@@ -106,14 +106,14 @@ def _prefetch(items: Iterable[Shard], load, depth: int) -> Iterator[tuple[Shard,
     stop = threading.Event()
 
     def work() -> None:
-        for shard in items:
-            if stop.is_set():
-                break
-            try:
+        try:  # around the claiming too: a claim that cannot be written (a full disk) must not hang the consumer
+            for shard in items:
+                if stop.is_set():
+                    break
                 q.put((shard, load(shard), None))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                q.put((shard, None, exc))
-                return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put((None, None, exc))
+            return
         q.put(None)
 
     thread = threading.Thread(target=work, name="prefetch", daemon=True)
@@ -208,6 +208,10 @@ def _run(
     log.info("%s: %d shards, %d pending", out, len(manifest.shards), len(pending))
     if not pending:
         return summary
+    if stop is not None and stop.is_set():  # a signal came before or while planning: no model work
+        summary.stopped_early = True
+        log.warning("stop requested before the model was loaded: %d shards left for the next run", len(pending))
+        return summary
     embedder = embedder or load_embedder(cfg)
     write_job_record(out, cfg, embedder)
     spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
@@ -217,6 +221,14 @@ def _run(
         return table, embedder.tokenizer.encode(table.column("text").to_pylist())
 
     def commit(shard: Shard, table: pa.Table, enc: Encoded, vectors: np.ndarray, t0: float) -> None:
+        try:
+            _commit(shard, table, enc, vectors, t0)
+        except BaseException:
+            # This shard will not be done by us: stop claiming, or the loop would wait for it forever (a full disk)
+            halt.set()
+            raise
+
+    def _commit(shard: Shard, table: pa.Table, enc: Encoded, vectors: np.ndarray, t0: float) -> None:
         if not claims.owns(shard):
             log.warning("shard %d: the claim was taken over by another worker; dropping this result", shard.id)
             claims.forget(shard)
@@ -240,8 +252,9 @@ def _run(
     halt = threading.Event()  # set when this loop ends, so the claiming thread stops at once
     start = time.perf_counter()
     with Claims(out, lease_seconds) as claims:
+        shards = _prefetch(_claimed(manifest, claims, halt, stop), load, PREFETCH)
         try:
-            for shard, (table, enc) in _prefetch(_claimed(manifest, claims, halt, stop), load, PREFETCH):
+            for shard, (table, enc) in shards:
                 t0 = time.perf_counter()
                 first_chunk = enc.chunk == 0
 
@@ -268,7 +281,8 @@ def _run(
             if writing is not None:
                 writing.result()
         finally:
-            halt.set()
+            halt.set()  # before the prefetch is closed: its claiming thread may be waiting for this (a failed commit)
+            shards.close()
             writer.shutdown(wait=True)
             bar.close()
             summary.seconds = time.perf_counter() - start

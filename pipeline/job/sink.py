@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import raise_if_full
 from pipeline.job.plan import Shard
 from pipeline.util import write_json_atomic
 
@@ -59,9 +60,14 @@ def write_part(out: Path, shard: Shard, table: pa.Table) -> Path:
     final = part_path(out, shard)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=65536)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=65536)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as exc:  # a full disk: leave no partial file, say where and how much
+        tmp.unlink(missing_ok=True)
+        raise_if_full(exc, final, needed=table.nbytes)
+        raise
     os.replace(tmp, final)
     return final
 

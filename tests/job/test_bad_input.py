@@ -464,3 +464,139 @@ def test_a_folder_symlink_loop_is_not_followed(tmp_path, minilm_dir):
     out = tmp_path / "out"
     run_ok(*embed_args([corpus], out))
     assert_ids_once(read_vectors(out), [d["id"] for d in make_docs(3)])
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+
+
+def _one_error_line(result, code: int, *needles: str) -> str:
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), f"crashed: {result.exception!r}"
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def _invoke_within(seconds: int, *args):
+    """``invoke``, failing the test (instead of hanging the whole run) when it does not end in time."""
+    import signal
+
+    class Hung(Exception):
+        pass
+
+    def alarm(*_):
+        raise Hung(f"still running after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        result = invoke(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert not isinstance(result.exception, Hung), f"the run hung: {result.exception}"
+    return result
+
+
+@pytest.mark.parametrize("failing", [3, 5])
+def test_full_disk_while_writing_a_part(tmp_path, minilm_dir, monkeypatch, failing):
+    """ENOSPC as PyArrow raises it, on a middle part or on the last one (whose failure no later shard reveals): one
+    error line naming the part, the free space and the space needed, exit code 74, no hang; nothing finished is
+    lost, no partial file is left, and the rerun finishes."""
+    import pyarrow.parquet as pq
+
+    docs = make_docs(50)
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    out = tmp_path / "out"
+    args = embed_args([path], out, "--shard-size", "10")
+    real, calls = pq.write_table, []
+
+    def full_on_one(table, where, **kwargs):
+        calls.append(where)
+        if len(calls) == failing:
+            Path(where).write_bytes(b"partial")
+            raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+        return real(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", full_on_one)
+    line = _one_error_line(_invoke_within(120, *args), 74, "no space left", f"part-00000{failing - 1}.parquet",
+                           "free there", "needed")
+    assert "rerun" in line
+    assert len(done_markers(out)) == failing - 1
+    assert not [p for p in (out / "vectors").iterdir() if p.name.startswith(".")], "a partial file was left"
+    monkeypatch.undo()
+    run_ok(*args)
+    assert_ids_once(read_vectors(out), [d["id"] for d in docs])
+
+
+def test_full_disk_while_planning(tmp_path, minilm_dir, monkeypatch):
+    """ENOSPC on the manifest's fsync: one error line naming the manifest, exit code 74, no temporary file left."""
+    import os
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    guard = ModelGuard(monkeypatch)
+    out = tmp_path / "out"
+    result = invoke(*embed_args([write_jsonl(tmp_path / "c.jsonl", make_docs(5))], out))
+    assert guard.calls == 0
+    _one_error_line(result, 74, "no space left", str(out / "manifest.json"), "free there")
+    assert not list(out.glob(".manifest.json.tmp-*"))
+
+
+def test_full_disk_in_the_index_step(tmp_path, minilm_dir, monkeypatch):
+    """faiss says it in a RuntimeError: still one error line naming the index file, exit code 74."""
+    import faiss
+
+    def full(index, path):
+        raise RuntimeError(f"Error in void faiss::write_index(const Index*, IOWriter*, int) at index_write.cpp:499: "
+                           f"Error: 'ret == (size * 4)' failed: write error in {path}: 4051 != 2560000 "
+                           "(No space left on device)")
+
+    monkeypatch.setattr(faiss, "write_index", full)
+    out = tmp_path / "out"
+    result = invoke(*embed_args([write_jsonl(tmp_path / "c.jsonl", make_docs(20))], out, "--index"))
+    _one_error_line(result, 74, "index:", "no space left", str(out / "index"), "free there")
+    assert len(done_markers(out)) == 1  # the vectors are kept
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_real_full_disk(tmp_path, minilm_dir, workers):
+    """The output on a tiny tmpfs (needs root; skipped elsewhere): exit 74 with one error line, in the single worker
+    and with --workers; after the disk grows, the same command finishes with every id once."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "400k"):
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        docs = make_docs(300, seed=3)
+        path = write_jsonl(tmp_path / "c.jsonl", docs)
+        args = embed_args([path], disk / "out", "--shard-size", "100", "--workers", str(workers))
+        cmd = [sys.executable, "-m", "pipeline.cli", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 74, proc.stderr
+        assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+        assert "no space left" in errors[0] and str(disk) in errors[0] and "free there" in errors[0]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert_ids_once(read_vectors(disk / "out"), [d["id"] for d in docs])
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

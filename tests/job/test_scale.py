@@ -278,6 +278,29 @@ def test_two_workers_one_killed_mid_shard_the_other_takes_over(tmp_path, corpus,
     check_same_as_one_worker(out, reference, ids)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_while_the_command_starts_exits_75(tmp_path: Path, minilm_dir: Path, workers: str) -> None:
+    """SIGTERM in the first moments (here: as soon as the child has imported click, long before ``run`` is
+    called) stops the run with 75 like any other, instead of killing it (-15) (issue 13, item 13)."""
+    write_jsonl(tmp_path / "in.jsonl", make_docs(30))
+    args = embed_args([tmp_path / "in.jsonl"], tmp_path / "out", "--workers", workers)
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=subprocess_env(), cwd=tmp_path)
+    try:
+        assert proc.stderr is not None
+        for raw in proc.stderr:  # -X importtime: a line per module once imported
+            if raw.decode(errors="replace").split("|")[-1].strip() == "click":
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "\n".join(line for line in rest.decode().splitlines() if not line.startswith("import time"))
+    assert proc.returncode == 75, log
+    assert "rerun the same command" in log
+
+
 def test_workers_2_equals_one_worker(tmp_path, corpus, reference):
     corpus_dir, ids = corpus
     out = tmp_path / "out"
