@@ -190,7 +190,7 @@ def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: th
             # result is dropped (its claim was taken over while this worker stalled) is back in play.
             halt.wait(0.2)
             continue
-        log.info("%d shards are claimed by other workers; waiting for them or for their lease to run out", len(left))
+        claims.note_waiting(left)  # which shards, which workers, when their leases run out (WARNING once)
         pause = min(2 * pause, 5.0, claims.lease / 10)
         halt.wait(pause)
 
