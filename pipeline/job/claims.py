@@ -53,15 +53,19 @@ def _start_ticks(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
-@functools.cache
 def process_identity() -> dict[str, Any]:
     """What tells this process apart on this machine: host, boot id, pid namespace, pid, start time (Linux)."""
+    return dict(_identity(os.getpid()))  # keyed by pid: a forked child is another process
+
+
+@functools.cache
+def _identity(pid: int) -> dict[str, Any]:
     try:
         pid_ns = str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:
         pid_ns = None
     return {"host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
-            "pid_ns": pid_ns, "pid": os.getpid(), "started": _start_ticks(os.getpid())}
+            "pid_ns": pid_ns, "pid": pid, "started": _start_ticks(pid)}
 
 
 def process_is_gone(claim: dict[str, Any]) -> bool:
