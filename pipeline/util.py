@@ -7,6 +7,7 @@ import fcntl
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +17,18 @@ from typing import Any
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary name, fsync, then rename: readers see the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # e.g. a full disk: leave no partial file, and name the file the error is about
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 @contextlib.contextmanager
@@ -42,11 +50,31 @@ def configure_logging() -> None:
         handler.setLevel(logging.WARNING)
 
 
+class _LogFile(logging.FileHandler):
+    """A run's log file that, when it cannot be written (a full disk), says so once and stops, instead of printing
+    a traceback on the console for every message (``logging``'s default)."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        self.broken = True
+        sys.stderr.write(f"warning: the log file {self.baseFilename} cannot be written ({exc.strerror}); "
+                         "no more messages go to it\n")
+
+
 def attach_log_file(out: Path) -> logging.Handler:
     """Log this process's ``pipeline`` messages (INFO and up) to ``OUTPUT/logs/run-<time>-<pid>.log``."""
     folder = out / "logs"
     folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    handler = _LogFile(folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger("pipeline")

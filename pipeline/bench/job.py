@@ -54,7 +54,7 @@ def job_vs_plain(job_file: str, workdir: Path) -> dict[str, Any]:
     summary = run_job(cfg, overwrite=True, embedder=emb)
     job_s = time.perf_counter() - t0
     manifest = load_manifest(cfg.output)
-    spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
+    spec = FieldSpec.of(cfg)
     embed = [s for s in manifest.shards if s.kind == "embed"]
     texts = [t for s in embed for t in read_shard(manifest, s, spec).column("text").to_pylist()]
     plain_s, plain_tokens = plain_loop(emb, texts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -10,7 +11,7 @@ from typing import Any
 
 import click
 
-from pipeline.errors import EXIT_ERROR
+from pipeline.errors import EXIT_ERROR, EXIT_STORAGE, full_disk_error
 from pipeline.job.config import JobConfig, field_choices
 
 
@@ -18,6 +19,26 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     """Print ``error: MESSAGE`` on stderr and exit with ``code``."""
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def fail_if_full_disk(exc: BaseException, path: str | os.PathLike[str] | None = None, *, prefix: str = "") -> None:
+    """Exit with one ``error:`` line and code 74 when ``exc`` comes from a full disk or quota (anywhere in its
+    chain of causes): the path written (else ``path``), the free space there. Returns otherwise."""
+    found = full_disk_error(exc, path)
+    if found is not None:
+        fail(prefix + str(found), EXIT_STORAGE)
+
+
+class Group(click.Group):
+    """The command group: a full disk in any command ends as one ``error:`` line with exit code 74, not a
+    traceback (whichever library raised it: Python, PyArrow, NumPy, faiss)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            fail_if_full_disk(exc)
+            raise
 
 
 def _base_type(tp: Any) -> Any:

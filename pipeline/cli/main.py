@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.cli.bench import bench, bench_job, bench_scale
+from pipeline.cli.common import Group
 from pipeline.cli.index import eval_cmd, index, search
 from pipeline.cli.run import run, status
 from pipeline.cli.serve import serve
@@ -12,7 +13,7 @@ from pipeline.cli.slurm import slurm
 from pipeline.util import configure_logging
 
 
-@click.group()
+@click.group(cls=Group)
 @click.version_option(package_name="embed-corpus")
 def main() -> None:
     """embed-corpus: turn Parquet/JSONL corpora into embedding vectors, resumably."""

@@ -7,12 +7,13 @@ import json
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import click
 
-from pipeline.cli.common import config_options, fail
-from pipeline.errors import EXIT_STOPPED, PipelineError
+from pipeline.cli.common import config_options, fail, fail_if_full_disk
+from pipeline.errors import EXIT_STOPPED, EXIT_STORAGE, PipelineError, StorageError
 from pipeline.job.config import ConfigError, JobConfig, build_config
 
 
@@ -30,8 +31,10 @@ def run(job_file: str | None, overwrite: bool, build_index: bool | None, plan_on
 
     The output follows the input: rerunning the same command resumes an interrupted run, and over an edited
     input embeds only what changed (new and edited documents; deleted ones leave the output). Readers see one
-    version at a time (OUTPUT/vectors). SIGTERM/SIGUSR1 finish the current shard and exit with code 75.
+    version at a time (OUTPUT/vectors). SIGTERM/SIGUSR1 finish the current shard and exit
+    with code 75; a full disk exits with code 74.
     """
+    from pipeline.cli import EARLY_SIGNALS, STOP_SIGNALS
     from pipeline.job.runner import run_job
 
     try:
@@ -49,12 +52,20 @@ def run(job_file: str | None, overwrite: bool, build_index: bool | None, plan_on
 
         try:
             code = run_workers(cfg, workers=cfg.workers, gpus=parse_gpus(cfg.gpus) if cfg.gpus else None,
-                               lease=cfg.lease_seconds, overwrite=overwrite)
+                               lease=cfg.lease_seconds, overwrite=overwrite, signals=EARLY_SIGNALS)
+        except StorageError as exc:
+            fail(str(exc), EXIT_STORAGE)
+            return
         except (PipelineError, ConfigError) as exc:
             fail(str(exc))
             return
+        except Exception as exc:
+            fail_if_full_disk(exc, cfg.output)
+            raise
         if code == EXIT_STOPPED:
             fail("stopped before the end; rerun the same command to resume", EXIT_STOPPED)
+        elif code == EXIT_STORAGE:
+            fail(f"a worker stopped on a full disk (see above): {StorageError(cfg.output)}", EXIT_STORAGE)
         elif code:
             fail("a worker failed (see above); rerun the same command to finish", code)
         _index_after_run(cfg)
@@ -65,16 +76,24 @@ def run(job_file: str | None, overwrite: bool, build_index: bool | None, plan_on
         logging.getLogger("pipeline").warning("signal %d: finishing the current shard, then stopping", signum)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
+    if EARLY_SIGNALS:  # one came while the command was starting (see pipeline/cli/__init__.py)
+        on_signal(EARLY_SIGNALS[0], None)
     try:
         from pipeline.job.ranks import device_for_rank
 
         cfg = dataclasses.replace(cfg, device=device_for_rank(cfg.device))
         summary = run_job(cfg, overwrite=overwrite, stop=stop, lease_seconds=cfg.lease_seconds)
+    except StorageError as exc:
+        fail(str(exc), EXIT_STORAGE)
+        return
     except (PipelineError, ConfigError) as exc:
         fail(str(exc))
         return
+    except Exception as exc:
+        fail_if_full_disk(exc, cfg.output)
+        raise
     if not cfg.quiet:
         click.echo(_summary_line(cfg.output, summary))
     if summary.stopped_early:
@@ -126,9 +145,15 @@ def _index_after_run(cfg: JobConfig) -> None:
 
     try:
         info = ensure_index(cfg.output, **cfg.index)
+    except StorageError as exc:
+        fail(f"index: {exc}", EXIT_STORAGE)
+        return
     except PipelineError as exc:
         fail(f"index: {exc}")
         return
+    except Exception as exc:
+        fail_if_full_disk(exc, Path(cfg.output) / "index", prefix="index: ")
+        raise
     if not cfg.quiet:
         recall = info.get("recall@10")
         click.echo(f"{cfg.output}/index: {info.get('factory')}, {info.get('ntotal'):,} vectors"

@@ -40,6 +40,9 @@ log = logging.getLogger("pipeline.serve")
 @click.option("--rerank-model", default=None, help="Reranker for /v1/rerank and /search (Qwen3-Reranker or a "
               "cross-encoder).")
 @click.option("--rerank-instruction", default=None, help="Qwen3-Reranker task instruction.")
+@click.option("--trust-remote-code", is_flag=True, default=False,
+              help="Allow the model folder's own Python code (needed to serve a job made with it; never taken from "
+              "OUTPUT/job.json alone).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning",
               show_default=True)
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
@@ -47,7 +50,7 @@ def serve(output: str | None, model: str | None, host: str, port: int, api_key: 
           served_names: tuple[str, ...], device: str | None, threads: int | None, input_type: str,
           instruction: str | None, batch_tokens: int, max_wait_ms: float, max_batch: int | None, max_inputs: int,
           max_request_tokens: int, max_queue: int, rerank_model: str | None, rerank_instruction: str | None,
-          log_level: str, access_log: bool) -> None:
+          trust_remote_code: bool, log_level: str, access_log: bool) -> None:
     """Serve OUTPUT's model (or --model M) over an OpenAI-compatible /v1/embeddings, with /search and /v1/rerank.
 
     Queries are embedded as the job recorded (model, prompt, dims, normalisation), so their vectors match OUTPUT's.
@@ -82,7 +85,8 @@ def serve(output: str | None, model: str | None, host: str, port: int, api_key: 
     except ImportError:  # pragma: no cover
         pass
     try:
-        service = Service.load(output, model=model, device=device, options=options, rerank_model=rerank_model)
+        service = Service.load(output, model=model, device=device, options=options, rerank_model=rerank_model,
+                               trust_remote_code=trust_remote_code)
     except PipelineError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -6,15 +6,25 @@ the same shard at once; a claim whose heartbeat is older than the lease belongs 
 may be taken over. A worker checks that it still owns its claim before it commits a shard, so a worker that
 stalled past its lease drops its result instead of committing it. Because every shard has exactly one part
 file (written by rename), even a commit race leaves every id exactly once.
+
+A claim also records its process: host name, boot id, pid namespace, pid and the process's start time. A claim
+of a process that is gone from this very machine (same host name, same boot, same pid namespace; the pid is
+free, or now belongs to a process started later) is taken over at once, without waiting out the lease: that
+is a worker killed with -9 on this host. Anything less certain (another host, a container with the same host
+name, no /proc) waits for the lease.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline.job.manifest import Shard
 from pipeline.job.ranks import worker_name
@@ -24,6 +34,53 @@ from pipeline.util import locked, write_json_atomic
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE = 300.0
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks after boot, ``/proc/PID/stat`` field 22); None if it is gone
+    (or a zombie: dead, not yet reaped by its parent)."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the fields after "pid (comm)": state (field 3) ... starttime (22)
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def process_identity() -> dict[str, Any]:
+    """What tells this process apart on this machine: host, boot id, pid namespace, pid, start time (Linux)."""
+    return dict(_identity(os.getpid()))  # keyed by pid: a forked child is another process
+
+
+@functools.cache
+def _identity(pid: int) -> dict[str, Any]:
+    try:
+        pid_ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pid_ns = None
+    return {"host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": pid_ns, "pid": pid, "started": _start_ticks(pid)}
+
+
+def process_is_gone(claim: dict[str, Any]) -> bool:
+    """Whether the process that wrote ``claim`` certainly no longer runs: it ran on this machine (host name, boot
+    and pid namespace all match this process's) and its pid is free or belongs to a process started since."""
+    me = process_identity()
+    if None in (me["boot_id"], me["pid_ns"], me["started"]):
+        return False  # no /proc: nothing is certain
+    if any(claim.get(k) != me[k] for k in ("host", "boot_id", "pid_ns")) or not claim.get("started"):
+        return False
+    pid = claim.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    return _start_ticks(pid) != claim["started"]
 
 
 class Claims:
@@ -47,6 +104,7 @@ class Claims:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._waited_for: set[frozenset[str]] = set()
 
     def path(self, shard: Shard) -> Path:
         return self.folder / f"{shard.name}.claim"
@@ -60,24 +118,38 @@ class Claims:
 
     @staticmethod
     def _read(path: Path) -> tuple[str | None, float]:
+        data, age = Claims._read_claim(path)
+        return data.get("worker"), age
+
+    @staticmethod
+    def _read_claim(path: Path) -> tuple[dict[str, Any], float]:
+        """(the claim's content, seconds since its last heartbeat); ({}, inf) when there is none."""
         try:
             age = time.time() - path.stat().st_mtime
-            return json.loads(path.read_text()).get("worker"), age
+            data = json.loads(path.read_text())
+            return (data if isinstance(data, dict) else {}), age
         except (OSError, ValueError):
-            return None, float("inf")
+            return {}, float("inf")
 
     def try_claim(self, shard: Shard) -> bool:
         """Take ``shard`` if it is not done and nobody else holds a live claim on it."""
         with locked(self.out / ".claims.lock"):
             if self._done(shard):
                 return False
-            owner, age = self._owner(shard)
-            if owner is not None and owner != self.worker and age <= self.lease:
-                return False
+            claim, age = self._read_claim(self.path(shard))
+            owner = claim.get("worker")
             if owner is not None and owner != self.worker:
-                log.warning("shard %d: taking over the claim of %s (no heartbeat for %.0fs)", shard.id, owner, age)
+                if process_is_gone(claim):
+                    log.warning("shard %d: taking over the claim of %s (its process %s on this host is gone)",
+                                shard.id, owner, claim.get("pid"))
+                elif age <= self.lease:
+                    return False
+                else:
+                    log.warning("shard %d: taking over the claim of %s (no heartbeat for %.0fs)", shard.id, owner,
+                                age)
             now = time.time()
-            write_json_atomic(self.path(shard), {"shard": shard.id, "worker": self.worker, "claimed_at": now})
+            write_json_atomic(self.path(shard), {"shard": shard.id, "worker": self.worker, "claimed_at": now,
+                                                 **process_identity()})
         with self._lock:
             self.held.add(shard.id)
             self.claimed_at[shard.id] = now
@@ -87,6 +159,32 @@ class Claims:
         """Count ``rows`` more documents of ``shard`` done; the next heartbeat writes them into the claim."""
         with self._lock:
             self.rows_done[shard.id] = self.rows_done.get(shard.id, 0) + rows
+
+    def note_waiting(self, shards: list[Shard]) -> None:
+        """Say which shards are held by which live workers and when their leases run out, while this worker has
+        nothing left to do but wait for them: at WARNING once per set of workers waited for, else at INFO."""
+        by_worker: dict[str, list[int]] = {}
+        lease_left: dict[str, float] = {}
+        for shard in shards:
+            claim, age = self._read_claim(self.path(shard))
+            owner = claim.get("worker")
+            if owner is None or owner == self.worker:
+                continue
+            by_worker.setdefault(owner, []).append(shard.id)
+            lease_left[owner] = min(lease_left.get(owner, float("inf")), max(0.0, self.lease - age))
+        if not by_worker:
+            return
+        what = "; ".join(f"shards {', '.join(map(str, ids[:10]))}{' ...' if len(ids) > 10 else ''} held by "
+                         f"{w} (taken over in {lease_left[w]:.0f}s unless its heartbeat goes on)"
+                         for w, ids in sorted(by_worker.items()))
+        key = frozenset(by_worker)
+        with self._lock:
+            busy = bool(self.held)  # its own shards are still in flight: that is not waiting
+        if busy or key in self._waited_for:
+            log.info("waiting for other workers: %s", what)
+            return
+        self._waited_for.add(key)
+        log.warning("waiting for other workers to finish their shards: %s", what)
 
     def owns(self, shard: Shard) -> bool:
         owner, _ = self._owner(shard)
@@ -139,8 +237,9 @@ class Claims:
                         lost.append(sid)
                         continue
                     try:  # the claim's mtime is the heartbeat; its body carries the shard's progress
-                        write_json_atomic(path, {"shard": sid, "worker": self.worker, "rows_done": rows.get(sid, 0),
-                                                 "claimed_at": since.get(sid), "beat_at": time.time()})
+                        write_json_atomic(path, {"shard": sid, "worker": self.worker, "claimed_at": since.get(sid),
+                                                 "rows_done": rows.get(sid, 0), "beat_at": time.time(),
+                                                 **process_identity()})
                     except OSError:
                         lost.append(sid)
             for sid in lost:

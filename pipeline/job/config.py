@@ -57,6 +57,10 @@ class JobConfig:
         default="text", metadata=_opt("Text column, or a template like '{title} {text}'.", fp=True)
     )
     id_field: str = field(default="id", metadata=_opt("Id column; absent: FILE#ROW ids.", fp=True))
+    id_field_given: bool = field(
+        default=False,
+        metadata=_opt("Whether id_field was set (job file, flag): then every file must have it.", cli=False),
+    )
     keep: tuple[str, ...] = field(default=(), metadata=_opt("Input columns copied to the output.", fp=True))
     dims: int | None = field(default=None, metadata=_opt("Matryoshka output dims (first N, re-normalised).", fp=True))
     max_length: int | None = field(
@@ -251,6 +255,7 @@ def make_config(values: dict[str, Any]) -> JobConfig:
         value = values[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"{name}: {value!r} must be an integer")
+    values.setdefault("id_field_given", values.get("id_field") is not None)  # named, even as the default "id"
     try:
         cfg = JobConfig(**values)
     except TypeError as exc:

@@ -19,6 +19,7 @@ import os
 import signal
 from pathlib import Path
 
+from pipeline.errors import EXIT_STORAGE
 from pipeline.job.config import JobConfig
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | Non
         import torch
 
         torch.set_num_threads(threads)
+    from pipeline.errors import EXIT_ERROR, EXIT_STORAGE, PipelineError, full_disk_error
     from pipeline.job.runner import load_embedder, loads_during_planning, run_job
     from pipeline.job.startup import ModelLoad
 
@@ -93,7 +95,14 @@ def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | Non
         while not planned.wait(0.5):
             if os.getppid() != parent:  # the parent died while planning: no plan will come
                 raise SystemExit(1)
-    summary = run_job(cfg, stop=flag, lease_seconds=lease, embedder=loading)
+    try:
+        summary = run_job(cfg, stop=flag, lease_seconds=lease, embedder=loading)
+    except Exception as exc:  # one line, no traceback: the parent reports the exit code
+        storage = full_disk_error(exc, cfg.output)
+        if storage is None and not isinstance(exc, PipelineError):
+            raise
+        log.error("%s", storage or exc)
+        raise SystemExit(EXIT_STORAGE if storage is not None else EXIT_ERROR) from None
     if summary.failed:
         raise SystemExit(1)
     if summary.stopped_early:
@@ -110,12 +119,16 @@ def _stop_unplanned(procs: list) -> None:
 
 
 def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = None, lease: float,
-                overwrite: bool = False, poll: float = 1.0) -> int:
+                overwrite: bool = False, poll: float = 1.0, signals: list[int] | None = None) -> int:
     """Plan once, run one process per GPU (or ``workers`` CPU processes) on the same output, and wait.
 
+    Args:
+        signals: stop signals already received (the CLI's early record); the list is appended to while this runs.
+
     Returns:
-        0 when every shard is done; 75 when stopped by a signal with work left; 1 when a worker failed
-        (its shards are named in the log and are taken over by the next run after the lease).
+        0 when every shard is done; 75 when stopped by a signal with work left; 74 when a worker stopped on a
+        full disk; 1 when a worker failed (its shards are named in the log and are taken over by the next run,
+        at once when its process is gone from this host, else after the lease).
     """
     from tqdm import tqdm
 
@@ -125,7 +138,7 @@ def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = No
     from pipeline.job.status import job_status
 
     procs: list[mp.process.BaseProcess] = []
-    received: list[int] = []
+    received: list[int] = signals if signals is not None else []
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
@@ -189,6 +202,8 @@ def run_workers(cfg: JobConfig, *, workers: int = 1, gpus: list[str] | None = No
     st = job_status(cfg.output)
     # A worker killed by the signal this parent forwarded (before it could install its handler) was stopped.
     stopped = {-s for s in received}
+    if EXIT_STORAGE in codes:
+        return EXIT_STORAGE
     failed = [i for i, c in enumerate(codes) if c not in (0, 75) and c not in stopped]
     if failed:
         claims = sorted(Path(cfg.output, "shards").glob("*.claim"))

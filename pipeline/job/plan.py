@@ -20,6 +20,7 @@ Settings that change vectors are fixed once a vector has been written: a rerun w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ from pipeline.job.manifest import (
     load_manifest,
 )
 from pipeline.job.readers import InputFile, expand_inputs
-from pipeline.job.records import FieldSpec, Reject, iter_raw
+from pipeline.job.records import FieldSpec, Reject, check_fields, iter_raw
 from pipeline.job.scan import FileScan, generated_id_hashes, identify, remove_unused_scans, scan
 from pipeline.util import fault_point, locked, write_json_atomic
 
@@ -184,7 +185,8 @@ def make_plan(out: Path, cfg: JobConfig, settings: dict[str, Any], infos: list[I
               old: Manifest | None, *, dry_run: bool = False) -> Manifest:
     """Scan, build the target, diff it against the placements, cut shards; write the work tables (``dry_run``:
     into a temporary folder that is removed, and no rejects file)."""
-    spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
+    spec = FieldSpec.of(cfg)
+    infos = _check_new_files(infos, old, spec)
     scans: list[FileScan] = []
     for info in infos:
         result, _cached = scan(out, info, spec)
@@ -231,6 +233,22 @@ def make_plan(out: Path, cfg: JobConfig, settings: dict[str, Any], infos: list[I
         _write_rejects(out, manifest, rejects)
     manifest.counts = _counts(target, placed, d, sources, rejects)
     return manifest
+
+
+def _check_new_files(infos: list[InputFile], old: Manifest | None, spec: FieldSpec) -> list[InputFile]:
+    """What no single row can tell (``records.check_fields``: named fields exist, one id source and type, kept
+    column types), decided for files whose content is new, against the files already planned."""
+    known = {(pf.file.path, pf.file.digest): pf.file for pf in old.files} if old else {}
+    settled, fresh = {}, []
+    for i, info in enumerate(infos):
+        prev = known.get((info.path, info.digest))
+        if prev is not None and prev.ids:
+            settled[i] = dataclasses.replace(info, ids=prev.ids, kept_schema=prev.kept_schema)
+        else:
+            fresh.append(i)
+    checked = check_fields([infos[i] for i in fresh], list(settled.values()), spec) if fresh else []
+    settled.update(zip(fresh, checked, strict=True))
+    return [settled[i] for i in range(len(infos))]
 
 
 def _target(infos: list[InputFile], scans: list[FileScan], spec: FieldSpec

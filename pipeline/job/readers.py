@@ -8,13 +8,16 @@ mapped). Every format yields Arrow tables of the raw fields, which ``records.ext
 
 from __future__ import annotations
 
+import base64
+import errno
 import glob
 import gzip
 import io
 import json
+import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,7 +26,10 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 
+log = logging.getLogger(__name__)
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+JSON_TEXT = b"json"  # field metadata of a kept column holding JSONL objects/arrays as their JSON text
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 SCAN_ROWS = 8192  # rows per Arrow batch while scanning and reading
 
@@ -43,9 +49,24 @@ class InputFile:
     size: int
     digest: str
     stat: tuple[int, ...] = ()
+    # Decided when the file is planned (``records.check_fields``), empty in manifests of older versions:
+    ids: str = ""  # "integer" | "string": the type of its ids; "generated": FILE#ROW ids
+    kept_schema: str = ""  # base64 Arrow schema: the type each --keep column is read as (one type per output)
 
     def describe(self) -> str:
         return self.path
+
+    def kept_types(self) -> dict[str, pa.Field]:
+        """The planned type of each kept column (empty: not planned, read as found)."""
+        if not self.kept_schema:
+            return {}
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.kept_schema)))
+        return {f.name: f for f in schema}
+
+
+def encode_schema(fields: list[pa.Field]) -> str:
+    """Kept-column fields as the ``InputFile.kept_schema`` string."""
+    return base64.b64encode(pa.schema(fields).serialize().to_pybytes()).decode() if fields else ""
 
 
 def _format_of(path: Path) -> tuple[str, str | None] | None:
@@ -79,21 +100,25 @@ def _saved_dataset_files(path: Path) -> list[Path]:
 def expand_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]:
     """Resolve ``--input`` values into files, each with the root its key is taken relative to.
 
-    A directory is searched recursively for Parquet/JSONL files (a ``datasets`` save_to_disk folder gives
-    its Arrow files in order); a pattern with ``*?[`` is a glob; anything else must be an existing file.
+    A directory is searched recursively for Parquet/JSONL/Arrow files (a ``datasets`` save_to_disk folder gives
+    its Arrow files in order). Hidden files and folders (``.git/``, ``.ipynb_checkpoints/``) are skipped, symbolic
+    links to folders are not followed, and a ``.json`` file is read only when it is JSON Lines (its first line is
+    a whole JSON object): a ``config.json`` is not a corpus. A pattern with ``*?[`` is a glob; the files it
+    matches are read as if named. Anything else must be an existing file (a named ``.json`` file is JSONL).
 
     Returns:
         ``(file, root)`` pairs, absolute, in a stable order, without repeats.
 
     Raises:
-        InputError: a path that does not exist, a glob that matches nothing, an unsupported file type.
+        InputError: a path that does not exist, a glob that matches nothing, an unsupported file type, a
+            symbolic link that loops or points to nothing.
     """
     found: list[tuple[Path, Path]] = []
     for spec in specs:
         path = Path(spec).expanduser()
         if any(ch in spec for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-            files = [(m, m.parent) for m in matches if m.is_file() and _format_of(m)]
+            files = [(_check_link(m), m.parent) for m in matches if _format_of(m) and not m.is_dir()]
             files += [(f, m) for m in matches if m.is_dir() for f, _ in _dir_files(m)]
             if not files:
                 raise InputError(f"input {spec!r}: the pattern matches no Parquet, JSONL or Arrow file")
@@ -107,6 +132,9 @@ def expand_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]
                     f"input {spec!r}: unsupported file type (expected .parquet, .jsonl[.gz|.zst], .arrow)"
                 )
             files = [(path, path.parent)]
+        elif path.is_symlink():
+            _check_link(path)
+            raise AssertionError("unreachable: a link that neither loops nor dangles is a file or a folder")
         else:
             raise InputError(f"input {spec!r}: no such file or directory")
         found.extend(files)
@@ -120,21 +148,70 @@ def expand_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]
     return unique
 
 
+def _check_link(path: Path) -> Path:
+    """``path``, unless it is a symbolic link that loops or points to nothing (``InputError`` naming it)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{path}: a symbolic link that loops ({exc.strerror})") from None
+        if path.is_symlink():
+            raise InputError(f"{path}: a symbolic link to {os.readlink(path)!r}, which does not exist") from None
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    return path
+
+
+def _is_json_lines(path: Path) -> bool:
+    """Whether a ``.json`` file is JSON Lines: its first non-blank line is a whole JSON object on its own."""
+    fmt = _format_of(path)
+    try:
+        with _open_text_stream(str(path), fmt[1] if fmt else None) as stream:
+            for line in stream:
+                if line.strip():
+                    try:
+                        return isinstance(json.loads(line), dict)
+                    except (ValueError, RecursionError):
+                        return False
+    except (OSError, EOFError, InputError):
+        return True  # unreadable: taken, so that planning names the file and the problem
+    return False  # empty
+
+
 def _dir_files(root: Path) -> list[tuple[Path, Path]]:
     if _is_saved_dataset(root):
         return [(f, root.parent) for f in _saved_dataset_files(root)]
     out: list[tuple[Path, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
         here = Path(dirpath)
+        links = [d for d in dirnames if not d.startswith(".") and (here / d).is_symlink()]
+        if links:
+            log.warning("%s: not following the symbolic links to folders %s; give them as --input to read them",
+                        here, ", ".join(sorted(links)))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden folders: .git, checkpoints
         if _is_saved_dataset(here):
             out.extend((f, root) for f in _saved_dataset_files(here))
             dirnames.clear()
             continue
         for name in sorted(filenames):
-            if not name.startswith(".") and _format_of(here / name):
-                out.append((here / name, root))
+            path = here / name
+            fmt = _format_of(path)
+            if name.startswith(".") or fmt is None:
+                continue
+            _check_link(path)
+            if _is_plain_json(path) and not _is_json_lines(path):
+                log.warning("%s: skipped, a .json file that is not JSON Lines (name it with --input to read it)",
+                            path)
+                continue
+            out.append((path, root))
     return out
+
+
+def _is_plain_json(path: Path) -> bool:
+    """``x.json`` (or ``x.json.gz``): a name that JSON documents share with JSON Lines."""
+    name = path.name.lower()
+    for suffix in COMPRESSIONS:
+        name = name.removesuffix(suffix)
+    return name.endswith(".json")
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -180,10 +257,57 @@ class RawBatch:
     end_offset: int | None = None  # JSONL: byte offset just after the last line of this batch
 
 
+MAX_JSON_DEPTH_MESSAGE = "invalid JSON: nested too deeply to parse"
+
+
+def json_kind(value: Any) -> str:
+    """The JSON type of a parsed value: null, boolean, integer, number, string, object or array."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "object" if isinstance(value, dict) else "array"
+
+
+def accepted_kinds(kept: pa.Field) -> tuple[str, ...]:
+    """The JSON types a kept field of this planned type takes from a JSONL row (others make the row bad)."""
+    if kept.metadata and kept.metadata.get(JSON_TEXT):
+        return ("object", "array")
+    t = kept.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return ("string",)
+    if pa.types.is_boolean(t):
+        return ("boolean",)
+    if pa.types.is_integer(t):
+        return ("integer",)
+    if pa.types.is_floating(t):
+        return ("integer", "number")
+    return ("boolean", "integer", "number", "string", "object", "array")
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
 def _json_batch(
-    lines: list[tuple[int, bytes]], columns: list[str], string_fields: set[str], id_field: str
+    lines: list[tuple[int, bytes]], columns: list[str], string_fields: set[str], id_field: str,
+    kept: dict[str, pa.Field] | None = None,
 ) -> RawBatch:
-    """Parse JSONL lines into an Arrow table of ``columns`` (missing keys become nulls)."""
+    """Parse JSONL lines into an Arrow table of ``columns`` (missing keys become nulls).
+
+    ``kept`` gives the planned type of kept fields (not the text or id fields): a row whose value is of another
+    JSON type, or does not fit the type, is a bad row; objects and arrays of a JSON-text field become their JSON
+    text. Without a planned type a kept column takes the type of its first value here.
+    """
+    kept = {k: f for k, f in (kept or {}).items() if k in columns and k not in string_fields and k != id_field}
+    accepts = {name: accepted_kinds(f) for name, f in kept.items()}
+    json_text = {name for name, f in kept.items() if f.metadata and f.metadata.get(JSON_TEXT)}
     values: dict[str, list[Any]] = {c: [] for c in columns}
     rows: list[int] = []
     bad: list[tuple[int, str, str]] = []
@@ -197,10 +321,14 @@ def _json_batch(
         except UnicodeDecodeError as exc:
             bad.append((row, "", f"invalid JSON: {exc}"))
             continue
+        except RecursionError:
+            bad.append((row, "", MAX_JSON_DEPTH_MESSAGE))
+            continue
         if not isinstance(obj, dict):
             bad.append((row, "", f"a JSON line must be an object, got {type(obj).__name__}"))
             continue
         problem = None
+        record: list[Any] = []
         for name in columns:
             value = obj.get(name)
             if name in string_fields and value is not None and not isinstance(value, str):
@@ -211,24 +339,65 @@ def _json_batch(
             ):
                 problem = (row, name, f"an id must be a string or an integer, got {type(value).__name__}")
                 break
+            if name == id_field and isinstance(value, int):
+                value = str(value)
+            elif name in kept and value is not None:
+                kind = json_kind(value)
+                if kind not in accepts[name]:
+                    expected = " or ".join(_a(k) for k in accepts[name])
+                    problem = (row, name, f"expected {expected} (the type of this kept field), got {_a(kind)}")
+                    break
+                if name in json_text:
+                    try:
+                        value = json.dumps(value, ensure_ascii=False)
+                    except (RecursionError, ValueError):
+                        problem = (row, name, "a value nested too deeply to keep")
+                        break
+            record.append(value)
         if problem:
             bad.append(problem)
             continue
         rows.append(row)
-        for name in columns:
-            value = obj.get(name)
-            if name == id_field and isinstance(value, int):
-                value = str(value)
+        for name, value in zip(columns, record, strict=True):
             values[name].append(value)
-    arrays = {}
-    for name, vals in values.items():
-        typ = pa.string() if name in string_fields or name == id_field else None
-        try:
-            arrays[name] = pa.array(vals, type=typ)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise InputError(f"field {name!r}: values of mixed JSON types cannot form one column ({exc})") from exc
+    types = {name: pa.string() if name in string_fields or name == id_field else
+             kept[name].type if name in kept else None for name in columns}
+    misfits = _misfits(values, types)
+    if misfits:
+        for i, name, why in misfits:
+            bad.append((rows[i], name, why))
+        drop = {i for i, _, _ in misfits}
+        rows = [r for i, r in enumerate(rows) if i not in drop]
+        values = {name: [v for i, v in enumerate(vals) if i not in drop] for name, vals in values.items()}
+    arrays = {name: pa.array(vals, type=types[name] or _first_type(vals)) for name, vals in values.items()}
     table = pa.table(arrays) if arrays else pa.table({"_": pa.nulls(len(rows))}).drop(["_"])
     return RawBatch(table, pa.array(rows, pa.int64()), bad)
+
+
+def _first_type(values: list[Any]) -> pa.DataType | None:
+    """The Arrow type of the first non-null value (None: let Arrow infer from all of them)."""
+    first = next((v for v in values if v is not None), None)
+    return None if first is None else pa.array([first]).type
+
+
+def _misfits(values: dict[str, list[Any]], types: dict[str, pa.DataType | None]) -> list[tuple[int, str, str]]:
+    """``(position, field, reason)`` of values that do not fit their column's type (an integer out of range,
+    mixed types in a column without a planned type); checked one by one only when a whole column fails."""
+    out = []
+    for name, vals in values.items():
+        typ = types[name]
+        try:
+            pa.array(vals, type=typ)
+            continue
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            pass
+        typ = typ or _first_type(vals)
+        for i, v in enumerate(vals):
+            try:
+                pa.array([v], type=typ)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                out.append((i, name, f"the value does not fit the column's type {typ} ({exc})"))
+    return out
 
 
 def iter_jsonl(
@@ -244,8 +413,10 @@ def iter_jsonl(
     """Yield parsed batches of lines ``row_start <= row < row_end``.
 
     Row numbers are 0-based line numbers (blank lines count but yield no record). Plain files seek to
-    ``byte_start`` (the offset of line ``row_start``); compressed files are read from the start.
+    ``byte_start`` (the offset of line ``row_start``); compressed files are read from the start. Kept fields
+    are read as the file's planned types (``InputFile.kept_schema``).
     """
+    kept = file.kept_types()
     with _open_text_stream(file.path, file.compression) as stream:
         row, offset = 0, 0
         if byte_start and file.compression is None:
@@ -260,13 +431,68 @@ def iter_jsonl(
                 pending.append((row, line))
             row += 1
             if len(pending) >= SCAN_ROWS:
-                batch = _json_batch(pending, columns, string_fields, id_field)
+                batch = _json_batch(pending, columns, string_fields, id_field, kept)
                 batch.end_offset = offset
                 yield batch
                 pending = []
-        batch = _json_batch(pending, columns, string_fields, id_field)
+        batch = _json_batch(pending, columns, string_fields, id_field, kept)
         batch.end_offset = offset
         yield batch
+
+
+@dataclass
+class JsonlSurvey:
+    """One pass over a JSONL file: which named fields occur, and the JSON types of some fields' values.
+
+    Attributes:
+        first_keys: the keys of the first JSON object (for messages), None when there is none.
+        first_row: the row (0-based line) of that object.
+        present: the named fields that are a key of at least one row (a null value counts).
+        kinds: for each surveyed field, JSON type -> (number of non-null values, first row holding one).
+    """
+
+    first_keys: list[str] | None = None
+    first_row: int = 0
+    present: set[str] = field(default_factory=set)
+    kinds: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+
+
+def survey_jsonl(file: InputFile, names: list[str], typed: list[str], id_field: str | None = None) -> JsonlSurvey:
+    """Read the lines of a JSONL file: which of ``names`` occur in some row, and the JSON types of the ``typed``
+    fields (every line) and of ``id_field`` (until a string id shows that the ids are strings).
+
+    The pass ends early once every name was found, no field needs every line and the ids are known to be strings
+    (the common case: one line). Lines that are blank, not JSON or not an object are passed over here: the scan
+    names them as bad rows.
+    """
+    survey = JsonlSurvey(kinds={name: {} for name in [*typed, *([id_field] if id_field else [])]})
+    watched = set(survey.kinds)
+    wanted = set(names)
+    with _open_text_stream(file.path, file.compression) as stream:
+        for row, line in enumerate(_lines(file, stream)):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if survey.first_keys is None:
+                survey.first_keys, survey.first_row = list(obj), row
+            for name in names:
+                if name not in obj:
+                    continue
+                survey.present.add(name)
+                value = obj[name]
+                if name in watched and value is not None:
+                    counts = survey.kinds[name]
+                    kind = json_kind(value)
+                    n, first = counts.get(kind, (0, row))
+                    counts[kind] = (n + 1, first)
+            if not typed and survey.present >= wanted and (id_field is None or "string" in survey.kinds[id_field]):
+                break
+    return survey
 
 
 def _check_columns(file: InputFile, schema: pa.Schema, columns: list[str], optional: set[str]) -> list[str]:
@@ -335,6 +561,13 @@ def iter_arrow(
     present = _check_columns(file, table.schema, columns, optional)
     end = table.num_rows if row_end is None else row_end
     yield from _slices(table.select(present).slice(row_start, max(0, end - row_start)), row_start)
+
+
+def table_schema(file: InputFile) -> pa.Schema:
+    """The Arrow schema of a Parquet or Arrow file (from the footer, or the memory-mapped stream)."""
+    if file.format == "parquet":
+        return open_parquet(file).schema_arrow
+    return _arrow_table(file).schema
 
 
 def file_row_count(file: InputFile) -> int | None:

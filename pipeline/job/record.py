@@ -48,20 +48,33 @@ def read_job_record(output: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def query_embedder(output: str | Path, *, device: str | None = None, batch_tokens: int = 16384) -> Embedder:
+def query_embedder(output: str | Path, *, device: str | None = None, batch_tokens: int = 16384,
+                   trust_remote_code: bool | None = None) -> Embedder:
     """The embedder for search queries of a job: same model, pooling, max length, dims and normalisation as its
     documents, with the query instruction (``query_instruction``, else the model's ``query`` prompt, else none).
 
+    Args:
+        trust_remote_code: whether the caller allows the model folder's own Python code (a flag the user gave).
+            A job made with ``trust_remote_code`` is refused unless it is True: ``job.json`` alone, which anyone
+            who can write the output folder can edit, must not switch it on. None: as ``job.json`` says.
+
     Raises:
-        PipelineError: ``output`` has no ``job.json`` (no run has loaded a model there yet).
+        PipelineError: ``output`` has no ``job.json`` (no run has loaded a model there yet), or its job needs
+            the model's own code and ``trust_remote_code`` is False.
     """
     job = read_job_record(output)
     cfg, model = job["config"], job["model"]
+    wanted = bool(cfg.get("trust_remote_code", False))
+    if wanted and trust_remote_code is False:
+        raise PipelineError(
+            f"{Path(output) / JOB_RECORD} says its model {cfg.get('model')!r} runs its own Python code "
+            "(trust_remote_code): add --trust-remote-code if you trust that model folder"
+        )
     instruction = cfg.get("query_instruction")
     prompt_name = "query" if instruction is None and "query" in model.get("prompts", {}) else None
     return Embedder.load(
         cfg["model"], device=device, compute_dtype=cfg.get("compute_dtype", "auto"), pooling=model["pooling"],
         max_length=model["max_length"], dims=cfg.get("dims"), normalize=cfg.get("normalize", True),
         instruction=instruction, prompt_name=prompt_name, batch_tokens=batch_tokens, compile=False,
-        trust_remote_code=cfg.get("trust_remote_code", False),
+        trust_remote_code=wanted,
     )

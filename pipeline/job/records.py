@@ -1,23 +1,43 @@
 """Records: turn raw input rows into the ``id``/``text``/kept columns, with one validation for every format.
 
-A row is rejected when its text is missing, null, empty or not a string, its id is null, or it could not be
-parsed at all. Rejections carry the file, row and field; the caller decides whether one stops the job
+A row is rejected when its text is missing, null, not a string or blank (nothing but whitespace, control or
+zero-width characters), its id is null or blank, a kept value is of another type than its column, or it could
+not be parsed at all. Rejections carry the file, row and field; the caller decides whether one stops the job
 (``on_bad_record: error``) or is recorded in ``OUTPUT/rejects/`` (``skip``).
+
+Before a file is scanned, ``check_fields`` checks what no single row can: every named field exists in the file
+(for JSONL: in at least one row), the ids of every file of an output come from one source and have one type,
+and each kept column has one type across the output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import InputError, where
-from pipeline.job.readers import InputFile, RawBatch, iter_arrow, iter_jsonl, iter_parquet
+from pipeline.job.readers import (
+    JSON_TEXT,
+    InputFile,
+    RawBatch,
+    encode_schema,
+    iter_arrow,
+    iter_jsonl,
+    iter_parquet,
+    survey_jsonl,
+    table_schema,
+)
 
 DEFAULT_ID_FIELD = "id"
+# Nothing but whitespace, control characters (NUL...) and format characters (zero-width space/joiners, BOM, soft
+# hyphen): such a text embeds as an empty document, and such an id names nothing.
+BLANK = r"^[\p{Cc}\p{Cf}\p{Z}\s]*$"
 
 
 @dataclass(frozen=True)
@@ -50,6 +70,12 @@ class FieldSpec:
     text_field: str = "text"
     id_field: str = DEFAULT_ID_FIELD
     keep: tuple[str, ...] = ()
+    id_required: bool = False  # the id field was named (even as the default "id"): every file must have it
+
+    @classmethod
+    def of(cls, cfg: Any) -> FieldSpec:
+        """The fields of a ``JobConfig``."""
+        return cls(cfg.text_field, cfg.id_field, tuple(cfg.keep), bool(getattr(cfg, "id_field_given", False)))
 
     @property
     def template(self) -> list[tuple[str, str | None]] | None:
@@ -76,15 +102,34 @@ class FieldSpec:
         return list(dict.fromkeys([self.id_field, *self.text_columns, *self.keep]))
 
     def optional(self) -> set[str]:
-        """Columns a file may lack: the default id field (ids are then generated from file and row)."""
-        return {self.id_field} if self.id_field == DEFAULT_ID_FIELD else set()
+        """Columns a file may lack: the default id field when it was not named (ids are then generated from file
+        and row)."""
+        return {self.id_field} if self.id_field == DEFAULT_ID_FIELD and not self.id_required else set()
+
+
+def plain_type(t: pa.DataType) -> pa.DataType:
+    """The type values are stored as: dictionary-encoded (pandas ``category``) columns decoded, large and view
+    strings and binaries as plain ones."""
+    if pa.types.is_dictionary(t):
+        return plain_type(t.value_type)
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pa.binary()
+    return t
 
 
 def _as_string(file: InputFile, table: pa.Table, name: str) -> pa.ChunkedArray:
     col = table.column(name)
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type):
+    t = plain_type(col.type)
+    if pa.types.is_string(t) or pa.types.is_null(t):
         return col.cast(pa.string())
     raise InputError(f"{file.path}: row 0: field {name!r} has type {col.type}, expected string")
+
+
+def _id_type_ok(t: pa.DataType) -> bool:
+    t = plain_type(t)
+    return pa.types.is_string(t) or pa.types.is_integer(t) or pa.types.is_null(t)
 
 
 def _text(file: InputFile, table: pa.Table, spec: FieldSpec) -> tuple[pa.ChunkedArray, str]:
@@ -112,46 +157,62 @@ def extract(raw: RawBatch, file: InputFile, spec: FieldSpec, generated_ids: bool
     table, rows = raw.table, raw.rows
     rejects = [Reject(file.path, file.format, r, f, why) for r, f, why in raw.bad]
     if table.num_rows == 0:
-        return _empty(spec, table), rejects
+        return _empty(spec, table, file), rejects
     text, text_name = _text(file, table, spec)
     if generated_ids:
         ids = pc.binary_join_element_wise(pa.scalar(file.key + "#"), pc.cast(rows, pa.string()), "")
         id_null = pa.array([False] * table.num_rows)
     else:
         raw_ids = table.column(spec.id_field)
-        if not (pa.types.is_string(raw_ids.type) or pa.types.is_integer(raw_ids.type)
-                or pa.types.is_large_string(raw_ids.type) or pa.types.is_null(raw_ids.type)):
+        if not _id_type_ok(raw_ids.type):
             raise InputError(
                 f"{file.path}: row 0: field {spec.id_field!r} has type {raw_ids.type}, expected string or integer"
             )
-        ids = raw_ids.cast(pa.string())
+        ids = raw_ids.cast(plain_type(raw_ids.type)).cast(pa.string())
         id_null = pc.is_null(ids)
+        id_null = pc.or_(id_null, pc.fill_null(pc.match_substring_regex(ids, BLANK), False))
     text_null = pc.is_null(text)
-    text_empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text.fill_null(""))), 0)
+    text_empty = pc.match_substring_regex(text.fill_null(""), BLANK)
     bad = pc.or_(pc.or_(id_null, text_null), text_empty)
     if pc.any(bad).as_py():
         for i in pc.indices_nonzero(bad).to_pylist():
             row_id = ids[i].as_py()
             if id_null[i].as_py():
-                field, why = spec.id_field, "the id is missing or null"
+                field = spec.id_field
+                why = "the id is missing or null" if row_id is None else "the id is blank"
             elif text_null[i].as_py():
                 field, why = text_name, "the text is missing or null"
             else:
-                field, why = text_name, "the text is empty"
+                field, why = text_name, "the text is empty (nothing but whitespace, control or zero-width characters)"
             rejects.append(Reject(file.path, file.format, rows[i].as_py(), field, why, row_id))
         keep_mask = pc.invert(bad)
         table, text, ids, rows = (pc.filter(x, keep_mask) for x in (table, text, ids, rows))
     columns = {"id": ids, "text": text}
+    kept = file.kept_types()
     for name in spec.keep:
-        columns[name] = table.column(name)
+        columns[name] = _kept_column(file, table.column(name), kept.get(name))
     columns["_row"] = rows
     return pa.table(columns), rejects
 
 
-def _empty(spec: FieldSpec, raw: pa.Table) -> pa.Table:
+def _kept_column(file: InputFile, col: pa.ChunkedArray, planned: pa.Field | None) -> pa.ChunkedArray:
+    """A kept column as its planned type (one type across the output)."""
+    if planned is None or col.type == planned.type:
+        return col
+    try:
+        return col.cast(plain_type(col.type)).cast(planned.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InputError(f"{file.path}: field {planned.name!r}: cannot be read as {planned.type} ({exc})") from exc
+
+
+def _empty(spec: FieldSpec, raw: pa.Table, file: InputFile) -> pa.Table:
     cols: dict[str, pa.Array] = {"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}
+    kept = file.kept_types()
     for name in spec.keep:
-        typ = raw.schema.field(name).type if name in raw.schema.names else pa.null()
+        if name in kept:
+            typ = kept[name].type
+        else:
+            typ = raw.schema.field(name).type if name in raw.schema.names else pa.null()
         cols[name] = pa.array([], typ)
     cols["_row"] = pa.array([], pa.int64())
     return pa.table(cols)
@@ -173,6 +234,8 @@ def iter_raw(
 
 def file_has_ids(file: InputFile, spec: FieldSpec) -> bool:
     """Whether the file has the id field; if not (and it is the default field) ids are generated."""
+    if file.ids:  # planned by check_fields
+        return file.ids != "generated"
     if spec.id_field not in spec.optional():
         return True
     if file.format == "jsonl":
@@ -184,3 +247,182 @@ def file_has_ids(file: InputFile, spec: FieldSpec) -> bool:
     for raw in iter_raw(file, spec, row_end=1):
         return spec.id_field in raw.table.column_names
     return True
+
+
+# ------------------------------------------------------------------------------ fields, id source, kept types
+
+
+@dataclass
+class _Found:
+    """What a file holds, before its rows are scanned."""
+
+    info: InputFile
+    ids: str  # "integer" | "string" | "generated"
+    kept: dict[str, tuple[pa.DataType | None, bool]]  # name -> (type, JSON text); None: no value to tell
+
+
+def _role(spec: FieldSpec, name: str) -> str:
+    if name == spec.id_field:
+        return "--id-field"
+    if name in spec.text_columns:
+        return "--text-field" if spec.template is None else f"in --text-field {spec.text_field!r}"
+    return "--keep"
+
+
+def _found_jsonl(info: InputFile, spec: FieldSpec) -> _Found:
+    text_cols = set(spec.text_columns)
+    typed = [n for n in spec.keep if n not in text_cols and n != spec.id_field]
+    survey = survey_jsonl(info, spec.columns(), typed, spec.id_field)
+    generated = False
+    if survey.first_keys is not None:  # an empty file (or one of bad lines only) has no fields to check
+        for name in spec.columns():
+            if name in survey.present:
+                continue
+            if name == spec.id_field and name in spec.optional():
+                generated = True
+                continue
+            keys = ", ".join(repr(k) for k in survey.first_keys) or "none"
+            first = where("jsonl", survey.first_row)
+            raise InputError(
+                f"{info.path}: field {name!r} ({_role(spec, name)}) is in no row of the file ({first} has the fields "
+                f"{keys}). Every named field must exist in the file: check the name."
+            )
+    id_kinds = set(survey.kinds[spec.id_field])
+    if generated:
+        ids = "generated"
+    else:  # "none": no row tells (an empty file, bad rows only): it takes part in no check across files
+        ids = "none" if not id_kinds else "integer" if id_kinds == {"integer"} else "string"
+    kept: dict[str, tuple[pa.DataType | None, bool]] = {}
+    for name in spec.keep:
+        if name not in typed:
+            kept[name] = (pa.string(), False)  # the id or a text field: read as strings
+            continue
+        families: dict[str, tuple[int, int]] = {}
+        for kind, (n, first) in survey.kinds[name].items():
+            fam = "number" if kind in ("integer", "number") else "json" if kind in ("object", "array") else kind
+            count, row = families.get(fam, (0, first))
+            families[fam] = (count + n, min(row, first))
+        if not families:
+            kept[name] = (None, False)
+            continue
+        fam = max(families, key=lambda f: (families[f][0], -families[f][1]))  # the most common; ties: first seen
+        if fam == "number":
+            typ = pa.int64() if "number" not in survey.kinds[name] else pa.float64()
+        else:
+            typ = {"string": pa.string(), "boolean": pa.bool_(), "json": pa.string()}[fam]
+        kept[name] = (typ, fam == "json")
+    return _Found(info, ids, kept)
+
+
+def _found_table(info: InputFile, spec: FieldSpec) -> _Found:
+    schema = table_schema(info)
+    for name in spec.columns():
+        if name not in schema.names and name not in spec.optional():
+            raise InputError(f"{info.path}: row 0: field {name!r} is missing (columns: {', '.join(schema.names)})")
+    if spec.id_field not in schema.names:
+        ids = "generated"
+    else:
+        t = schema.field(spec.id_field).type
+        if not _id_type_ok(t):
+            raise InputError(f"{info.path}: row 0: field {spec.id_field!r} has type {t}, expected string or integer")
+        ids = "integer" if pa.types.is_integer(plain_type(t)) else "string"
+    kept: dict[str, tuple[pa.DataType | None, bool]] = {}
+    for name in spec.keep:
+        t = plain_type(schema.field(name).type)
+        kept[name] = (None if pa.types.is_null(t) else t, False)
+    return _Found(info, ids, kept)
+
+
+def _fits(src: pa.DataType, dst: pa.DataType) -> bool:
+    """Whether every value of type ``src`` can be stored as ``dst`` without loss of meaning."""
+    if src == dst:
+        return True
+    if pa.types.is_integer(src) and pa.types.is_integer(dst):
+        if pa.types.is_signed_integer(src) and not pa.types.is_signed_integer(dst):
+            return False
+        widen = 1 if pa.types.is_unsigned_integer(src) and pa.types.is_signed_integer(dst) else 0
+        return dst.bit_width >= src.bit_width + widen
+    if pa.types.is_integer(src) and pa.types.is_floating(dst):
+        return True
+    return pa.types.is_floating(src) and pa.types.is_floating(dst) and dst.bit_width >= src.bit_width
+
+
+def _unify(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """One type for values of types ``a`` and ``b`` (files planned together), or None."""
+    if _fits(a, b):
+        return b
+    if _fits(b, a):
+        return a
+    if (pa.types.is_integer(a) or pa.types.is_floating(a)) and (pa.types.is_integer(b) or pa.types.is_floating(b)):
+        return pa.float64()
+    return None
+
+
+def check_fields(new: list[InputFile], planned: list[InputFile], spec: FieldSpec) -> list[InputFile]:
+    """Check what no single row can tell, before the rows of ``new`` files are scanned; no model work yet.
+
+    - Every named field (the text field or the template's fields, ``--keep`` fields, an explicit ``--id-field``)
+      exists in every file: a column of a Parquet/Arrow file; a key of at least one row of a JSONL file (rows
+      lacking it are then bad rows for the text and the id, empty template parts, null kept values). Only the
+      default ``id`` may be absent, and then ids are generated as ``FILE#ROW``.
+    - The ids of an output come from one source and have one type: the files (``new`` and those ``planned``
+      earlier) all have ids or all have generated ones, and their ids are all integers or all strings (a JSONL
+      file whose ids are not all integers counts as string). An integer id is written in decimal, so a mix would
+      make ``7`` and ``"7"`` one id: refused.
+    - A kept column has one type in the output: the type of the files planned first; a JSONL field takes the
+      JSON type most of its values have (integers and numbers together; objects and arrays kept as JSON text).
+
+    Returns:
+        ``new`` with ``ids`` and ``kept_schema`` set (how each file's rows are read from now on).
+
+    Raises:
+        InputError: naming the field and the file(s), whatever ``on_bad_record`` says.
+    """
+    found = [_found_jsonl(f, spec) if f.format == "jsonl" else _found_table(f, spec) for f in new]
+    known = [(f.path, f.ids) for f in planned if f.ids not in ("", "none")]
+    known += [(f.info.path, f.ids) for f in found if f.ids != "none"]
+    generated = [p for p, ids in known if ids == "generated"]
+    real = [(p, ids) for p, ids in known if ids != "generated"]
+    if generated and real:
+        raise InputError(
+            f"{generated[0]} has no {spec.id_field!r} field, so its ids would be generated as FILE#ROW, but "
+            f"{real[0][0]} has one: ids of two kinds would mix in one output. Give every file an "
+            f"{spec.id_field!r} field, or none of them, or embed them into separate outputs."
+        )
+    kinds = {ids: p for p, ids in reversed(real)}  # the first file of each id type
+    if len(kinds) > 1:
+        raise InputError(
+            f"the ids of {kinds['integer']} are integers but those of {kinds['string']} are strings: ids are "
+            "stored as strings, so 7 and \"7\" would become one id. Give the files one id type (cast the id "
+            "column), or embed them into separate outputs."
+        )
+    out_types: dict[str, tuple[pa.DataType, str]] = {}  # kept column -> (type in the output, the file that set it)
+    for f in planned:
+        for name, fld in f.kept_types().items():
+            out_types.setdefault(name, (fld.type, f.path))
+    for name in spec.keep:
+        if name in out_types:
+            continue
+        typed = [(fd.kept[name][0], fd.info.path) for fd in found if fd.kept[name][0] is not None]
+        if typed:
+            t, origin = typed[0]
+            for other, path in typed[1:]:
+                joint = _unify(t, other)
+                if joint is not None and joint != t:
+                    t, origin = joint, f"{origin} and {path}"
+            out_types[name] = (t, origin)  # a conflict is named below
+    results = []
+    for fd in found:
+        fields = []
+        for name in spec.keep:
+            own, json_text = fd.kept[name]
+            out, origin = out_types.get(name, (pa.string(), ""))
+            if own is not None and not _fits(own, out):
+                raise InputError(
+                    f"{fd.info.path}: kept field {name!r} is {own} here but {out} in the output (as in {origin}): "
+                    "a kept column has one type across the output. Cast it, or embed the files into separate "
+                    "outputs."
+                )
+            fields.append(pa.field(name, out, metadata={JSON_TEXT: b"1"} if json_text else None))
+        results.append(dataclasses.replace(fd.info, ids=fd.ids, kept_schema=encode_schema(fields)))
+    return results

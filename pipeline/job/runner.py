@@ -238,7 +238,7 @@ def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: th
             # result is dropped (its claim was taken over while this worker stalled) is back in play.
             halt.wait(0.2)
             continue
-        log.info("%d shards are claimed by other workers; waiting for them or for their lease to run out", len(left))
+        claims.note_waiting(left)  # which shards, which workers, when their leases run out (WARNING once)
         pause = min(2 * pause, 5.0, claims.lease / 10)
         halt.wait(pause)
 
@@ -281,12 +281,16 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
     if manifest.committed:
         summary.version, summary.nothing_new = manifest.target, True
         return summary
+    if pending and stop is not None and stop.is_set():  # a signal came before or while planning: no model work
+        summary.stopped_early = True
+        log.warning("stop requested before the model was loaded: %d shards left for the next run", len(pending))
+        return summary
     if pending and (embedder is not None or _needs_model(out, manifest)):
         if isinstance(embedder, ModelLoad):
             embedder = embedder.result()
         embedder = embedder or load_embedder(cfg)
         write_job_record(out, cfg, embedder)
-    spec = FieldSpec(cfg.text_field, cfg.id_field, cfg.keep)
+    spec = FieldSpec.of(cfg)
     cache = PartCache(out)
 
     def load(shard: Shard) -> dict[str, Any]:
@@ -372,6 +376,14 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         return table, docs_table(h, k, x, np.cumsum(nseq) - nseq, nseq), 0
 
     def commit_shard(shard: Shard, made: tuple[pa.Table, pa.Table, int], t0: float) -> None:
+        try:
+            _commit_shard(shard, made, t0)
+        except BaseException:
+            # This shard will not be done by us: stop claiming, or the loop would wait for it forever (a full disk)
+            halt.set()
+            raise
+
+    def _commit_shard(shard: Shard, made: tuple[pa.Table, pa.Table, int], t0: float) -> None:
         table, docs, tokens = made
         if not claims.owns(shard):
             log.warning("shard %d: the claim was taken over by another worker; dropping this result", shard.id)
@@ -397,8 +409,9 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
     halt = threading.Event()  # set when this loop ends, so the claiming thread stops at once
     start = time.perf_counter()
     with Claims(out, lease_seconds) as claims:
+        shards = _prefetch(_claimed(manifest, claims, halt, stop), load, PREFETCH)
         try:
-            for shard, item in _prefetch(_claimed(manifest, claims, halt, stop), load, PREFETCH):
+            for shard, item in shards:
                 t0 = time.perf_counter()
                 vectors = None
                 if shard.kind == "embed" and item["enc"] is not None:
@@ -437,7 +450,8 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
             if writing is not None:
                 writing.result()
         finally:
-            halt.set()
+            halt.set()  # before the prefetch is closed: its claiming thread may be waiting for this (a failed commit)
+            shards.close()
             writer.shutdown(wait=True)
             bar.close()
             summary.seconds = time.perf_counter() - start
@@ -464,20 +478,20 @@ def _prefetch(items: Iterable[Shard], load, depth: int) -> Iterator[tuple[Shard,
 
     def work() -> None:
         it = iter(items)
-        while True:
-            while not slots.acquire(timeout=0.1):
+        try:  # around the claiming too: a claim that cannot be written (a full disk) must not hang the consumer
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
-            if stop.is_set():
-                return
-            shard = next(it, None)
-            if shard is None:
-                break
-            try:
+                shard = next(it, None)
+                if shard is None:
+                    break
                 q.put((shard, load(shard), None))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                q.put((shard, None, exc))
-                return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put((None, None, exc))
+            return
         q.put(None)
 
     thread = threading.Thread(target=work, name="prefetch", daemon=True)

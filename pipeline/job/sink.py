@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import raise_if_full
 from pipeline.util import fault_point, write_json_atomic
 
 POOL = "parts"
@@ -79,9 +80,14 @@ def write_atomic(table: pa.Table, final: Path, *, row_group_size: int = 65536, f
     """Write ``table`` as Parquet at ``final``: temporary name (``.NAME.tmp-HOST-PID``), fsync, rename."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as exc:  # a full disk: leave no partial file, say where and how much
+        tmp.unlink(missing_ok=True)
+        raise_if_full(exc, final, needed=table.nbytes)
+        raise
     if fault:
         fault_point(fault)
     os.replace(tmp, final)

@@ -95,6 +95,9 @@ def create_app(service: Service):
                 except ApiError as exc:
                     status = exc.status
                     raise
+                except RecursionError as exc:  # a body nested deeper than Python can walk: the client's fault
+                    status = 400
+                    raise _bad("the request is nested too deeply") from exc
                 finally:
                     service.metrics.observe(endpoint, status, time.perf_counter() - t0)
             return inner
@@ -111,6 +114,8 @@ def create_app(service: Service):
             body = json.loads(raw)
         except ValueError as exc:
             raise _bad(f"We could not parse the JSON body of your request ({exc}).") from exc
+        except RecursionError as exc:
+            raise _bad("We could not parse the JSON body of your request (nested too deeply).") from exc
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object")
         return body

@@ -99,10 +99,14 @@ class ServeOptions:
 
 
 def check_bearer(api_key: str | None, authorization: str | None) -> None:
-    """Raises ``ApiError`` 401 unless ``authorization`` is ``Bearer API_KEY`` (when a key is set)."""
+    """Raises ``ApiError`` 401 unless ``authorization`` is ``Bearer API_KEY`` (when a key is set).
+
+    The scheme is required (case-insensitive, RFC 7235): the bare key, or the key under another scheme, is refused.
+    """
     if not api_key:
         return
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), api_key.encode()):
-        raise ApiError(401, "Incorrect API key provided." if given else "Missing API key: send "
-                       "'Authorization: Bearer KEY'.", code="invalid_api_key")
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "Missing API key: send 'Authorization: Bearer KEY'.", code="invalid_api_key")
+    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -85,11 +85,17 @@ class Service:
 
     @classmethod
     def load(cls, output: str | Path | None = None, *, model: str | None = None, device: str | None = None,
-             options: ServeOptions | None = None, rerank_model: str | None = None) -> Service:
+             options: ServeOptions | None = None, rerank_model: str | None = None,
+             trust_remote_code: bool = False) -> Service:
         """Load the model (a job's query embedder, or ``model``), OUTPUT's index if any, and the reranker.
 
+        Args:
+            trust_remote_code: allow the models' own Python code (the ``--trust-remote-code`` flag); a job that
+                was made with it is refused without it, whatever its ``job.json`` says.
+
         Raises:
-            PipelineError: neither or both of ``output`` and ``model``, no ``job.json``, a model that cannot load.
+            PipelineError: neither or both of ``output`` and ``model``, no ``job.json``, a model that cannot load,
+                a job that needs ``trust_remote_code`` without it.
         """
         from pipeline.job.record import query_embedder, read_job_record
         from pipeline.model.encoder import Embedder, format_instruction
@@ -102,13 +108,15 @@ class Service:
         try:
             if output is not None:
                 job = read_job_record(output)
-                embedder = query_embedder(output, device=device, batch_tokens=options.batch_tokens)
+                embedder = query_embedder(output, device=device, batch_tokens=options.batch_tokens,
+                                          trust_remote_code=trust_remote_code)
                 document_prompt = str(job["model"].get("prompt", ""))
                 query_prompt = embedder.info.prompt
                 name = str(job["config"]["model"])
             else:
                 assert model is not None
-                embedder = Embedder.load(model, device=device, batch_tokens=options.batch_tokens)
+                embedder = Embedder.load(model, device=device, batch_tokens=options.batch_tokens,
+                                         trust_remote_code=trust_remote_code)
                 document_prompt = embedder.info.prompt
                 query_prompt = embedder.info.prompts.get("query", document_prompt)
                 name = model
@@ -128,7 +136,8 @@ class Service:
         if rerank_model:
             from pipeline.model.rerank import load_reranker
 
-            reranker = load_reranker(rerank_model, device=device, instruction=options.rerank_instruction)
+            reranker = load_reranker(rerank_model, device=device, instruction=options.rerank_instruction,
+                                     trust_remote_code=trust_remote_code)
         return cls(embedder, options, names=options.served_names or (name,), document_prompt=document_prompt,
                    query_prompt=query_prompt, output=Path(output) if output is not None else None, job=job,
                    searcher=searcher, search_error=search_error, reranker=reranker)

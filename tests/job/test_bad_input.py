@@ -78,6 +78,15 @@ def test_missing_file_among_good_ones(tmp_path, guard):
         ('{"id": null, "text": "x"}', "'id'", "null"),
         ('{"id": 1.5, "text": "x"}', "'id'", "float"),
         ('{"id": true, "text": "x"}', "'id'", "bool"),
+        # nothing a model can read: control, NUL, zero-width characters (issue 13, item 4)
+        ('{"id": "b", "text": "\\u0000\\u0000\\u0000"}', "'text'", "empty"),
+        ('{"id": "b", "text": "\\u200b\\u200d \\ufeff\\u2060"}', "'text'", "empty"),
+        ('{"id": "b", "text": "\\u0007\\u001b\\u00ad\\u3000"}', "'text'", "empty"),
+        ('{"id": "", "text": "x"}', "'id'", "blank"),
+        ('{"id": "   ", "text": "x"}', "'id'", "blank"),
+        ('{"id": "\\u200b\\u0000", "text": "x"}', "'id'", "blank"),
+        # nested deeper than Python's parser goes (item 5): one bad row, not a RecursionError
+        ('{"id": "b", "text": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}", "", "nested too deeply"),
     ],
 )
 def test_bad_record_in_jsonl(tmp_path, guard, line, field, reason):
@@ -118,6 +127,9 @@ def test_bad_gzip_jsonl_line(tmp_path, guard):
         (pa.table({"id": ["a", "b"], "body": ["x", "y"]}), ["row 0", "'text'", "missing"]),
         (pa.table({"id": ["a", "b"], "text": [1, 2]}), ["'text'", "int64"]),
         (pa.table({"id": [1.0, 2.0], "text": ["x", "y"]}), ["'id'", "double"]),
+        (pa.table({"id": ["a", "b", "c"], "text": ["x", "\x00\u200b", "z"]}), ["row 1", "'text'", "empty"]),
+        (pa.table({"id": ["a", "", "c"], "text": ["x", "y", "z"]}), ["row 1", "'id'", "blank"]),
+        (pa.table({"id": ["a", "b", " \t"], "text": ["x", "y", "z"]}), ["row 2", "'id'", "blank"]),
     ],
 )
 def test_bad_record_in_parquet(tmp_path, guard, table, needles):
@@ -238,6 +250,9 @@ def test_skip_records_rejects_and_embeds_the_rest(tmp_path, minilm_dir):
         GOOD % 11,
         '{"id": "b12", "text": "   "}',  # row 12
         GOOD % 13,
+        '{"id": "b14", "text": "\\u0000\\u200b"}',  # row 14: nothing but NUL and a zero-width space
+        '{"id": " ", "text": "a blank id"}',  # row 15
+        '{"id": "b16", "text": ' + "[" * 50_000 + "]" * 50_000 + "}",  # row 16: nested too deeply to parse
     ]
     good = ["g0", "g2", "g5", "g7", "g9", "g11", "g13", "p0", "p3"]
     a = write_jsonl(tmp_path / "in" / "a.jsonl", lines, raw_lines=True)
@@ -253,7 +268,8 @@ def test_skip_records_rejects_and_embeds_the_rest(tmp_path, minilm_dir):
         for line in path.read_text().splitlines():
             r = json.loads(line)
             rejects[(Path(r["file"]).name, r["row"])] = r
-    assert set(rejects) == {("a.jsonl", r) for r in (1, 3, 4, 6, 8, 10, 12)} | {("b.parquet", 1), ("b.parquet", 2)}
+    assert set(rejects) == ({("a.jsonl", r) for r in (1, 3, 4, 6, 8, 10, 12, 14, 15, 16)}
+                            | {("b.parquet", 1), ("b.parquet", 2)})
     assert all(r["reason"] for r in rejects.values())
     assert rejects[("a.jsonl", 1)]["field"] == "text" and "null" in rejects[("a.jsonl", 1)]["reason"]
     assert "empty" in rejects[("a.jsonl", 3)]["reason"] and "empty" in rejects[("a.jsonl", 12)]["reason"]
@@ -263,11 +279,13 @@ def test_skip_records_rejects_and_embeds_the_rest(tmp_path, minilm_dir):
     assert rejects[("a.jsonl", 10)]["field"] == "id"
     assert rejects[("b.parquet", 2)]["field"] == "id" and str(a) in rejects[("b.parquet", 2)]["reason"]
     assert rejects[("b.parquet", 1)]["file"] == str(b)
+    assert "empty" in rejects[("a.jsonl", 14)]["reason"] and rejects[("a.jsonl", 15)]["field"] == "id"
+    assert "nested too deeply" in rejects[("a.jsonl", 16)]["reason"]
 
     from pipeline.job.status import job_status
 
     st = job_status(out)
-    assert (st.docs_total, st.docs_done, st.rejected_rows, st.shards_pending) == (9, 9, 9, 0)
+    assert (st.docs_total, st.docs_done, st.rejected_rows, st.shards_pending) == (9, 9, 12, 0)
 
     # a rerun embeds nothing twice and rewrites nothing
     parts, reject_files = part_mtimes(out), {p.name: p.read_bytes() for p in (out / "rejects").iterdir()}
@@ -293,3 +311,292 @@ def test_skip_does_not_hide_a_wrong_text_field(tmp_path, minilm_dir):
     result = invoke(*embed_args([path], tmp_path / "out", "--on-bad-record", "skip", "--text-field", "body"))
     assert result.exit_code != 0, "every row was rejected, yet the run reported success"
     assert "'body'" in result.output
+
+
+# ------------------------------------------------------------------ named fields, ids and kept types (issue 13)
+
+
+def _no_id(docs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in d.items() if k != "id"} for d in docs]
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+@pytest.mark.parametrize(
+    ("flags", "docs", "field"),
+    [
+        (("--text-field", "{titl} {text}"), make_docs(30), "'titl'"),  # a typo in a template
+        (("--text-field", "body"), make_docs(30), "'body'"),
+        (("--keep", "body"), make_docs(30), "'body'"),
+        (("--id-field", "doc_key"), make_docs(30), "'doc_key'"),
+        (("--id-field", "id"), _no_id(make_docs(30)), "'id'"),  # named, even as the default: it must exist
+    ],
+)
+def test_a_named_field_in_no_jsonl_row_stops_the_plan(tmp_path, guard, policy, flags, docs, field):
+    """JSONL has no schema: a field exists when at least one row has it. One that no row has is a wrong setting,
+    not bad rows: the plan stops before the model loads, naming field and file, even with skip."""
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    message = assert_fails_before_model(tmp_path, guard, [path], str(path), field, "no row",
+                                        extra=(*flags, "--on-bad-record", policy))
+    assert message.count("error:") == 1
+
+
+def test_rows_lacking_a_field_that_some_rows_have(tmp_path, minilm_dir):
+    """The rule for JSONL rows without a field that other rows have: the text or an id -> a bad row; a template's
+    field -> an empty part; a kept field -> null (in a column of one type across every part file)."""
+    rows = [{"id": f"r{i}", "title": f"T{i}", "text": f"words {i}"} for i in range(12)]
+    for i in (1, 5):
+        del rows[i]["text"]
+    for i in range(6):
+        del rows[i]["title"]  # the kept field is absent from the whole first shard
+    del rows[7]["id"]
+    out = tmp_path / "out"
+    run_ok(*embed_args([write_jsonl(tmp_path / "c.jsonl", rows)], out, "--keep", "title", "--shard-size", "4",
+                       "--on-bad-record", "skip"))
+    table = read_vectors(out)  # every part is read as one dataset: one type for "title"
+    assert table.schema.field("title").type == pa.string()
+    assert dict(zip(table.column("id").to_pylist(), table.column("title").to_pylist(), strict=True)) == {
+        f"r{i}": (f"T{i}" if i >= 6 else None) for i in range(12) if i not in (1, 5, 7)}
+    reasons = {json.loads(line)["row"]: json.loads(line) for line in (out / "rejects" / "00000.jsonl").open()}
+    assert set(reasons) == {1, 5, 7}
+    assert reasons[1]["field"] == "text" and "missing" in reasons[1]["reason"]
+    assert reasons[7]["field"] == "id" and "missing" in reasons[7]["reason"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_kept_values_of_another_type_are_bad_rows(tmp_path, minilm_dir, monkeypatch, fmt):
+    """A kept field holds one type: a JSONL row whose value has another JSON type is a bad row named by file, line
+    and field (skippable), not an error that names neither (issue 13, item 8)."""
+    rows = [{"id": f"r{i}", "text": f"words {i}", "score": i} for i in range(10)]
+    rows[3]["score"] = "high"
+    rows[6]["score"] = [1, 2]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    guard = ModelGuard(monkeypatch)
+    message = assert_fails_before_model(tmp_path, guard, [path], str(path), "line 4", "'score'", "string",
+                                        extra=("--keep", "score"))
+    assert "more bad rows" in message
+    monkeypatch.undo()
+    out = tmp_path / "skip"
+    run_ok(*embed_args([path], out, "--keep", "score", "--on-bad-record", "skip", "--shard-size", "4"))
+    table = read_vectors(out)
+    assert table.schema.field("score").type == pa.int64()
+    assert sorted(table.column("score").to_pylist()) == [0, 1, 2, 4, 5, 7, 8, 9]
+    rejected = [json.loads(line) for line in (out / "rejects" / "00000.jsonl").open()]
+    assert [(r["row"], r["field"]) for r in rejected] == [(3, "score"), (6, "score")]
+
+
+def test_kept_json_types_become_one_column_type(tmp_path, minilm_dir):
+    """Integers and numbers make a float64 column; objects and arrays are kept as their JSON text."""
+    rows = [{"id": f"r{i}", "text": f"w {i}", "score": i if i % 2 else i + 0.5, "meta": {"n": i} if i % 3 else [i]}
+            for i in range(9)]
+    out = tmp_path / "out"
+    run_ok(*embed_args([write_jsonl(tmp_path / "c.jsonl", rows)], out, "--keep", "score", "--keep", "meta",
+                       "--shard-size", "2"))
+    table = read_vectors(out)
+    assert table.schema.field("score").type == pa.float64()
+    assert table.schema.field("meta").type == pa.string()
+    got = {i: (s, json.loads(m)) for i, s, m in zip(table.column("id").to_pylist(), table.column("score").to_pylist(),
+                                                     table.column("meta").to_pylist(), strict=True)}
+    assert got == {f"r{i}": (float(r["score"]), r["meta"]) for i, r in enumerate(rows)}
+
+
+def test_kept_column_of_another_type_in_another_file_is_refused(tmp_path, guard):
+    a = write_parquet(tmp_path / "in" / "a.parquet", pa.table({"id": ["a1", "a2"], "text": ["x", "y"],
+                                                                "year": pa.array([1999, 2001], pa.int64())}))
+    b = write_jsonl(tmp_path / "in" / "b.jsonl", [{"id": "b1", "text": "z", "year": "MCMXCIX"}])
+    message = assert_fails_before_model(tmp_path, guard, [a, b], str(b), "'year'", "int64", str(a),
+                                        extra=("--keep", "year", "--on-bad-record", "skip"))
+    assert "one type" in message
+
+
+@pytest.mark.parametrize(
+    ("second", "needles"),
+    [
+        (pa.table({"id": ["7", "8"], "text": ["x", "y"]}), ["integers", "strings", '"7"']),
+        (pa.table({"text": ["x", "y"]}), ["no 'id' field", "generated", "FILE#ROW"]),
+    ],
+)
+def test_ids_of_parquet_files_of_different_schemas_are_refused(tmp_path, guard, second, needles):
+    """Int ids in one file and string ids in another would make 7 and "7" one id; generated FILE#ROW ids would mix
+    with real ones: the rule is one id source and one id type per output (issue 13, item 11)."""
+    a = write_parquet(tmp_path / "in" / "a.parquet", pa.table({"id": [7, 9], "text": ["x", "y"]}))
+    b = write_parquet(tmp_path / "in" / "b.parquet", second)
+    message = assert_fails_before_model(tmp_path, guard, [tmp_path / "in"], str(a), str(b), *needles,
+                                        extra=("--on-bad-record", "skip"))
+    assert message.count("error:") == 1
+
+
+def test_ids_of_a_new_file_must_match_the_earlier_runs(tmp_path, minilm_dir, monkeypatch):
+    corpus = tmp_path / "corpus"
+    write_parquet(corpus / "day1.parquet", pa.table({"id": [1, 2, 3], "text": ["x", "y", "z"]}))
+    out = tmp_path / "out"
+    args = embed_args([corpus], out)
+    run_ok(*args)
+    write_jsonl(corpus / "day2.jsonl", [{"id": "4", "text": "w"}])
+    guard = ModelGuard(monkeypatch)
+    result = invoke(*args)
+    assert guard.calls == 0 and result.exit_code == 1
+    assert "day1.parquet" in result.output and "day2.jsonl" in result.output and "integers" in result.output
+    (corpus / "day2.jsonl").unlink()
+    write_jsonl(corpus / "day2.jsonl", [{"id": 4, "text": "w"}])  # integers, as on day 1: accepted
+    monkeypatch.undo()
+    run_ok(*args)
+    assert_ids_once(read_vectors(out), ["1", "2", "3", "4"])
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_broken_symlink_in_an_input_directory(tmp_path, guard, kind):
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "good.jsonl", make_docs(3))
+    if kind == "loop":
+        (corpus / "a.jsonl").symlink_to(corpus / "b.jsonl")
+        (corpus / "b.jsonl").symlink_to(corpus / "a.jsonl")
+    else:
+        (corpus / "a.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    needle = "loops" if kind == "loop" else "does not exist"
+    message = assert_fails_before_model(tmp_path, guard, [corpus], str(corpus / "a.jsonl"), needle)
+    assert message.count("error:") == 1
+
+
+def test_a_folder_symlink_loop_is_not_followed(tmp_path, minilm_dir):
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "sub" / "good.jsonl", make_docs(3))
+    (corpus / "sub" / "up").symlink_to(corpus)  # a loop through a folder
+    out = tmp_path / "out"
+    run_ok(*embed_args([corpus], out))
+    assert_ids_once(read_vectors(out), [d["id"] for d in make_docs(3)])
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+
+
+def _one_error_line(result, code: int, *needles: str) -> str:
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), f"crashed: {result.exception!r}"
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def _invoke_within(seconds: int, *args):
+    """``invoke``, failing the test (instead of hanging the whole run) when it does not end in time."""
+    import signal
+
+    class Hung(Exception):
+        pass
+
+    def alarm(*_):
+        raise Hung(f"still running after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        result = invoke(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert not isinstance(result.exception, Hung), f"the run hung: {result.exception}"
+    return result
+
+
+@pytest.mark.parametrize("failing", [3, 5])
+def test_full_disk_while_writing_a_part(tmp_path, minilm_dir, monkeypatch, failing):
+    """ENOSPC as PyArrow raises it, on a middle part or on the last one (whose failure no later shard reveals): one
+    error line naming the part, the free space and the space needed, exit code 74, no hang; nothing finished is
+    lost, no partial file is left, and the rerun finishes."""
+    import pyarrow.parquet as pq
+
+    docs = make_docs(50)
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    out = tmp_path / "out"
+    args = embed_args([path], out, "--shard-size", "10")
+    real, calls = pq.write_table, []
+
+    def full_on_one(table, where, **kwargs):
+        calls.append(where)
+        if len(calls) == failing:
+            Path(where).write_bytes(b"partial")
+            raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+        return real(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", full_on_one)
+    line = _one_error_line(_invoke_within(120, *args), 74, "no space left", f"part-00000{failing - 1}.parquet",
+                           "free there", "needed")
+    assert "rerun" in line
+    assert len(done_markers(out)) == failing - 1
+    assert not [p for p in (out / "vectors").iterdir() if p.name.startswith(".")], "a partial file was left"
+    monkeypatch.undo()
+    run_ok(*args)
+    assert_ids_once(read_vectors(out), [d["id"] for d in docs])
+
+
+def test_full_disk_while_planning(tmp_path, minilm_dir, monkeypatch):
+    """ENOSPC on the manifest's fsync: one error line naming the manifest, exit code 74, no temporary file left."""
+    import os
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    guard = ModelGuard(monkeypatch)
+    out = tmp_path / "out"
+    result = invoke(*embed_args([write_jsonl(tmp_path / "c.jsonl", make_docs(5))], out))
+    assert guard.calls == 0
+    _one_error_line(result, 74, "no space left", str(out / "manifest.json"), "free there")
+    assert not list(out.glob(".manifest.json.tmp-*"))
+
+
+def test_full_disk_in_the_index_step(tmp_path, minilm_dir, monkeypatch):
+    """faiss says it in a RuntimeError: still one error line naming the index file, exit code 74."""
+    import faiss
+
+    def full(index, path):
+        raise RuntimeError(f"Error in void faiss::write_index(const Index*, IOWriter*, int) at index_write.cpp:499: "
+                           f"Error: 'ret == (size * 4)' failed: write error in {path}: 4051 != 2560000 "
+                           "(No space left on device)")
+
+    monkeypatch.setattr(faiss, "write_index", full)
+    out = tmp_path / "out"
+    result = invoke(*embed_args([write_jsonl(tmp_path / "c.jsonl", make_docs(20))], out, "--index"))
+    _one_error_line(result, 74, "index:", "no space left", str(out / "index"), "free there")
+    assert len(done_markers(out)) == 1  # the vectors are kept
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_real_full_disk(tmp_path, minilm_dir, workers):
+    """The output on a tiny tmpfs (needs root; skipped elsewhere): exit 74 with one error line, in the single worker
+    and with --workers; after the disk grows, the same command finishes with every id once."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "400k"):
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        docs = make_docs(300, seed=3)
+        path = write_jsonl(tmp_path / "c.jsonl", docs)
+        args = embed_args([path], disk / "out", "--shard-size", "100", "--workers", str(workers))
+        cmd = [sys.executable, "-m", "pipeline.cli", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 74, proc.stderr
+        assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+        assert "no space left" in errors[0] and str(disk) in errors[0] and "free there" in errors[0]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert_ids_once(read_vectors(disk / "out"), [d["id"] for d in docs])
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -273,3 +273,82 @@ def test_input_is_not_held_in_memory_per_file(tmp_path):
     table = read_shard(manifest, last, FieldSpec())
     assert table.column("_row").to_pylist() == list(range(4000, 5000))
     assert os.path.getsize(path) > last.byte_start > 0
+
+
+# ---------------------------------------------------------------------- encoded string columns (issue 13, item 9)
+
+
+@pytest.mark.parametrize("encoding", ["dictionary", "string_view", "large_string"])
+def test_dictionary_and_view_string_columns(tmp_path, encoding):
+    """pandas ``category`` columns (dictionary-encoded) and ``string_view`` columns are text and ids like any."""
+    docs = make_docs(40, seed=7)
+
+    def encoded(values: list[Any]) -> pa.Array:
+        arr = pa.array(values, pa.string())
+        if encoding == "dictionary":
+            return arr.dictionary_encode()
+        return arr.cast(pa.string_view() if encoding == "string_view" else pa.large_string())
+
+    table = pa.table({"id": encoded([d["id"] for d in docs]), "text": encoded([d["text"] for d in docs]),
+                      "title": encoded([d["title"] for d in docs])})
+    path = write_parquet(tmp_path / "c.parquet", table, row_groups=[25, 15])
+    assert pq_type(path, "text") != pa.string()  # the file keeps the encoding
+    manifest = plan(tmp_path, [path], shard_size=20, keep=("title",), text_field="{title}: {text}")
+    out = read_all(manifest, keep=("title",), text_field="{title}: {text}")
+    assert out.column("id").to_pylist() == [d["id"] for d in docs]
+    assert out.column("text").to_pylist() == [f"{d['title']}: {d['text']}" for d in docs]
+    assert out.schema.field("title").type == pa.string()  # one plain type for kept columns
+    assert out.column("title").to_pylist() == [d["title"] for d in docs]
+
+
+def test_dictionary_encoded_integer_ids(tmp_path):
+    """An Arrow file keeps a dictionary of integers as it is (Parquet decodes those): ids are their decimal text."""
+    table = pa.table({"id": pa.array([5, 6, 7], pa.int64()).dictionary_encode(), "text": ["a", "b", "c"]})
+    path = tmp_path / "c.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    manifest = plan(tmp_path, [path])
+    assert manifest.files[0].file.ids == "integer"
+    assert read_all(manifest).column("id").to_pylist() == ["5", "6", "7"]
+
+
+def pq_type(path: Path, name: str) -> pa.DataType:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).field(name).type
+
+
+# ------------------------------------------------------------------- what a directory input takes (item 10)
+
+
+def test_directory_skips_hidden_paths_and_json_that_is_not_json_lines(tmp_path):
+    """``.git/``, ``.ipynb_checkpoints/`` and hidden files are not input; a ``config.json`` (a JSON document) is
+    not either, while a ``.json`` file of JSON Lines is. A stale checkpoint copy must not win the duplicate check."""
+    docs = make_docs(20, seed=8)
+    root = tmp_path / "corpus"
+    write_jsonl(root / "notes.jsonl", docs[:10])
+    write_jsonl(root / "more.json", docs[10:])  # JSON Lines under a .json name
+    write_jsonl(root / ".ipynb_checkpoints" / "notes-checkpoint.jsonl",
+                [{**d, "text": "stale " + d["text"]} for d in docs[:10]])
+    write_jsonl(root / ".git" / "objects" / "x.jsonl", [{"id": "git", "text": "not a document"}])
+    write_jsonl(root / "sub" / ".hidden" / "h.jsonl", [{"id": "hidden", "text": "not a document"}])
+    (root / "config.json").write_text('{\n  "model": "x",\n  "text": "not a document"\n}\n')
+    (root / "sub" / "empty.json").write_text("")
+    (root / "list.json").write_text('[{"id": "l", "text": "an array, not JSON Lines"}]\n')
+    manifest = plan(tmp_path, [root], on_bad_record="skip")
+    assert sorted(pf.file.key for pf in manifest.files) == ["more.json", "notes.jsonl"]
+    table = read_all(manifest)
+    got = zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True)
+    assert sorted(got) == sorted((d["id"], d["text"]) for d in docs)
+    assert not (tmp_path / "out" / "rejects").exists()
+
+
+def test_a_named_json_file_is_read_as_json_lines(tmp_path):
+    from pipeline.errors import InputError
+
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "id": "x",\n  "text": "pretty-printed"\n}\n')
+    with pytest.raises(InputError, match=r"config\.json: line 1.*invalid JSON"):
+        plan(tmp_path, [path])
+    path.write_text('{"id": "x", "text": "one line"}\n')
+    assert read_all(plan(tmp_path / "2", [path])).column("text").to_pylist() == ["one line"]

@@ -179,6 +179,81 @@ def test_heartbeat_never_refreshes_a_claim_taken_over(tmp_path: Path) -> None:
         assert Claims(tmp_path, lease_seconds=1.0, worker="c").try_claim(shard), "b's claim was kept alive"
 
 
+def _claim_of(tmp_path: Path, worker: str = "other", **identity) -> Shard:
+    """Shard 0 claimed just now by ``worker`` whose process is ``identity`` (default: this process)."""
+    from pipeline.job.claims import process_identity
+
+    shard = Shard(0, 0, 0, 10)
+    (tmp_path / "shards").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(tmp_path / "shards" / f"{shard.name}.claim",
+                      {"shard": 0, "worker": worker, "claimed_at": time.time(), **process_identity(), **identity})
+    return shard
+
+
+def _gone_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_claim_of_a_process_gone_from_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+    """Killed with -9 on this host: its pid is free (or taken by a process started later). Its claim is taken over
+    at once instead of after the 300 s lease (issue 13, item 12)."""
+    me = Claims(tmp_path, lease_seconds=300, worker="me")
+    assert me.try_claim(_claim_of(tmp_path, pid=_gone_pid())), "the claim of a dead local process was not taken"
+    assert me.owns(Shard(0, 0, 0, 10))
+    # the pid now names another process (pid reuse): its start time differs from the one in the claim
+    assert Claims(tmp_path, lease_seconds=300, worker="me2").try_claim(_claim_of(tmp_path, started="1"))
+
+
+@pytest.mark.parametrize("identity", [
+    {},  # the claiming process is alive (here: this very process, under another worker name)
+    {"pid_ns": "1"},  # another container that shares the host name: its pid 1 is not ours to look at
+    {"boot_id": "another-boot"},
+    {"host": "another-host"},
+    {"started": None},  # written without a process identity (no /proc, an older version)
+])
+def test_claims_that_may_be_alive_wait_for_the_lease(tmp_path: Path, identity: dict) -> None:
+    if identity and "started" not in identity:
+        identity = {**identity, "pid": _gone_pid()}  # a pid that is free here, yet that is no proof elsewhere
+    shard = _claim_of(tmp_path, **identity)
+    assert not Claims(tmp_path, lease_seconds=300, worker="me").try_claim(shard)
+
+
+def test_waiting_for_a_live_claim_says_so_once(tmp_path: Path, minilm_dir: Path, caplog) -> None:
+    """A worker with nothing left but shards claimed by a live worker elsewhere says at WARNING (the console),
+    once, which shards, which worker and when the lease runs out."""
+    import logging
+    import threading
+
+    from pipeline.job.config import make_config
+    from pipeline.job.runner import run_job
+
+    write_jsonl(tmp_path / "in.jsonl", make_docs(20))
+    cfg = make_config({"input": (str(tmp_path / "in.jsonl"),), "output": str(tmp_path / "out"), "model": MODEL,
+                       "device": "cpu", "batch_tokens": 2048, "shard_size": 10, "quiet": True})
+    from pipeline.job.plan import prepare
+
+    prepare(cfg)
+    _claim_of(tmp_path / "out", worker="elsewhere:42:abc", host="another-host")  # shard 0, alive elsewhere
+    stop = threading.Event()
+
+    def stop_after_some_waiting() -> None:  # a SIGTERM, once shard 1 is done and a few rounds of waiting passed
+        while not (tmp_path / "out" / "shards" / "000001.done.json").exists() and not stop.wait(0.1):
+            pass
+        stop.wait(4.0)
+        stop.set()
+
+    threading.Thread(target=stop_after_some_waiting, daemon=True).start()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        summary = run_job(cfg, stop=stop, lease_seconds=30)
+    stop.set()
+    assert summary.stopped_early and summary.shards_done == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "waiting" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "shards 0 held by elsewhere:42:abc" in warnings[0] and "taken over in" in warnings[0]
+
+
 # --- workers on one output --------------------------------------------------------------------------------------
 
 
@@ -284,6 +359,57 @@ def test_two_workers_one_killed_mid_shard_the_other_takes_over(tmp_path, corpus,
     assert all(workers[s].startswith(b_name) for s in orphaned), workers
     assert "taking over the claim" in logs[1].read_text()
     check_same_as_one_worker(out, reference, ids)
+
+
+def test_rerun_after_kill_9_takes_the_dead_workers_claims_at_once(tmp_path, corpus, reference):
+    """Killed with -9 mid-shard, then the same command again on the same host with the default 300 s lease: the
+    rerun takes the dead worker's claims over at once and finishes (issue 13, item 12)."""
+    corpus_dir, ids = corpus
+    out = tmp_path / "out"
+    args = job_args(corpus_dir, out)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a = start(args, logs[0])
+    mine = f"{socket.gethostname()}:{a.pid}:"
+    procs = [a]
+    try:
+        wait_until([a], lambda: len(done_markers(out)) >= 2 and bool(claims_of(out, mine)), logs[:1])
+        a.send_signal(signal.SIGKILL)
+        assert a.wait(timeout=30) == -signal.SIGKILL
+        orphaned = [s for s in claims_of(out, mine) if s not in marker_workers(out)]
+        assert orphaned, "the killed worker held no claim"
+        t0 = time.monotonic()
+        procs.append(start(args, logs[1]))
+        assert procs[1].wait(timeout=150) == 0, logs[1].read_text()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    print(f"a killed holding shards {orphaned}; the rerun finished {time.monotonic() - t0:.1f}s later")
+    assert "on this host is gone" in logs[1].read_text()
+    check_same_as_one_worker(out, reference, ids)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_while_the_command_starts_exits_75(tmp_path: Path, minilm_dir: Path, workers: str) -> None:
+    """SIGTERM in the first moments (here: as soon as the child has imported click, long before ``run`` is
+    called) stops the run with 75 like any other, instead of killing it (-15) (issue 13, item 13)."""
+    write_jsonl(tmp_path / "in.jsonl", make_docs(30))
+    args = embed_args([tmp_path / "in.jsonl"], tmp_path / "out", "--workers", workers)
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=subprocess_env(), cwd=tmp_path)
+    try:
+        assert proc.stderr is not None
+        for raw in proc.stderr:  # -X importtime: a line per module once imported
+            if raw.decode(errors="replace").split("|")[-1].strip() == "click":
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "\n".join(line for line in rest.decode().splitlines() if not line.startswith("import time"))
+    assert proc.returncode == 75, log
+    assert "rerun the same command" in log
 
 
 def test_workers_2_equals_one_worker(tmp_path, corpus, reference):

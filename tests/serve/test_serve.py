@@ -236,6 +236,71 @@ def test_api_key_is_checked(minilm_server: ServerThread) -> None:
         assert httpx.get(srv.url + "/health", timeout=30).status_code == 200  # for load balancers
         res = _client(srv, "s3cret").embeddings.create(input="hello", model=MODEL)
         assert len(res.data[0].embedding) == 384
+        # the scheme is required (issue 13, item 13): the bare key, or the key under another scheme, is refused
+        for header in ("s3cret", "Basic s3cret", "Bearers3cret", "Bearer", "Bearer  wrong"):
+            r = httpx.post(srv.url + "/v1/embeddings", json={"input": "hello"}, headers={"Authorization": header},
+                           timeout=30)
+            assert r.status_code == 401, header
+        for header in ("Bearer s3cret", "bearer s3cret", "BEARER   s3cret"):  # RFC 7235: any case
+            r = httpx.post(srv.url + "/v1/embeddings", json={"input": "hello"}, headers={"Authorization": header},
+                           timeout=30)
+            assert r.status_code == 200, header
+
+
+@pytest.mark.parametrize("depth", [900, 5_000, 100_000])
+def test_deeply_nested_bodies_get_a_400(minilm_server: ServerThread, depth: int) -> None:
+    """Nested deeper than Python's parser (or its error messages) can walk: a 400, the connection kept, never a 500
+    (issue 13, item 5)."""
+    with httpx.Client(base_url=minilm_server.url, timeout=30) as client:
+        for body in (b"[" * depth + b"]" * depth,
+                     b'{"input": "x", "dimensions": ' + b"[" * depth + b"]" * depth + b"}",
+                     b'{"input": ' + b"[" * depth + b"]" * depth + b"}"):
+            r = client.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (depth, r.text[:200])
+            assert r.json()["error"]["type"] == "invalid_request_error"
+        r = client.post("/v1/embeddings", json={"input": "still served"})
+        assert r.status_code == 200
+    assert 'status="500"' not in httpx.get(minilm_server.url + "/metrics", timeout=30).text
+
+
+def test_trust_remote_code_comes_from_the_command_line_not_job_json(minilm_job, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A foreign output folder whose job.json asks for trust_remote_code is refused, before any model is loaded,
+    unless --trust-remote-code is given (issue 13, item 13)."""
+    import shutil
+
+    from helpers import ModelGuard, invoke
+
+    from pipeline.errors import PipelineError
+
+    out, _ = minilm_job
+    foreign = tmp_path / "foreign"
+    shutil.copytree(out, foreign)
+    job = json.loads((foreign / "job.json").read_text())
+    job["config"]["trust_remote_code"] = True
+    (foreign / "job.json").write_text(json.dumps(job))
+    guard = ModelGuard(monkeypatch)
+    with pytest.raises(PipelineError, match="--trust-remote-code"):
+        Service.load(foreign, device="cpu")
+    result = invoke("serve", foreign, "--device", "cpu")
+    assert result.exit_code == 1 and "--trust-remote-code" in result.output and "Traceback" not in result.output
+    assert guard.calls == 0
+    monkeypatch.undo()
+    loaded = []
+    from pipeline.model.encoder import Embedder
+
+    real = Embedder.load.__func__
+
+    def record(cls, *args, **kwargs):
+        loaded.append(kwargs.get("trust_remote_code"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Embedder, "load", classmethod(record))
+    service = Service.load(foreign, device="cpu", trust_remote_code=True)
+    assert loaded == [True] and service.info.dims == 384
+    loaded.clear()
+    Service.load(out, device="cpu", trust_remote_code=True)  # the flag alone does not switch it on for a job
+    assert loaded == [False]
 
 
 # ------------------------------------------------------------------------------------------ concurrency
