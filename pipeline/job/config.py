@@ -58,7 +58,10 @@ class JobConfig:
     )
     id_field: str = field(default="id", metadata=_opt("Id column; absent: FILE#ROW ids.", fp=True))
     keep: tuple[str, ...] = field(default=(), metadata=_opt("Input columns copied to the output.", fp=True))
-    dims: int | None = field(default=None, metadata=_opt("Matryoshka output dims (first N, re-normalised).", fp=True))
+    dims: int | None = field(
+        default=None, metadata=_opt("Matryoshka output dims (first N, re-normalised; default: all of the model's).",
+                                    fp=True)
+    )
     max_length: int | None = field(
         default=None, metadata=_opt("Max tokens per input (default: the model's limit).", fp=True)
     )
@@ -97,7 +100,9 @@ class JobConfig:
         metadata=_opt("padded (SDPA + mask) or packed (padding-free; auto: packed for Qwen on GPU)."),
     )
     compile: bool | None = field(
-        default=None, metadata=_opt("torch.compile the packed forward (default: on for CUDA).")
+        default=None,
+        metadata=_opt("torch.compile the packed forward (default: on where it runs on CUDA, so for Qwen models "
+                      "on a GPU)."),
     )
     backend: Backend = field(
         default="local",
