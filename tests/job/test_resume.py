@@ -135,10 +135,12 @@ def test_sigterm_stops_cleanly_then_rerun_and_status(tmp_path, minilm_dir):
     out = tmp_path / "out"
     args = job_args(tmp_path / "corpus", out)
     log = tmp_path / "run.log"
+    started = time.time()
     proc = start(args, log)
     wait_until(proc, lambda: len(done_markers(out)) >= 2, log)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 75, log.read_text()
+    wall = time.time() - started
     assert "rerun" in log.read_text()
     check_output_consistent(out)
     done = len(done_markers(out))
@@ -153,8 +155,17 @@ def test_sigterm_stops_cleanly_then_rerun_and_status(tmp_path, minilm_dir):
     st = json.loads(run_ok("status", out, "--json").output)
     assert (st["shards_done"], st["shards_pending"], st["shards_failed"]) == (done, n_shards - done, 0)
     assert (st["docs_done"], st["docs_total"]) == (done * SHARD, len(ids))
-    assert st["tokens_done"] > 0 and st["docs_per_s"] > 0
-    assert st["eta_seconds"] is not None and st["eta_seconds"] > 0
+    # throughput and ETA are the markers' numbers: rows and tokens over the wall-clock span of the finished shards
+    markers = [json.loads(m.read_text()) for m in done_markers(out)]
+    span = max(m["finished_at"] for m in markers) - min(m["finished_at"] - m["seconds"] for m in markers)
+    assert 0 < span <= wall
+    assert st["tokens_done"] == sum(m["tokens"] for m in markers)
+    assert st["tokens_done"] == sum(read_vectors(out).column("n_tokens").to_pylist())  # what the parts hold
+    assert st["docs_per_s"] == pytest.approx(done * SHARD / span, rel=1e-6)
+    assert st["tokens_per_s"] == pytest.approx(st["tokens_done"] / span, rel=1e-6)
+    assert st["docs_per_s"] >= done * SHARD / wall  # no faster than the run's own clock allows
+    assert st["eta_seconds"] == pytest.approx((len(ids) - done * SHARD) / st["docs_per_s"], rel=1e-6)
+    assert f"{st['docs_per_s']:,.1f} docs/s" in result.output
 
     run_ok(*args)
     table = read_vectors(out)
