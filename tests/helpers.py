@@ -288,3 +288,35 @@ def reference_rerank_scores(model_dir: Path, query: str, docs: Sequence[str]) ->
             logits = model(input_ids=torch.tensor([prefix + body + suffix])).logits[0, -1]
         out.append(torch.softmax(torch.stack([logits[no], logits[yes]]).double(), dim=0)[1].item())
     return np.array(out)
+
+
+def reference_qwen3_vector(model_dir: Path, text: str, *, instruction: str | None = None,
+                           dims: int | None = None) -> np.ndarray:
+    """A Qwen3-Embedding vector written out with transformers (not ``pipeline.model``): ``Instruct: {task}\\nQuery:``
+    before a query, exactly one ``<|endoftext|>`` (151643) at the end, the last token's hidden state, the first
+    ``dims`` values, L2-normalised; float32 on the CPU."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    framed = f"Instruct: {instruction}\nQuery:{text}" if instruction is not None else text
+    ids = [t for t in tok(framed, add_special_tokens=False)["input_ids"] if t != 151643] + [151643]
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+    return torch.nn.functional.normalize(hidden[:dims], dim=0).numpy()
+
+
+def reference_minilm_vector(model_dir: Path, text: str) -> np.ndarray:
+    """An all-MiniLM-L6-v2 vector written out with transformers: mean of the token states over the attention
+    mask (256 tokens at most), L2-normalised."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    batch = tok([text], return_tensors="pt", truncation=True, max_length=256)
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state[0]
+    mask = batch["attention_mask"][0, :, None].float()
+    return torch.nn.functional.normalize((hidden * mask).sum(0) / mask.sum(), dim=0).numpy()
