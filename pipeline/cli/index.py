@@ -169,7 +169,7 @@ def search(output: str, text: str | None, k: int, as_json: bool, queries_file: s
             _search_file(searcher, queries_file, out_file, k, kwargs)
         elif stdin is not None:
             count = _search_lines(searcher, stdin, k, as_json, prompt, kwargs)
-            if count == 0:
+            if count == 0 and not prompt:  # at a terminal, Ctrl-D at once is just leaving
                 _fail("no queries: give a query TEXT, --queries FILE, or queries on stdin, one per line")
         else:
             _print_entry(searcher.search([text], k, **kwargs)[0], as_json)
