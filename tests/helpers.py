@@ -219,3 +219,104 @@ SENTENCES = [
     "Inflation measures how quickly the general level of prices for goods and services rises.",
 ]
 INSTRUCTION = "Find the passage that answers the trivia question"
+
+
+def brute_force_recall(output: Path, ks: Sequence[int] = (1, 10, 100)) -> dict[str, float]:
+    """recall@k of OUTPUT's index, counted here without the pipeline's recall code.
+
+    The index (with its recorded search parameters) searches the held-out queries recorded beside it; the truth
+    is an exact NumPy search over every vector read back from the part files, the query's own position
+    excluded. recall@k = |found top k & true top k| / k, averaged over the queries (k capped at n - 1).
+    """
+    import faiss
+
+    folder = output / "index"
+    info = json.loads((folder / "info.json").read_text())
+    ids = pq.read_table(folder / info["files"]["ids"]).column("id").to_pylist()
+    table = read_vectors(output)
+    by_id = dict(zip(table.column("id").to_pylist(), embeddings(table), strict=True))
+    mat = np.stack([by_id[i] for i in ids]).astype(np.float64)  # position order
+    saved = np.load(folder / info["files"]["queries"])
+    positions, queries = saved["positions"], saved["vectors"]
+    np.testing.assert_allclose(queries, mat[positions], atol=1e-6)  # the queries are corpus vectors, as recorded
+    if info["metric"] == "ip":
+        scores = mat @ queries.T.astype(np.float64)
+    else:
+        scores = -((mat[:, None, :] - queries[None, :, :].astype(np.float64)) ** 2).sum(axis=2)
+    index = faiss.read_index(str(folder / info["files"]["index"]))
+    space = faiss.ParameterSpace()
+    for name, value in (info.get("search_params") or {}).items():
+        space.set_index_parameter(index, name, value)
+    out = {}
+    for k in ks:
+        kk = min(k, len(ids) - 1)
+        found_all = index.search(np.ascontiguousarray(queries, dtype=np.float32), kk + 1)[1]
+        hits = []
+        for qi, own in enumerate(positions):
+            s = scores[:, qi].copy()
+            s[own] = -np.inf
+            truth = set(np.argsort(-s, kind="stable")[:kk].tolist())
+            found = [int(p) for p in found_all[qi] if p != own and p >= 0][:kk]
+            hits.append(len(truth & set(found)) / kk)
+        out[f"recall@{k}"] = float(np.mean(hits))
+    return out
+
+
+QWEN_RERANK_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
+QWEN_RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+QWEN_RERANK_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def reference_rerank_scores(model_dir: Path, query: str, docs: Sequence[str]) -> np.ndarray:
+    """Qwen3-Reranker scores by the model card's recipe, written out here (not ``pipeline.model.rerank``): one
+    pair at a time, no padding, float32, ``P(yes)`` from the last position's ``no``/``yes`` logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    prefix = tok.encode(QWEN_RERANK_PREFIX, add_special_tokens=False)
+    suffix = tok.encode(QWEN_RERANK_SUFFIX, add_special_tokens=False)
+    out = []
+    for doc in docs:
+        body = tok.encode(f"<Instruct>: {QWEN_RERANK_TASK}\n<Query>: {query}\n<Document>: {doc}",
+                          add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prefix + body + suffix])).logits[0, -1]
+        out.append(torch.softmax(torch.stack([logits[no], logits[yes]]).double(), dim=0)[1].item())
+    return np.array(out)
+
+
+def reference_qwen3_vector(model_dir: Path, text: str, *, instruction: str | None = None,
+                           dims: int | None = None) -> np.ndarray:
+    """A Qwen3-Embedding vector written out with transformers (not ``pipeline.model``): ``Instruct: {task}\\nQuery:``
+    before a query, exactly one ``<|endoftext|>`` (151643) at the end, the last token's hidden state, the first
+    ``dims`` values, L2-normalised; float32 on the CPU."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    framed = f"Instruct: {instruction}\nQuery:{text}" if instruction is not None else text
+    ids = [t for t in tok(framed, add_special_tokens=False)["input_ids"] if t != 151643] + [151643]
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+    return torch.nn.functional.normalize(hidden[:dims], dim=0).numpy()
+
+
+def reference_minilm_vector(model_dir: Path, text: str) -> np.ndarray:
+    """An all-MiniLM-L6-v2 vector written out with transformers: mean of the token states over the attention
+    mask (256 tokens at most), L2-normalised."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    batch = tok([text], return_tensors="pt", truncation=True, max_length=256)
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state[0]
+    mask = batch["attention_mask"][0, :, None].float()
+    return torch.nn.functional.normalize((hidden * mask).sum(0) / mask.sum(), dim=0).numpy()

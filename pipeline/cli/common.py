@@ -50,9 +50,23 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def default_text(f: dataclasses.Field) -> str | None:
+    """What ``run --help`` shows as a field's ``[default: ...]``: the ``JobConfig`` default, as a flag is written
+    (``normalize``, ``no-quiet``); None where the help text already says it in words, or there is none to show."""
+    value = f.default
+    if value is dataclasses.MISSING or value in ((), "") or "default" in f.metadata.get("help", "").lower():
+        return None
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        name = f.name.replace("_", "-")
+        return name if value else f"no-{name}"
+    return str(value)
+
+
 def config_options(func):
     """Decorate a click command with one option per ``JobConfig`` field (defaults None: only given flags
-    override the job file)."""
+    override the job file; the help shows ``JobConfig``'s defaults)."""
     for f in reversed(dataclasses.fields(JobConfig)):
         if f.metadata.get("cli") is False:
             continue
@@ -60,6 +74,9 @@ def config_options(func):
         help_text = f.metadata.get("help", "")
         tp = _base_type(f.type)
         choices = field_choices(f.name)
+        shown = default_text(f)
+        if shown is not None:  # as click shows the defaults of the other commands (theirs are real defaults)
+            help_text += f"  [default: {shown}]"
         if f.name in ("input", "keep"):
             opt = click.option(flag, f.name, multiple=True, help=help_text + " Repeatable.")
         elif tp is bool:

@@ -7,6 +7,7 @@ on are printed as one ``error: ...`` line with exit code 1.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -131,11 +132,14 @@ def _print_human(entry: dict[str, Any]) -> None:
 def search(output: str, text: str | None, k: int, as_json: bool, queries_file: str | None, out_file: str | None,
            rerank_model: str | None, rerank_top: int, rerank_instruction: str | None, model: str | None,
            device: str | None) -> None:
-    """Search the index of OUTPUT for TEXT (or every query of --queries), embedded as the job embeds queries."""
-    from pipeline.index.search import Searcher, search_file
+    """Search the index of OUTPUT for TEXT, embedded as the job embeds queries.
 
-    if (text is None) == (queries_file is None):
-        _fail("give either a query TEXT or --queries FILE")
+    With --queries FILE, search every query of the file. With neither TEXT nor --queries, read queries from
+    stdin, one per line, and answer each as it arrives: the model is loaded once (blank lines are skipped;
+    end with Ctrl-D).
+    """
+    if text is not None and queries_file is not None:
+        _fail("give either a query TEXT or --queries FILE, not both")
         return
     if text is not None and not text.strip():
         _fail("empty query: give some text to search for")
@@ -143,6 +147,15 @@ def search(output: str, text: str | None, k: int, as_json: bool, queries_file: s
     if k < 1 or rerank_top < 1:
         _fail("-k and --rerank-top must be at least 1")
         return
+    if out_file is not None and queries_file is None:
+        _fail("--out goes with --queries FILE")
+        return
+    from pipeline.index.search import Searcher
+
+    stdin = sys.stdin if text is None and queries_file is None else None
+    prompt = stdin is not None and stdin.isatty()
+    if prompt:
+        click.echo(f"loading the query model of {output} ...", err=True)
     _quiet_model_loading()
     try:
         searcher = Searcher(output, model=model, device=device)
@@ -153,30 +166,63 @@ def search(output: str, text: str | None, k: int, as_json: bool, queries_file: s
             reranker = load_reranker(rerank_model, device=device, instruction=rerank_instruction)
         kwargs = {"reranker": reranker, "rerank_top": rerank_top}
         if queries_file is not None:
-            sink = open(out_file, "w", encoding="utf-8") if out_file else None  # noqa: SIM115 - closed below
-            try:
-                count = 0
-                for entry in search_file(searcher, queries_file, k, **kwargs):
-                    line = json.dumps(entry, ensure_ascii=False)
-                    if sink:
-                        sink.write(line + "\n")
-                    else:
-                        click.echo(line)
-                    count += 1
-            finally:
-                if sink:
-                    sink.close()
-            if out_file:
-                click.echo(f"{count} queries searched; results in {out_file}", err=True)
-            return
-        entry = searcher.search([text], k, **kwargs)[0]
+            _search_file(searcher, queries_file, out_file, k, kwargs)
+        elif stdin is not None:
+            count = _search_lines(searcher, stdin, k, as_json, prompt, kwargs)
+            if count == 0 and not prompt:  # at a terminal, Ctrl-D at once is just leaving
+                _fail("no queries: give a query TEXT, --queries FILE, or queries on stdin, one per line")
+        else:
+            _print_entry(searcher.search([text], k, **kwargs)[0], as_json)
     except PipelineError as exc:
         _fail(str(exc))
-        return
+
+
+def _print_entry(entry: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(entry, ensure_ascii=False))
     else:
         _print_human(entry)
+
+
+def _search_file(searcher, queries_file: str, out_file: str | None, k: int, kwargs: dict[str, Any]) -> None:
+    from pipeline.index.search import search_file
+
+    sink = open(out_file, "w", encoding="utf-8") if out_file else None  # noqa: SIM115 - closed below
+    try:
+        count = 0
+        for entry in search_file(searcher, queries_file, k, **kwargs):
+            line = json.dumps(entry, ensure_ascii=False)
+            if sink:
+                sink.write(line + "\n")
+            else:
+                click.echo(line)
+            count += 1
+    finally:
+        if sink:
+            sink.close()
+    if out_file:
+        click.echo(f"{count} queries searched; results in {out_file}", err=True)
+
+
+def _search_lines(searcher, stdin, k: int, as_json: bool, prompt: bool, kwargs: dict[str, Any]) -> int:
+    """Answer each line of ``stdin`` as it arrives (click.echo flushes); returns the number of queries."""
+    if prompt:
+        click.echo("one query per line; Ctrl-D ends", err=True)
+    count = 0
+    while True:
+        if prompt:
+            click.echo("query> ", nl=False, err=True)
+        line = stdin.readline()
+        if not line:
+            break
+        query = line.rstrip("\r\n")
+        if not query.strip():
+            continue
+        _print_entry(searcher.search([query], k, **kwargs)[0], as_json)
+        count += 1
+    if prompt:
+        click.echo("", err=True)
+    return count
 
 
 @click.command("eval")

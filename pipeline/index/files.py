@@ -55,8 +55,11 @@ def read_info(output: str | Path) -> dict[str, Any]:
         raise PipelineError(f"{path}: unreadable ({exc}); rebuild with `embed-corpus index build {output}`") from exc
 
 
-def load_index(output: str | Path, info: dict[str, Any] | None = None):
+def load_index(output: str | Path, info: dict[str, Any] | None = None, *, mmap: bool = False):
     """The current index with its recorded search parameters applied, and its info.
+
+    ``mmap``: map the index file read-only instead of reading it into memory (search start-up: only the pages a
+    query touches are read; the results are the same). Not for an index that will be added to.
 
     Returns:
         ``(faiss.Index, info dict)``.
@@ -70,7 +73,8 @@ def load_index(output: str | Path, info: dict[str, Any] | None = None):
     path = index_dir(output) / info["files"]["index"]
     if not path.exists():
         raise PipelineError(f"{path} is missing; rebuild with `embed-corpus index build {output}`")
-    index = faiss.read_index(str(path))
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap and hasattr(faiss, "IO_FLAG_MMAP_IFC") else 0
+    index = faiss.read_index(str(path), flags)
     set_search_params(index, info.get("search_params") or {})
     return index, info
 

@@ -62,7 +62,10 @@ class JobConfig:
         metadata=_opt("Whether id_field was set (job file, flag): then every file must have it.", cli=False),
     )
     keep: tuple[str, ...] = field(default=(), metadata=_opt("Input columns copied to the output.", fp=True))
-    dims: int | None = field(default=None, metadata=_opt("Matryoshka output dims (first N, re-normalised).", fp=True))
+    dims: int | None = field(
+        default=None, metadata=_opt("Matryoshka output dims (first N, re-normalised; default: all of the model's).",
+                                    fp=True)
+    )
     max_length: int | None = field(
         default=None, metadata=_opt("Max tokens per input (default: the model's limit).", fp=True)
     )
@@ -105,7 +108,9 @@ class JobConfig:
         metadata=_opt("padded (SDPA + mask) or packed (padding-free; auto: packed for Qwen on GPU)."),
     )
     compile: bool | None = field(
-        default=None, metadata=_opt("torch.compile the packed forward (default: on for CUDA).")
+        default=None,
+        metadata=_opt("torch.compile the packed forward (default: on where it runs on CUDA, so for Qwen models "
+                      "on a GPU)."),
     )
     backend: Backend = field(
         default="local",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
-from helpers import MODEL, invoke, make_docs, run_ok, write_jsonl
+from helpers import MODEL, brute_force_recall, invoke, make_docs, run_ok, write_jsonl
 
 
 def _job(tmp_path, index) -> str:
@@ -19,15 +20,23 @@ def _job(tmp_path, index) -> str:
 
 
 def test_completed_run_builds_then_updates_the_index(tmp_path, minilm_dir):
-    job = _job(tmp_path, {"factory": "Flat", "target-recall": 0.9})
+    # Searching 16 PCA dimensions of 384 misses neighbours, so the recorded recall is below 1 and its agreement
+    # with a count made here has power (exact distances in the reduced space: no ties to order either way).
+    job = _job(tmp_path, {"factory": "PCA16,Flat", "target-recall": 0.9})
     run_ok("run", job)
-    info = json.loads((tmp_path / "out" / "index" / "info.json").read_text())
-    assert info["ntotal"] == 40 and info["factory"] == "Flat"
-    assert any("recall" in k for k in info)
+    out = tmp_path / "out"
+    info = json.loads((out / "index" / "info.json").read_text())
+    assert info["ntotal"] == 40 and info["factory"] == "PCA16,Flat"
+    counted = brute_force_recall(out)
+    for key, value in counted.items():
+        assert info[key] == pytest.approx(value, abs=2e-6), key
+    assert counted["recall@10"] < 0.99
     write_jsonl(tmp_path / "corpus" / "b.jsonl", make_docs(10, seed=2, start=100))
     run_ok("run", job)
-    info = json.loads((tmp_path / "out" / "index" / "info.json").read_text())
+    info = json.loads((out / "index" / "info.json").read_text())
     assert info["ntotal"] == 50
+    for key, value in brute_force_recall(out).items():  # re-measured after the nightly update
+        assert info[key] == pytest.approx(value, abs=2e-6), key
 
 
 def test_no_index_flag_skips_the_step(tmp_path, minilm_dir):

@@ -264,15 +264,65 @@ def test_an_id_field_that_is_not_the_default_must_exist(tmp_path):
         plan(tmp_path / "o2", [pq_path], id_field="doc_key")
 
 
+SHARD_READ = """
+import json, sys
+from pipeline.job.plan import load_manifest
+from pipeline.job.records import FieldSpec
+from pipeline.job.runner import read_shard
+import pyarrow.json
+
+def status(key):  # bytes, from /proc/self/status
+    line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+def measure(work):  # what ``work`` adds to the resident set at its peak (Linux: VmHWM reset by clear_refs 5)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    result = work()
+    return result, status("VmHWM") - before
+
+small = load_manifest(sys.argv[3])
+read_shard(small, small.shards[0], FieldSpec())  # warm-up on a small file: a first read costs ~50 MB, any file
+manifest = load_manifest(sys.argv[1])
+table, shard_cost = measure(lambda: read_shard(manifest, manifest.embed_shards[-1], FieldSpec()))
+rows = table.column("_row").to_pylist()
+whole, whole_cost = measure(lambda: pyarrow.json.read_json(sys.argv[2]))  # the control: holding the file
+print(json.dumps({"shard": shard_cost, "whole": whole_cost, "rows": [rows[0], rows[-1], len(rows)]}))
+"""
+
+
+@pytest.mark.slow
 def test_input_is_not_held_in_memory_per_file(tmp_path):
-    """A shard reads only its own rows: reading the last shard of a big file sees no other rows."""
-    docs = make_docs(5000, seed=6, max_words=3)
-    path = write_jsonl(tmp_path / "big.jsonl", docs)
+    """Reading a shard costs memory for its rows only: measured in a child process reading the last 1,000-row
+    shard of a 64 MB JSONL file (the rise of its peak resident set), against reading the whole file there."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    n, words = 240_000, " ".join(["river stone light paper garden window engine music letter forest"] * 4)
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"doc{i}", "text": f"{i} {words}"}) + "\n")
+    size = os.path.getsize(path)
+    assert size > 64e6
     manifest = plan(tmp_path, [path], shard_size=1000)
     last = manifest.embed_shards[-1]
-    table = read_shard(manifest, last, FieldSpec())
-    assert table.column("_row").to_pylist() == list(range(4000, 5000))
     assert os.path.getsize(path) > last.byte_start > 0
+    small = write_jsonl(tmp_path / "small" / "s.jsonl", make_docs(50, seed=6))
+    plan(tmp_path / "small", [small], shard_size=1000)
+    done = subprocess.run([sys.executable, "-c", SHARD_READ, str(tmp_path / "out"), str(path),
+                           str(tmp_path / "small" / "out")], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["rows"] == [n - 1000, n - 1, 1000]
+    shard_cost, whole_cost = got["shard"], got["whole"]
+    assert shard_cost < 16e6, f"reading one shard of 1,000 rows raised the peak RSS by {shard_cost / 1e6:.1f} MB"
+    assert whole_cost > size / 2  # the measure sees a whole file held in memory
 
 
 # ---------------------------------------------------------------------- encoded string columns (issue 13, item 9)

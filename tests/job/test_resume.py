@@ -145,10 +145,12 @@ def test_sigterm_stops_cleanly_then_rerun_and_status(tmp_path, minilm_dir):
     out = tmp_path / "out"
     args = job_args(tmp_path / "corpus", out)
     log = tmp_path / "run.log"
+    started = time.time()
     proc = start(args, log)
     wait_until(proc, lambda: len(done_markers(out)) >= 2, log)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 75, log.read_text()
+    wall = time.time() - started
     assert "rerun" in log.read_text()
     check_output_consistent(out)
     done, total = len(done_markers(out)), n_shards(out)
@@ -170,6 +172,10 @@ def test_sigterm_stops_cleanly_then_rerun_and_status(tmp_path, minilm_dir):
     span = max(ends) - min(starts)
     assert st["docs_per_s"] == pytest.approx(written / span, rel=1e-6)
     assert st["eta_seconds"] == pytest.approx((planned - written) / (written / span), rel=1e-6)
+    assert 0 < span <= wall
+    assert st["docs_per_s"] >= written / wall  # no faster than the run's own clock allows
+    assert st["tokens_per_s"] == pytest.approx(tokens / span, rel=1e-6)
+    assert f"{st['docs_per_s']:,.1f} docs/s" in result.output
 
     run_ok(*args)
     table = read_vectors(out)

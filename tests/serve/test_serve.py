@@ -1,13 +1,12 @@
 """``embed-corpus serve``: the official ``openai`` client gets the vectors ``embed-corpus run`` wrote (float, base64,
 ``dimensions``), the job's query framing on a tiny Qwen3, every kind of bad request gets its 4xx in OpenAI's shape,
-200 concurrent requests are all answered (and batched together), ``/search`` and ``/v1/rerank`` answer as the CLI
-and the reranker do, the API key is checked. Servers run in this process on a free loopback port."""
+200 concurrent requests are all answered (and batched together), ``/search`` and ``/v1/rerank`` answer as an exact
+search and the reranker's recipe do, the API key is checked. Servers run in this process on a free loopback port."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import INSTRUCTION, MODEL, SENTENCES, embeddings, read_vectors, run_ok, write_jsonl
+from helpers import (
+    INSTRUCTION,
+    MODEL,
+    SENTENCES,
+    embeddings,
+    read_vectors,
+    reference_minilm_vector,
+    reference_qwen3_vector,
+    reference_rerank_scores,
+    write_jsonl,
+)
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -129,7 +138,6 @@ def test_openai_client_gets_the_vectors_of_the_run(minilm_job, minilm_server: Se
 
 
 def test_token_ids_and_the_jobs_query_framing(qwen_job, qwen_server: ServerThread, tiny_qwen3_dir: Path) -> None:
-    from pipeline.job.record import query_embedder
     from pipeline.model.encoder import Embedder
     out, texts = qwen_job
     ref = _vectors(out)
@@ -152,14 +160,14 @@ def test_token_ids_and_the_jobs_query_framing(qwen_job, qwen_server: ServerThrea
     # queries: the job's recorded instruction by default, or the request's own
     query = "Which bear eats bamboo?"
     res = client.embeddings.create(input=query, model=str(tiny_qwen3_dir))
-    searcher_vec = query_embedder(out, device="cpu").embed_texts([query])[0]  # what `search` embeds
+    job_vec = reference_qwen3_vector(tiny_qwen3_dir, query, instruction=INSTRUCTION, dims=32)  # transformers
     assert len(res.data[0].embedding) == 32
-    assert _cos(np.array(res.data[0].embedding), searcher_vec)[0] >= 0.99999
+    assert _cos(np.array(res.data[0].embedding), job_vec)[0] >= 0.99999
     other = "Retrieve semantically similar text"
     res = client.embeddings.create(input=query, model=str(tiny_qwen3_dir), extra_body={"instruction": other})
-    ref_vec = Embedder.load(str(tiny_qwen3_dir), device="cpu", dims=32, instruction=other).embed_texts([query])[0]
+    ref_vec = reference_qwen3_vector(tiny_qwen3_dir, query, instruction=other, dims=32)
     assert _cos(np.array(res.data[0].embedding), ref_vec)[0] >= 0.99999
-    assert _cos(ref_vec, searcher_vec)[0] < 0.9999  # the instruction changes the vector, so the check has power
+    assert _cos(ref_vec, job_vec)[0] < 0.9999  # the instruction changes the vector, so the check has power
 
     with pytest.raises(openai.BadRequestError) as err:  # above the job's 32 dims
         client.embeddings.create(input=query, model=str(tiny_qwen3_dir), dimensions=33)
@@ -405,25 +413,31 @@ def test_batcher_refuses_when_full_and_runs_one_text_per_forward() -> None:
 # ------------------------------------------------------------------------------------------ search and rerank
 
 
-def test_search_answers_as_the_cli(minilm_job, minilm_server: ServerThread, reranker_dir: Path) -> None:
+def test_search_answers_as_an_exact_search_and_the_reranker_recipe(minilm_job, minilm_server: ServerThread,
+                                                                    minilm_dir: Path, reranker_dir: Path) -> None:
+    """``/search`` against an answer counted without the pipeline: the query embedded by transformers, a NumPy
+    dot product over the stored vectors, and the model card's reranker recipe on the candidates."""
     out, texts = minilm_job
     query = "Which bear eats bamboo?"
-    cli = json.loads(run_ok("search", out, query, "-k", "3", "--json", "--device", "cpu").stdout.splitlines()[-1])
+    stored = _vectors(out)
+    ids = sorted(stored)
+    scores = np.stack([stored[i] for i in ids]) @ reference_minilm_vector(minilm_dir, query)
+    nearest = np.argsort(-scores, kind="stable")
     r = httpx.post(minilm_server.url + "/search", json={"query": query, "k": 3}, timeout=60)
     assert r.status_code == 200, r.text
     got = r.json()
-    assert [x["id"] for x in got["results"]] == [x["id"] for x in cli["results"]]
-    np.testing.assert_allclose([x["score"] for x in got["results"]], [x["score"] for x in cli["results"]], atol=1e-5)
+    assert [x["id"] for x in got["results"]] == [ids[j] for j in nearest[:3]]
+    np.testing.assert_allclose([x["score"] for x in got["results"]], scores[nearest[:3]], atol=1e-5)
     assert [x["text"] for x in got["results"]] == [texts[x["id"]] for x in got["results"]]
 
-    cli = json.loads(run_ok("search", out, query, "-k", "3", "--json", "--device", "cpu", "--rerank-model",
-                            reranker_dir, "--rerank-top", "6").stdout.splitlines()[-1])
+    candidates = [ids[j] for j in nearest[:6]]
+    ref = reference_rerank_scores(reranker_dir, query, [texts[c] for c in candidates])
+    best = np.argsort(-ref, kind="stable")[:3]
     r = httpx.post(minilm_server.url + "/search", json={"query": query, "k": 3, "rerank": True, "rerank_top": 6},
                    timeout=60)
     got = r.json()
-    assert [x["id"] for x in got["results"]] == [x["id"] for x in cli["results"]]
-    np.testing.assert_allclose([x["rerank_score"] for x in got["results"]],
-                               [x["rerank_score"] for x in cli["results"]], atol=1e-5)
+    assert [x["id"] for x in got["results"]] == [candidates[j] for j in best]
+    np.testing.assert_allclose([x["rerank_score"] for x in got["results"]], ref[best], atol=1e-5)
 
     many = httpx.post(minilm_server.url + "/search", json={"query": [query, "coffee"], "k": 2}, timeout=60).json()
     assert [e["query"] for e in many["data"]] == [query, "coffee"]
@@ -440,11 +454,10 @@ def test_search_without_an_index_is_a_404(qwen_server: ServerThread) -> None:
     assert r.status_code == 404 and "rerank" in r.json()["error"]["message"]
 
 
-def test_rerank_scores_equal_the_reranker(minilm_server: ServerThread, reranker_dir: Path) -> None:
-    from pipeline.model.rerank import load_reranker
-
+def test_rerank_scores_equal_the_model_card_recipe(minilm_server: ServerThread, reranker_dir: Path) -> None:
     query, docs = "Which bear eats bamboo?", SENTENCES[:5]
-    expected = load_reranker(str(reranker_dir), device="cpu").score(query, docs)
+    expected = reference_rerank_scores(reranker_dir, query, docs)
+    assert np.ptp(expected) > 1e-4  # the scores differ, so the order checked below has power
     r = httpx.post(minilm_server.url + "/v1/rerank", json={"query": query, "documents": docs, "top_n": 3}, timeout=60)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
