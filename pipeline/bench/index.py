@@ -536,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                              "they do not fit --max-memory).")
     parser.add_argument("--max-memory", default="1G", help="Budget of the scale benchmark's processes.")
     parser.add_argument("--shard-size", type=int, default=50_000, help="Vectors per part.")
+    parser.add_argument("--recall-k", default="10", choices=["1", "10", "100"],
+                        help="The scale benchmark's `index build --recall-k` (the k nprobe is tuned for).")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--queries-file", default=None, help=argparse.SUPPRESS)
@@ -555,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     def one(work: Path) -> dict[str, Any]:
         if args.pieces:
             return run_pieces_benchmark(args.n, args.dims, work=work, max_memory=args.max_memory, pieces=args.pieces,
-                                        nq=args.queries, shard_size=args.shard_size)
+                                        nq=args.queries, shard_size=args.shard_size,
+                                        extra_args=("--recall-k", args.recall_k))
         return run_benchmark(args.n, args.dims, work=work, nq=args.queries, shard_size=args.shard_size)
 
     if args.work is not None:
