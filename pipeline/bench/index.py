@@ -386,7 +386,8 @@ def _overhead_child(out: str, result_path: str) -> None:
 
 
 def _search_child(out: str, queries_path: str, result_path: str) -> None:
-    """Child: open the index as ``search`` does (lists memory-mapped), search the fresh queries, measure."""
+    """Child: open the index as ``search`` does (lists memory-mapped), search the fresh queries at the tuned
+    parameters, then at the other nprobe values of the tuning curve up to it (speed against recall); measure."""
     from pipeline.index.files import load_index, read_info, search_filter
     from pipeline.index.params import search
 
@@ -398,19 +399,32 @@ def _search_child(out: str, queries_path: str, result_path: str) -> None:
     filt, _, _ = search_filter(out, info)
     load_seconds = time.perf_counter() - t0
     k = 100
-    search(index, queries[:10], k, info["search_params"], filt)  # warm up
-    times, found = [], None
-    for _ in range(3):
-        t = time.perf_counter()
-        _, found = search(index, queries, k, info["search_params"], filt)
-        times.append(time.perf_counter() - t)
+
+    def timed(params: dict[str, Any]) -> dict[str, Any]:
+        search(index, queries[:10], k, params, filt)  # warm up
+        times, found = [], None
+        for _ in range(3):
+            t = time.perf_counter()
+            _, found = search(index, queries, k, params, filt)
+            times.append(time.perf_counter() - t)
+        return {**params, "qps": round(len(queries) / min(times), 1),
+                "qps_first_pass": round(len(queries) / times[0], 1), "search_seconds": [round(t, 4) for t in times],
+                "recall@10": round(_recall(found, truth, 10), 4), "recall@100": round(_recall(found, truth, 100), 4)}
+
+    tuned = timed(info["search_params"])
+    sweep = []
+    param = info["tuning"].get("param")
+    if param:
+        chosen = info["search_params"][param]
+        for point in info["tuning"]["curve"]:
+            if 8 <= point[param] < chosen:
+                sweep.append({**timed({param: point[param]}), "tune_set_recall@10": point["recall@10"],
+                              "tune_set_recall@100": point["recall@100"]})
     st = _status(os.getpid())
     Path(result_path).write_text(json.dumps({
-        "load_seconds": round(load_seconds, 3), "search_seconds": [round(t, 4) for t in times],
-        "qps": round(len(queries) / min(times), 1), "qps_first_pass": round(len(queries) / times[0], 1), "k": k,
-        "recall@10": round(_recall(found, truth, 10), 4), "recall@100": round(_recall(found, truth, 100), 4),
-        "search_params": info["search_params"], "vm_hwm_bytes": st.get("VmHWM", 0),
-        "anon_bytes_at_end": st.get("RssAnon", 0), "file_bytes_at_end": st.get("RssFile", 0)}))
+        "load_seconds": round(load_seconds, 3), "k": k, "search_params": info["search_params"], **tuned,
+        "sweep": sweep, "vm_hwm_bytes": st.get("VmHWM", 0), "anon_bytes_at_end": st.get("RssAnon", 0),
+        "file_bytes_at_end": st.get("RssFile", 0)}))
 
 
 def run_pieces_benchmark(n: int, dims: int, *, work: Path, max_memory: str = "1G", pieces: int = 2, nq: int = 1000,
@@ -441,6 +455,7 @@ def run_pieces_benchmark(n: int, dims: int, *, work: Path, max_memory: str = "1G
                     "--result", str(overhead_path)], check=True)
     overhead = json.loads(overhead_path.read_text())
 
+    load_before = os.getloadavg()
     cmd = [sys.executable, "-m", "pipeline.cli", "index", "build", str(out), "--max-memory", max_memory,
            "--pieces", str(pieces), "--workers", str(pieces), "--json", *extra_args]
     t0 = time.perf_counter()
@@ -495,6 +510,8 @@ def run_pieces_benchmark(n: int, dims: int, *, work: Path, max_memory: str = "1G
                                           "recall@100", "recall_queries", "tuning", "trained", "steps", "choice",
                                           "build_seconds", "write_seconds", "peak_rss_bytes", "live", "ntotal")},
         "search": searched,
+        "load_average": {"before_build": load_before, "after_search": os.getloadavg(),
+                         "note": "1-minute load of the shared 2-core machine: above 2, other work competed"},
     }
 
 
@@ -521,6 +538,9 @@ def format_pieces_table(r: dict[str, Any]) -> str:
     lines.append(f"recall@10/@100: held-out corpus vectors (report set) {info['recall@10']:.4f}/"
                  f"{info['recall@100']:.4f}; fresh queries {s['recall@10']:.4f}/{s['recall@100']:.4f}; "
                  f"{s['qps']:.0f} queries/s at k=100")
+    for point in s.get("sweep", []):
+        lines.append(f"  nprobe {point['nprobe']}: fresh recall@10/@100 {point['recall@10']:.4f}/"
+                     f"{point['recall@100']:.4f}, {point['qps']:.0f} queries/s")
     return "\n".join(lines)
 
 
