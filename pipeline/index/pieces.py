@@ -72,18 +72,18 @@ def plan_dir(output: str | Path, key: str) -> Path:
 
 
 def split_parts(rows: Sequence[int], pieces: int) -> list[tuple[int, int]]:
-    """Cut parts (given by their row counts) into up to ``pieces`` consecutive runs ``[first, end)`` of about equal
-    rows; every piece gets at least one part when there are enough."""
+    """Cut parts (given by their row counts) into exactly ``pieces`` consecutive runs ``[first, end)`` of about equal
+    rows; with fewer parts than pieces some runs are empty (their piece adds nothing), so that every task of a
+    Slurm array of ``pieces`` has a piece to build."""
     total = sum(rows)
-    groups: list[list[int]] = [[]]
-    acc = 0
-    for i, r in enumerate(rows):
-        left_parts, left_groups = len(rows) - i, pieces - len(groups)
-        if groups[-1] and len(groups) < pieces and (acc >= total * len(groups) / pieces or left_parts <= left_groups):
-            groups.append([])
-        groups[-1].append(i)
-        acc += r
-    return [(g[0], g[-1] + 1) for g in groups if g]
+    cum = np.concatenate([[0], np.cumsum(rows)]) if len(rows) else np.zeros(1)
+    bounds = [0]
+    for k in range(1, pieces):
+        # the first part boundary at or after k/pieces of the rows, never before the previous one
+        at = int(np.searchsorted(cum, total * k / pieces, side="left"))
+        bounds.append(min(max(at, bounds[-1]), len(rows)))
+    bounds.append(len(rows))
+    return [(bounds[k], bounds[k + 1]) for k in range(pieces)]
 
 
 @dataclass

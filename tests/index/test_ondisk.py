@@ -269,3 +269,15 @@ def test_a_forced_pq_factory_on_few_vectors_is_told_once_in_its_own_words(tmp_pa
 
 def test_budget_sizes_are_reported_in_user_units() -> None:
     assert format_size(parse_size("1G")) == "1.0 GiB"
+
+
+def test_more_pieces_than_parts_leaves_some_pieces_empty(tmp_path: Path) -> None:
+    """A Slurm array of N piece tasks must all succeed, even when the output has fewer parts than N."""
+    x = clustered_vectors(1200, 16, seed=28)
+    write_vector_output(tmp_path, x, shard_size=600)
+    opts = dict(factory="IVF8,Flat", pieces=4, recall_queries=50)
+    rows = [build_index(tmp_path, piece=k, **opts)["rows"] for k in range(4)]
+    assert sorted(rows) == [0, 0, 600, 600]
+    info = build_index(tmp_path, merge=True, **opts)
+    assert info["live"] == 1200 and info["pieces"] == 4
+    assert pc.split_parts([5, 5, 5], 2) == [(0, 2), (2, 3)] and pc.split_parts([], 2) == [(0, 0), (0, 0)]
