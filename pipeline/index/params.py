@@ -96,15 +96,15 @@ def search_parameters(index, values: dict[str, Any], selector) -> tuple[Any, lis
 
 def search(index, queries: np.ndarray, k: int, values: dict[str, Any] | None = None,
            filt: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search`` leaving out the filtered positions; without a filter the index's own parameters apply
-    (set with ``set_search_params``), with one ``values`` travel with the selector.
+    """``index.search`` at ``values`` (``nprobe``/``efSearch``; None: the index's own, as set with
+    ``set_search_params``), leaving out the filtered positions.
 
     Returns:
         ``(distances float32 (nq, k), positions int64 (nq, k))``; -1 where fewer results exist.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     sel = filt.selector() if filt else None
-    if sel is None:
+    if sel is None and not values:
         return index.search(queries, k)
     params, keep = search_parameters(index, values or {}, sel)
     result = index.search(queries, k, params=params)

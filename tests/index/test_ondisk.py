@@ -281,3 +281,23 @@ def test_more_pieces_than_parts_leaves_some_pieces_empty(tmp_path: Path) -> None
     info = build_index(tmp_path, merge=True, **opts)
     assert info["live"] == 1200 and info["pieces"] == 4
     assert pc.split_parts([5, 5, 5], 2) == [(0, 2), (2, 3)] and pc.split_parts([], 2) == [(0, 0), (0, 0)]
+
+
+def test_search_parameters_travel_with_each_call(tmp_path: Path) -> None:
+    """``params.search`` searches at the values it is given, with or without a filter (the benchmark's speed
+    against recall sweep and the tuning rely on it), not at whatever the index was last set to."""
+    from pipeline.index.params import Filter, search, set_search_params
+
+    x = clustered_vectors(4000, 16, seed=29)
+    write_vector_output(tmp_path, x, shard_size=1000)
+    build_index(tmp_path, factory="IVF64,Flat", recall_queries=100)
+    index, _ = load_index(tmp_path)
+    q = clustered_vectors(50, 16, seed=30)
+    for nprobe in (1, 8, 64):
+        set_search_params(index, {"nprobe": 64 if nprobe != 64 else 1})  # the index is set to something else
+        got = search(index, q, 10, {"nprobe": nprobe})[1]
+        set_search_params(index, {"nprobe": nprobe})
+        np.testing.assert_array_equal(got, index.search(q, 10)[1])
+        filt = Filter([(0, 1000)], 4000)
+        got = search(index, q, 10, {"nprobe": nprobe}, filt)[1]
+        assert not ((got >= 0) & (got < 1000)).any()
