@@ -201,7 +201,9 @@ def test_index_array_of_pieces_then_merge_equals_a_local_build(tmp_path: Path, s
     for name, text in texts.items():
         print(f"--- {name}\n{text}")
     assert merge.returncode == 0, texts
-    assert sum("--piece" in t and t.rstrip().endswith("done") for t in texts.values()) == 2
+    assert sorted(n for n, t in texts.items() if " --piece " in t and t.rstrip().endswith("done")) == [
+        f"index-{array_id}_0.log", f"index-{array_id}_1.log"]
+    assert any(" --merge" in t and t.rstrip().endswith("done") for n, t in texts.items() if n.startswith("merge-"))
     info = json.loads((out / "index" / "info.json").read_text())
     assert info["pieces"] == 2 and info["on_disk"] and len(info["steps"]["pieces"]) == 2
     local = build_index(ref, factory="IVF16,Flat", lists="disk")
