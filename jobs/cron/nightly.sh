@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nightly: embed the input files that are new since the last run (same job file, same OUTPUT: finished shards
-# are kept, new files planned and embedded), then bring the FAISS index up to date (`index update`; `index
-# build` when there is no index yet, or when update says a rebuild is due).
+# are kept, new files planned and embedded), then bring the FAISS index up to date (`index update`: new vector
+# parts added, vanished ones removed; `index build` when there is no index yet, or when update says a rebuild is
+# due).
 #
 # Usage: jobs/cron/nightly.sh JOB.yaml [more `embed-corpus run` arguments]
 #
@@ -106,7 +107,10 @@ else
     reasons="$(printf '%s' "$info" | "$python" -c 'import json, sys
 print("; ".join(json.load(sys.stdin).get("rebuild_reasons") or []))')" || fail 1 "cannot read the output of index update"
     say "index: $(printf '%s' "$info" | "$python" -c 'import json, sys
-i = json.load(sys.stdin); print("%s vectors added, %s in all" % (i.get("added", 0), i.get("ntotal")))')"
+i = json.load(sys.stdin)
+gone = len(i.get("removed_parts") or [])
+print("%s vectors added, %s in all%s" % (i.get("added", 0), i.get("live", i.get("ntotal")),
+      ", %d vanished parts removed" % gone if gone else ""))')"
     if [[ -n "$reasons" && "$rebuild" == auto ]]; then
         say "rebuild due: $reasons"
         "$EMBED_CORPUS" index build "$out" || fail 1 "embed-corpus index build failed"

@@ -28,9 +28,32 @@ def _quiet_model_loading() -> None:
 
 def _recall_line(info: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v}" for k, v in info.get("search_params", {}).items()) or "exact"
+    tuning = info["tuning"]
+    queries = info.get("recall_queries") or {}
+    sets = (f"tuned on {queries.get('tune', 0):,} held-out corpus vectors, reported on another "
+            f"{queries.get('report', 0):,}" if isinstance(queries, dict) else "")
     return (f"recall@1/10/100 {info['recall@1']:.3f}/{info['recall@10']:.3f}/{info['recall@100']:.3f} "
-            f"at {params} (target recall@10 {info['tuning']['target']}"
-            f"{'' if info['tuning']['reached'] else ', NOT reached'})")
+            f"at {params} (target recall@{tuning.get('k', 10)} {tuning['target']}"
+            f"{'' if tuning['reached'] else ', NOT reached'}{'; ' + sets if sets else ''})")
+
+
+def _query_side_line(info: dict[str, Any]) -> str | None:
+    side = info.get("query_side")
+    if not isinstance(side, dict):
+        return None
+    if "skipped" in side:
+        return f"query-side recall not measured: {side['skipped']}"
+    return (f"query-side recall@10/100 {side['recall@10']:.3f}/{side['recall@100']:.3f} ({side['queries']:,} corpus "
+            f"texts cut to {side['text_chars']} characters, embedded as queries with the job's query prompt)")
+
+
+def _summary(info: dict[str, Any]) -> str:
+    from pipeline.index.choice import format_size
+
+    where = " (lists on disk)" if info.get("on_disk") else ""
+    seconds = info.get("build_seconds", info.get("update_seconds", 0.0))
+    return (f"built {info['factory']}{where}: {info['live']:,} vectors of {info['dims']} dims, {_recall_line(info)}, "
+            f"{format_size(info['size_bytes'])} on disk, {seconds:.1f}s")
 
 
 @click.group()
@@ -41,52 +64,89 @@ def index() -> None:
 @index.command("build")
 @click.argument("output", type=click.Path(exists=True, file_okay=False))
 @click.option("--factory", default=None, help="faiss index_factory string (default: chosen from the budget).")
-@click.option("--max-memory", default="4G", show_default=True, help="Budget for the index and its training sample.")
+@click.option("--max-memory", default="4G", show_default=True,
+              help="Memory budget of each process: the index (without on-disk lists), its training sample and the "
+                   "add buffers.")
+@click.option("--lists", type=click.Choice(["auto", "memory", "disk"]), default="auto", show_default=True,
+              help="Where an IVF index keeps its inverted lists: auto puts them in a memory-mapped file when their "
+                   "codes do not fit --max-memory.")
 @click.option("--metric", type=click.Choice(["ip", "l2"]), default="ip", show_default=True,
               help="ip: inner product (cosine on normalised vectors); l2: Euclidean.")
 @click.option("--target-recall", type=float, default=0.95, show_default=True,
-              help="recall@10 that nprobe/efSearch is tuned to reach.")
-@click.option("--gpu/--no-gpu", default=False, show_default=True, help="Train and add on the GPU (faiss-gpu).")
+              help="Recall at --recall-k that nprobe/efSearch is tuned to reach.")
+@click.option("--recall-k", type=click.Choice(["1", "10", "100"]), default="10", show_default=True,
+              help="The k of --target-recall: the deepest k your searches ask for (recall@10 and @100 are both "
+                   "reported).")
+@click.option("--gpu/--no-gpu", default=False, show_default=True, help="Train (and add) on the GPU (faiss-gpu).")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help="Processes adding disjoint parts to copies of the trained index, merged at the end.")
+              help="Processes adding pieces at once on this machine.")
+@click.option("--pieces", type=int, default=None,
+              help="Add the vectors in N pieces (default: --workers), each a disjoint run of parts, merged at the "
+                   "end; IVF and flat indexes.")
+@click.option("--piece", type=int, default=None,
+              help="Build only piece K (0-based) of --pieces N, training first if no other process has (one Slurm "
+                   "array task each); then --merge.")
+@click.option("--merge", is_flag=True, help="Merge the pieces of --pieces N (all built) and swap the index in.")
+@click.option("--query-side-queries", "query_side", type=int, default=None,
+              help="Corpus texts embedded as queries to measure query-side recall (default: 1000 when the job "
+                   "recorded a query instruction or prompt, else none; 0: skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print info.json instead of a summary.")
-def build(output: str, factory: str | None, max_memory: str, metric: str, target_recall: float, gpu: bool,
-          workers: int, as_json: bool) -> None:
+def build(output: str, factory: str | None, max_memory: str, lists: str, metric: str, target_recall: float,
+          recall_k: str, gpu: bool, workers: int, pieces: int | None, piece: int | None, merge: bool,
+          query_side: int | None, as_json: bool) -> None:
     """Build the index of OUTPUT from its finished vector parts; the old index stays usable until the swap."""
     from pipeline.index.choice import format_size
     from pipeline.index.store import build_index, choice_for
 
+    if (piece is not None or merge) and pieces is None:
+        _fail("--piece and --merge need --pieces N (the number of pieces of the build)")
+        return
     try:
-        choice = choice_for(output, factory=factory, max_memory=max_memory, metric=metric)
-        if not as_json:
-            click.echo(f"index: {choice.factory}: {choice.reason}")
-        info = build_index(output, factory=factory, max_memory=max_memory, metric=metric,
-                           target_recall=target_recall, gpu=gpu, workers=workers)
+        if piece is None and not merge and not as_json:
+            choice = choice_for(output, factory=factory, max_memory=max_memory, metric=metric, lists=lists)
+            reason = choice.reason if choice.automatic or choice.on_disk else "as given (--factory)"
+            click.echo(f"index: {choice.factory}{' (lists on disk)' if choice.on_disk else ''}: {reason}")
+        info = build_index(output, factory=factory, max_memory=max_memory, metric=metric, lists=lists,
+                           target_recall=target_recall, recall_k=int(recall_k), gpu=gpu, workers=workers,
+                           pieces=pieces, piece=piece, merge=merge, query_side=query_side)
     except PipelineError as exc:
         _fail(str(exc))
         return
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return
+    if piece is not None:
+        click.echo(f"piece {piece} of {pieces}: {info['rows']:,} vectors in {len(info['runs'])} runs, "
+                   f"{info['seconds']:.1f}s, peak memory {format_size(info['peak_rss_bytes'])}")
+        return
     if info.get("gpu_note"):
         click.echo(info["gpu_note"], err=True)
-    click.echo(f"built {info['factory']}: {info['ntotal']:,} vectors of {info['dims']} dims, {_recall_line(info)}, "
-               f"{format_size(info['size_bytes'])} on disk, {info['build_seconds']:.1f}s")
+    click.echo(_summary(info))
+    side = _query_side_line(info)
+    if side:
+        click.echo(side)
     click.echo(f"recorded in {output.rstrip('/')}/index/info.json")
 
 
 @index.command("update")
 @click.argument("output", type=click.Path(exists=True, file_okay=False))
 @click.option("--target-recall", type=float, default=None, help="Default: the target of the last build.")
+@click.option("--recall-k", type=click.Choice(["1", "10", "100"]), default=None,
+              help="The k of --target-recall (default: that of the last build).")
 @click.option("--max-memory", default=None, help="Default: the budget of the last build.")
 @click.option("--gpu/--no-gpu", default=False, show_default=True, help="Add on the GPU (faiss-gpu).")
+@click.option("--query-side-queries", "query_side", type=int, default=None,
+              help="Texts embedded as queries for query-side recall (default: as the last build; 0: skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print info.json instead of a summary.")
-def update(output: str, target_recall: float | None, max_memory: str | None, gpu: bool, as_json: bool) -> None:
-    """Add the vector parts of OUTPUT that are not in its index yet; re-measure recall; say if a rebuild is due."""
-    from pipeline.index.store import update_index
+def update(output: str, target_recall: float | None, recall_k: str | None, max_memory: str | None, gpu: bool,
+           query_side: int | None, as_json: bool) -> None:
+    """Bring the index of OUTPUT up to date: add its new vector parts, remove vanished ones, re-measure recall, and
+    say if a rebuild is due."""
+    from pipeline.index.update import update_index
 
     try:
-        info = update_index(output, target_recall=target_recall, max_memory=max_memory, gpu=gpu)
+        info = update_index(output, target_recall=target_recall, recall_k=int(recall_k) if recall_k else None,
+                            max_memory=max_memory, gpu=gpu, query_side=query_side)
     except PipelineError as exc:
         _fail(str(exc))
         return
@@ -94,12 +154,16 @@ def update(output: str, target_recall: float | None, max_memory: str | None, gpu
         click.echo(json.dumps(info, indent=1))
         return
     if info.get("built"):
-        click.echo(f"no index yet: built {info['factory']} with {info['ntotal']:,} vectors, {_recall_line(info)}")
-    elif info["added"] == 0:
-        click.echo(f"index up to date: {info['ntotal']:,} vectors from {len(info['parts'])} parts")
+        click.echo(f"no index yet: {_summary(info)}")
+    elif info["added"] == 0 and not info["removed_parts"]:
+        click.echo(f"index up to date: {info['live']:,} vectors from {len(info['parts'])} parts")
     else:
-        click.echo(f"added {info['added']:,} vectors from {len(info['added_parts'])} new parts: {info['ntotal']:,} "
-                   f"in all, {_recall_line(info)}")
+        removed = f", removed {len(info['removed_parts'])} vanished parts" if info["removed_parts"] else ""
+        click.echo(f"added {info['added']:,} vectors from {len(info['added_parts'])} new parts{removed}: "
+                   f"{info['live']:,} in all, {_recall_line(info)}")
+    side = _query_side_line(info) if info.get("added") or info.get("removed_parts") else None
+    if side:
+        click.echo(side)
     for reason in info.get("rebuild_reasons", []):
         click.echo(f"rebuild due: {reason} (run `embed-corpus index build {output}`)", err=True)
 

@@ -32,6 +32,11 @@ def slurm() -> None:
 @click.option("--index-mode", type=click.Choice(["build", "update"]), default="build", show_default=True)
 @click.option("--index-cpus", type=int, default=None, help="CPUs of the index job.")
 @click.option("--index-time", default=None, help="Time limit of the index job (default: --time).")
+@click.option("--index-pieces", type=int, default=1, show_default=True,
+              help="Build the index as an array of N pieces (one task each, adding disjoint vector parts), then a "
+                   "merge job.")
+@click.option("--index-args", default="", help="More `index build|update` arguments for every index task, e.g. "
+              "'--max-memory 64G --recall-k 100'.")
 @click.option("--log-dir", type=click.Path(file_okay=False), default=None,
               help="Per-task logs (default OUTPUT/logs/slurm).")
 @click.option("--scripts", type=click.Path(file_okay=False), default=str(DEFAULT_SCRIPTS), show_default=True,
@@ -40,29 +45,36 @@ def slurm() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the sbatch commands instead of running them.")
 def submit_cmd(job_file: str, nodes: int, gpus_per_node: int, per_gpu: bool, workers: int,
                cpus_per_task: int | None, partition: str | None, time_limit: str | None, account: str | None,
-               index: bool, index_mode: str, index_cpus: int | None, index_time: str | None, log_dir: str | None,
-               scripts: str, extra: tuple[str, ...], dry_run: bool) -> None:
+               index: bool, index_mode: str, index_cpus: int | None, index_time: str | None, index_pieces: int,
+               index_args: str, log_dir: str | None, scripts: str, extra: tuple[str, ...], dry_run: bool) -> None:
     """Submit JOB_FILE as an sbatch array of --nodes tasks, then its index job (afterok on the array)."""
     try:
         plan = plan_submission(job_file, nodes=nodes, gpus_per_node=gpus_per_node, per_gpu=per_gpu, workers=workers,
                                cpus_per_task=cpus_per_task, partition=partition, time_limit=time_limit,
                                account=account, index=index, index_mode=index_mode, index_cpus=index_cpus,
-                               index_time=index_time, log_dir=log_dir, scripts=scripts, extra=extra)
+                               index_time=index_time, index_pieces=index_pieces, index_args=index_args,
+                               log_dir=log_dir, scripts=scripts, extra=extra)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if dry_run:  # a script that can be run as it is
         click.echo(f"mkdir -p {shlex.quote(str(plan.log_dir))}")
         click.echo(f"ARRAY_ID=$({plan.embed.shell()})")
-        if plan.index:
+        if plan.index and plan.merge:
+            click.echo(f'INDEX_ID=$({plan.index.shell(dependency="${ARRAY_ID%%;*}")})')
+            click.echo(plan.merge.shell(dependency="${INDEX_ID%%;*}"))
+        elif plan.index:
             click.echo(plan.index.shell(dependency="${ARRAY_ID%%;*}"))
         return
     if shutil.which("sbatch") is None:
         raise click.ClickException("sbatch is not on PATH: run this on a Slurm login node (or use --dry-run)")
     try:
-        array_id, index_id = submit(plan)
+        array_id, index_id, merge_id = submit(plan)
     except PipelineError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"embedding array: job {array_id} ({nodes} tasks), logs in {plan.log_dir}")
-    if index_id:
+    if index_id and merge_id:
+        click.echo(f"index pieces: array job {index_id} ({index_pieces} tasks), starts when every task of {array_id} "
+                   f"has succeeded; merge: job {merge_id}, when every piece has")
+    elif index_id:
         click.echo(f"index job: {index_id}, starts when every task of {array_id} has succeeded")
     click.echo(f"progress: embed-corpus status {plan.output}")

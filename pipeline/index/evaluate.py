@@ -195,16 +195,14 @@ def run_eval(
     qv = searcher.embed(texts)
     embed_seconds = time.perf_counter() - t0
     k = depth + (1 if ignore_identical_ids else 0)
-    by_name = {p.name: p for p in vec.complete_parts(out)}
-    missing_parts = [e["name"] for e in searcher.info["parts"] if e["name"] not in by_name]
-    if missing_parts:
-        raise PipelineError(f"indexed parts are missing ({missing_parts[0]}...): rebuild the index")
-    parts = [by_name[e["name"]] for e in searcher.info["parts"]]
-    if len(parts) < len(by_name):
+    parts, starts = searcher.live_parts, searcher.live_starts  # the indexed vectors still in the output
+    indexed = {(e["name"], e["finished_at"]) for e in searcher.info["parts"]}
+    unindexed = [p for p in vec.complete_parts(out) if (p.name, p.finished_at) not in indexed]
+    if unindexed:
         log.warning("%d finished parts are not in the index yet (run `embed-corpus index update`); both columns "
-                    "use the indexed parts only", len(by_name) - len(parts))
+                    "use the indexed parts only", len(unindexed))
     t0 = time.perf_counter()
-    dist, pos = vec.exact_search(parts, qv, k, searcher.metric)
+    dist, pos = vec.exact_search(parts, qv, k, searcher.metric, starts=starts)
     exact_seconds = time.perf_counter() - t0
     exact_scores = dist if searcher.metric == "ip" else -dist
     t0 = time.perf_counter()
@@ -236,7 +234,8 @@ def run_eval(
         "measures": list(DEFAULT_MEASURES),
         "columns": columns,
         "index": {"factory": searcher.info["factory"], "search_params": searcher.info["search_params"],
-                  "ntotal": searcher.info["ntotal"]},
+                  "ntotal": searcher.info["ntotal"], "live": sum(p.rows for p in parts),
+                  "filtered": searcher.filter.count, "on_disk": bool(searcher.info.get("on_disk"))},
         "model": searcher.job["config"]["model"],
         "rerank": {"model": rerank_model, "top": rerank_top, "instruction": rerank_instruction} if rerank_model
         else None,

@@ -3,11 +3,19 @@
 Layout::
 
     OUTPUT/index/info.json              what is current: factory, metric, dims, ntotal, search parameters,
-                                        measured recall@1/10/100, size, build time, the parts in it, file names
+                                        measured recall@1/10/100, size, build time, the parts in it (with the first
+                                        position of each), the parts removed since the build, file names
     OUTPUT/index/index-GEN.faiss        the index (FAISS id = position = row of the id map)
-    OUTPUT/index/ids-GEN.parquet        id map: position -> id, shard, row in the part (+ doc_id/token span)
-    OUTPUT/index/queries-GEN.npz        the held-out recall queries (positions and vectors), reused by updates
-    OUTPUT/index/.lock                  one build or update at a time
+    OUTPUT/index/lists-GEN.ivfdata      the inverted lists of an on-disk IVF index (memory-mapped read-only)
+    OUTPUT/index/ids-GEN.parquet        id map: position -> id, shard, row in the part (+ doc_id/token span);
+                                        append-only: rows of removed parts stay, their positions are filtered
+    OUTPUT/index/queries-GEN.npz        the held-out recall queries (positions, vectors, set), reused by updates
+    OUTPUT/index/build-KEY/             a build in pieces: plan, trained index, pieces' runs (``pieces.py``);
+                                        removed once merged
+    OUTPUT/index/.lock                  one build or update commits at a time
+
+Positions are stable: a part keeps the positions it was given when it was added (``start`` in ``info.json``); new
+parts are numbered after every position ever given (``positions``), so the id map only grows until a rebuild.
 """
 
 from __future__ import annotations
@@ -23,16 +31,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import pipeline.index.vectors as vec
 from pipeline.errors import PipelineError
-from pipeline.index.recall import set_search_params
+from pipeline.index.build import quiet_stdout
+from pipeline.index.params import Filter, ranges_of, set_search_params
 from pipeline.index.vectors import LOCATOR_COLUMNS, Part
 
 INDEX_DIR = "index"
 INFO = "info.json"
-INFO_VERSION = 1
+INFO_VERSION = 2
 ID_MAP_ROW_GROUP = 65536
-
-
 
 
 def index_dir(output: str | Path) -> Path:
@@ -50,9 +58,25 @@ def read_info(output: str | Path) -> dict[str, Any]:
         raise PipelineError(f"{Path(output)} has no index ({path} does not exist): build it with "
                             f"`embed-corpus index build {output}`")
     try:
-        return json.loads(path.read_text())
+        return upgrade_info(json.loads(path.read_text()))
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{path}: unreadable ({exc}); rebuild with `embed-corpus index build {output}`") from exc
+
+
+def upgrade_info(info: dict[str, Any]) -> dict[str, Any]:
+    """An ``info.json`` of version 1 (parts numbered consecutively, nothing ever removed) in version 2's terms."""
+    if info.get("version", 1) < 2:
+        start = 0
+        for entry in info.get("parts", []):
+            entry.setdefault("start", start)
+            start += int(entry["rows"])
+        info.setdefault("positions", start)
+        info.setdefault("removed", [])
+        info.setdefault("live", start)
+        if isinstance(info.get("recall_queries"), int):
+            info["recall_queries"] = {"tune": info["recall_queries"], "report": info["recall_queries"],
+                                      "note": "version 1: one set, tuned and reported on"}
+    return info
 
 
 def load_index(output: str | Path, info: dict[str, Any] | None = None, *, mmap: bool = False):
@@ -70,11 +94,20 @@ def load_index(output: str | Path, info: dict[str, Any] | None = None, *, mmap: 
     import faiss
 
     info = info or read_info(output)
-    path = index_dir(output) / info["files"]["index"]
-    if not path.exists():
-        raise PipelineError(f"{path} is missing; rebuild with `embed-corpus index build {output}`")
-    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap and hasattr(faiss, "IO_FLAG_MMAP_IFC") else 0
-    index = faiss.read_index(str(path), flags)
+    folder = index_dir(output)
+    path = folder / info["files"]["index"]
+    for key in ("index", "lists"):
+        name = info["files"].get(key)
+        if name and not (folder / name).exists():
+            raise PipelineError(f"{folder / name} is missing; rebuild with `embed-corpus index build {output}`")
+    if "lists" in info["files"]:
+        # the lists file is opened read-only beside the index file, wherever the output has moved; faiss says
+        # so on stdout, which must stay clean
+        with quiet_stdout():
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    else:  # mapped (search): start-up does not grow with the index's size
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap and hasattr(faiss, "IO_FLAG_MMAP_IFC") else 0
+        index = faiss.read_index(str(path), flags)
     set_search_params(index, info.get("search_params") or {})
     return index, info
 
@@ -102,7 +135,8 @@ def install(tmp: Path, final: Path) -> None:
 
 
 def collect_garbage(folder: Path, keep: set[str]) -> None:
-    """Remove files of killed or superseded builds (everything but the lock, info.json and ``keep``)."""
+    """Remove files of killed or superseded builds (everything but the lock, info.json, ``keep`` and the folders of
+    builds in pieces, which ``pieces`` manages)."""
     for p in folder.iterdir():
         if p.is_file() and p.name not in keep and p.name not in (INFO, ".lock"):
             p.unlink(missing_ok=True)
@@ -145,3 +179,20 @@ def write_id_map(path: Path, parts: Sequence[Part], previous: Path | None = None
             writer.write_table(pa.table(cols, schema=schema), row_group_size=ID_MAP_ROW_GROUP)
             rows += table.num_rows
     return rows
+
+
+def search_filter(output: str | Path, info: dict[str, Any], live: Sequence[Part] | None = None):
+    """The positions every search of this index must leave out: parts removed by an update but still in an HNSW
+    or flat index, and indexed parts that have vanished from the output since the last update (deleted, or
+    rewritten under another done time). Also the live indexed parts, with their first positions.
+
+    Returns:
+        ``(params.Filter, live indexed parts, their starts)``.
+    """
+    live = vec.complete_parts(output) if live is None else live
+    by_key = {(p.name, p.finished_at): p for p in live}
+    present = [e for e in info["parts"] if (e["name"], e["finished_at"]) in by_key]
+    gone = [e for e in info["parts"] if (e["name"], e["finished_at"]) not in by_key]
+    unapplied = [e for e in info.get("removed", []) if not e.get("applied")]
+    filt = Filter(ranges_of(unapplied) + ranges_of(gone), int(info.get("positions", info["ntotal"])))
+    return filt, [by_key[(e["name"], e["finished_at"])] for e in present], [int(e["start"]) for e in present]

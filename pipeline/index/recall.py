@@ -1,10 +1,19 @@
 """Index recall: exact neighbours of held-out corpus vectors, recall@1/10/100 of an index, and the tuning of
-``nprobe`` / ``efSearch`` until recall@10 reaches a target.
+``nprobe`` / ``efSearch`` on one query set, reported on another.
 
-Recall@k is the mean over queries of ``|found top k & exact top k| / k``, where a query's own position is left out
-of both lists (the queries are corpus vectors: finding themselves would be trivial). The exact neighbours come
-from the index's own storage when it keeps exact vectors (flat, IVF-Flat, HNSW-Flat: nothing is re-read), else
-from a brute-force scan of the vector parts.
+Recall@k is the mean over queries of ``|found top k & exact top k| / k``. The queries are corpus vectors, so a
+query's own position is left out of both lists: the exact neighbours are those of the rest of the corpus. Whether
+the query is also left out of the *index* matters only for graph indexes: an IVF or flat index scans its lists
+exhaustively, and its coarse centroids were trained without the queries, so leaving the query's own entry out of
+the results gives exactly the results of an index without it (``tests/index/test_index.py`` checks this). An HNSW
+graph, however, would route the search through the query's own node, so for HNSW the queries are added to the
+graph only after they have been measured (``store``).
+
+Two disjoint query sets are drawn: ``nprobe``/``efSearch`` is raised on the *tune* set until recall@k (k as asked,
+10 by default) reaches the target; recall@1/10/100 are then measured on the *report* set at that setting, so the
+reported figure is not the one the parameter was fitted to. Ground truth comes from the index's own storage when
+it keeps exact vectors (flat, IVF-Flat, HNSW-Flat: nothing is re-read), else from a brute-force scan of the parts.
+Removed positions (``params.Filter``) are left out of both.
 """
 
 from __future__ import annotations
@@ -12,12 +21,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 import pipeline.index.vectors as vec
 from pipeline.index.build import inner_index
+from pipeline.index.params import Filter, search, set_search_params
 from pipeline.index.vectors import Part
 
 log = logging.getLogger(__name__)
@@ -25,31 +36,57 @@ log = logging.getLogger(__name__)
 RECALL_KS = (1, 10, 100)
 EF_STEPS = (16, 32, 64, 128, 256, 512, 1024)
 
+__all__ = ["QuerySet", "RECALL_KS", "ground_truth", "recall_at", "recall_block", "set_search_params",
+           "tune_and_measure"]
 
-def set_search_params(index, params: dict[str, Any]) -> None:
-    """Apply ``{"nprobe": 16}`` / ``{"efSearch": 64}`` through faiss's ParameterSpace (reaches wrapped indexes)."""
+
+@dataclass
+class QuerySet:
+    """Recall queries: vectors and, for corpus vectors, their own positions (-1: not a corpus vector).
+
+    Attributes:
+        vectors: float32 (nq, d).
+        positions: int64 (nq,).
+        truth: exact neighbour positions int64 (nq, k), own position left out; filled by ``recall_block``.
+    """
+
+    vectors: np.ndarray
+    positions: np.ndarray
+    truth: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def _exact_searcher(index, filt: Filter | None) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None:
+    """Exact search from the index's own stored vectors, where it keeps them uncompressed and holds no filtered
+    position."""
     import faiss
 
-    space = faiss.ParameterSpace()
-    for name, value in params.items():
-        space.set_index_parameter(index, name, value)
-
-
-def _exact_searcher(index) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None:
-    """Exact search from the index's own stored vectors, where it keeps them uncompressed."""
-    import faiss
-
-    if isinstance(index, faiss.IndexPreTransform):
+    if filt:
         return None
-    inner = faiss.downcast_index(index)
-    if isinstance(inner, faiss.IndexFlat):
-        return lambda q, k: inner.search(q, k)
-    if isinstance(inner, faiss.IndexIVFFlat):
-        return lambda q, k: _ivf_flat_exact(inner, q, k)
-    if hasattr(inner, "hnsw"):
-        storage = faiss.downcast_index(inner.storage)
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexPreTransform):
+        return None
+    id_map = None
+    if isinstance(top, faiss.IndexIDMap):
+        id_map = faiss.vector_to_array(top.id_map)
+        top = faiss.downcast_index(top.index)
+    if isinstance(top, faiss.IndexFlat) and id_map is None:
+        return lambda q, k: top.search(q, k)
+    if isinstance(top, faiss.IndexIVFFlat) and id_map is None:
+        return lambda q, k: _ivf_flat_exact(top, q, k)
+    if hasattr(top, "hnsw"):
+        storage = faiss.downcast_index(top.storage)
         if isinstance(storage, faiss.IndexFlat):
-            return lambda q, k: storage.search(q, k)
+            if id_map is None:
+                return lambda q, k: storage.search(q, k)
+
+            def translated(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+                dist, idx = storage.search(q, k)
+                return dist, np.where(idx >= 0, id_map[np.maximum(idx, 0)], -1)
+
+            return translated
     return None
 
 
@@ -90,12 +127,17 @@ def _ivf_flat_exact(ivf, queries: np.ndarray, k: int, chunk: int = 131072) -> tu
     return heap.D, heap.I
 
 
-def ground_truth(index, parts: Sequence[Part], queries: np.ndarray, k: int, metric: str) -> np.ndarray:
-    """Positions of the exact top-``k`` of each query, int64 (nq, k) (-1 where fewer exist)."""
-    exact = _exact_searcher(index)
+def ground_truth(index, parts: Sequence[Part], starts: Sequence[int], queries: np.ndarray, k: int, metric: str,
+                 filt: Filter | None = None, batch_rows: int = 131072) -> np.ndarray:
+    """Positions of the exact top-``k`` of each query among the live vectors, int64 (nq, k) (-1 where fewer).
+
+    ``parts`` (with their first positions ``starts``) are the live parts; they are scanned unless the index keeps
+    exact vectors and holds nothing that ``filt`` leaves out.
+    """
+    exact = _exact_searcher(index, filt)
     if exact is not None:
         return exact(queries, k)[1]
-    return vec.exact_search(parts, queries, k, metric)[1]
+    return vec.exact_search(parts, queries, k, metric, starts=starts, batch_rows=batch_rows)[1]
 
 
 def _drop_self(ids: np.ndarray, self_pos: np.ndarray, k: int) -> np.ndarray:
@@ -116,19 +158,25 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float((hits[valid] / size[valid]).mean()) if valid.any() else 1.0
 
 
-def _measure(index, queries: np.ndarray, self_pos: np.ndarray, truth: np.ndarray, kmax: int) -> dict[str, float]:
-    """recall@1/10/100 of the index as currently parameterised.
+def measure(index, qs: QuerySet, kmax: int, values: dict[str, Any] | None = None,
+            filt: Filter | None = None) -> dict[str, float]:
+    """recall@1/10/100 of the index at ``values`` (or as currently parameterised) on one query set.
 
     HNSW explores ``max(efSearch, k)`` candidates, so each k is searched on its own, as a user would; for the
     other index types the top k of a deeper search is the same list, so one search serves all three.
     """
+    assert qs.truth is not None
     out: dict[str, float] = {}
     separate = hasattr(inner_index(index), "hnsw")
-    found_all = None if separate else _drop_self(index.search(queries, kmax + 1)[1], self_pos, kmax)
+
+    def found(k: int) -> np.ndarray:
+        return _drop_self(search(index, qs.vectors, k + 1, values, filt)[1], qs.positions, k)
+
+    found_all = None if separate else found(kmax)
     for k in RECALL_KS:
         kk = min(k, kmax)
-        found = _drop_self(index.search(queries, kk + 1)[1], self_pos, kk) if separate else found_all[:, :kk]
-        out[f"recall@{k}"] = round(recall_at(found, truth, kk), 6)
+        got = found(kk) if separate else found_all[:, :kk]
+        out[f"recall@{k}"] = round(recall_at(got, qs.truth, kk), 6)
     return out
 
 
@@ -144,53 +192,84 @@ def _param_values(index, tune: str | None) -> list[int]:
     return []
 
 
-def tune_and_measure(index, queries: np.ndarray, self_pos: np.ndarray, truth: np.ndarray, tune: str | None,
-                     target: float) -> dict[str, Any]:
-    """Raise the search parameter until recall@10 reaches ``target``; leave the index set to the choice.
+def tune_and_measure(index, tune_set: QuerySet, report_set: QuerySet, tune: str | None, target: float,
+                     recall_k: int = 10, filt: Filter | None = None) -> dict[str, Any]:
+    """Raise the search parameter until recall@``recall_k`` on ``tune_set`` reaches ``target``; measure
+    recall@1/10/100 on ``report_set`` at that setting; leave the index set to it.
 
     Returns:
-        ``{"search_params": {...}, "recall@1": ..., "recall@10": ..., "recall@100": ...,
-        "tuning": {"param", "target", "reached", "curve"}}``.
+        ``{"search_params": {...}, "recall@1": ..., "recall@10": ..., "recall@100": ... (report set),
+        "tuning": {"param", "target", "k", "reached", "report_reached", "curve" (tune set)}}``.
     """
-    kmax = truth.shape[1]
-    if not len(queries) or kmax == 0:
+    kmax = tune_set.truth.shape[1] if tune_set.truth is not None else 0
+    key = f"recall@{recall_k}"
+    if not len(tune_set) or kmax == 0:
         return {"search_params": {}, **{f"recall@{k}": 1.0 for k in RECALL_KS},
-                "tuning": {"param": tune, "target": target, "reached": True, "curve": [],
-                           "note": "fewer than two vectors: nothing to measure"}}
+                "tuning": {"param": tune, "target": target, "k": recall_k, "reached": True, "report_reached": True,
+                           "curve": [], "note": "fewer than two vectors: nothing to measure"}}
     values = _param_values(index, tune)
     if not values:
-        rec = _measure(index, queries, self_pos, truth, kmax)
+        rec = measure(index, report_set, kmax, None, filt)
         return {"search_params": {}, **rec,
-                "tuning": {"param": None, "target": target, "reached": rec["recall@10"] >= target, "curve": []}}
+                "tuning": {"param": None, "target": target, "k": recall_k, "reached": rec[key] >= target,
+                           "report_reached": rec[key] >= target, "curve": []}}
     curve = []
     chosen = None
     for v in values:
         set_search_params(index, {tune: v})
-        rec = _measure(index, queries, self_pos, truth, kmax)
+        rec = measure(index, tune_set, kmax, {tune: v}, filt)
         curve.append({tune: v, **rec})
-        if rec["recall@10"] >= target:
+        if rec[key] >= target:
             chosen = curve[-1]
             break
     reached = chosen is not None
     if chosen is None:
-        best = max(c["recall@10"] for c in curve)
-        chosen = next(c for c in curve if c["recall@10"] >= best - 1e-9)
-        log.warning("recall@10 %.3f < target %.3f even at %s=%d: the codes of this index cap its recall "
-                    "(a larger --max-memory allows a more exact index)", best, target, tune, curve[-1][tune])
+        best = max(c[key] for c in curve)
+        chosen = next(c for c in curve if c[key] >= best - 1e-9)
     set_search_params(index, {tune: chosen[tune]})
-    return {"search_params": {tune: chosen[tune]}, **{f"recall@{k}": chosen[f"recall@{k}"] for k in RECALL_KS},
-            "tuning": {"param": tune, "target": target, "reached": reached, "curve": curve}}
+    report = measure(index, report_set, kmax, {tune: chosen[tune]}, filt)
+    return {"search_params": {tune: chosen[tune]}, **report,
+            "tuning": {"param": tune, "target": target, "k": recall_k, "reached": reached,
+                       "report_reached": report[key] >= target, "best_tuned": chosen[key], "curve": curve}}
 
 
-def recall_block(index, parts: Sequence[Part], queries: np.ndarray, self_pos: np.ndarray, metric: str,
-                  tune: str | None, target: float) -> dict[str, Any]:
-    kmax = int(min(max(RECALL_KS), index.ntotal - 1))
+def recall_block(index, parts: Sequence[Part], starts: Sequence[int], tune_set: QuerySet, report_set: QuerySet,
+                 metric: str, tune: str | None, target: float, recall_k: int = 10, filt: Filter | None = None,
+                 live: int | None = None, absent: np.ndarray | None = None, batch_rows: int = 131072
+                 ) -> dict[str, Any]:
+    """Ground truth for both query sets (one scan), then ``tune_and_measure``.
+
+    Args:
+        index: the index, holding the live vectors (and maybe filtered ones).
+        parts, starts: the live parts and their first positions.
+        tune_set, report_set: the query sets.
+        metric: ``ip`` or ``l2``.
+        tune: ``nprobe``, ``efSearch`` or None.
+        target: recall to reach at ``recall_k``.
+        recall_k: the k tuned for (1, 10 or 100).
+        filt: positions to leave out.
+        live: number of live vectors (default: the parts' rows).
+        absent: live positions not in the index while it is measured (queries held out of a graph): left out of
+            the exact neighbours too, so that both sides see the same corpus.
+        batch_rows: vectors scored at once when the parts are scanned for the exact neighbours.
+    """
+    live = sum(p.rows for p in parts) if live is None else live
+    kmax = int(min(max(RECALL_KS), live - 1))
     t0 = time.perf_counter()
-    truth = _drop_self(ground_truth(index, parts, queries, kmax + 1, metric), self_pos, kmax) if kmax > 0 else \
-        np.zeros((len(queries), 0), dtype=np.int64)
+    both = np.concatenate([tune_set.vectors, report_set.vectors]) if len(report_set) else tune_set.vectors
+    pos = np.concatenate([tune_set.positions, report_set.positions])
+    if kmax > 0:
+        extra = 0 if absent is None or _exact_searcher(index, filt) is not None else len(absent)
+        ids = ground_truth(index, parts, starts, both, kmax + 1 + extra, metric, filt, batch_rows)
+        if extra:
+            ids = np.where(np.isin(ids, absent), -1, ids)  # _drop_self skips -1
+        truth = _drop_self(ids, pos, kmax)
+    else:
+        truth = np.zeros((len(pos), 0), dtype=np.int64)
+    tune_set.truth, report_set.truth = truth[: len(tune_set)], truth[len(tune_set):]
     t1 = time.perf_counter()
-    block = tune_and_measure(index, queries, self_pos, truth, tune, target)
-    block["recall_queries"] = int(len(queries))
+    block = tune_and_measure(index, tune_set, report_set, tune, target, recall_k, filt)
+    block["recall_queries"] = {"tune": int(len(tune_set)), "report": int(len(report_set))}
     block["tuning"]["neighbours"] = kmax
     block["tuning"]["ground_truth_seconds"] = round(t1 - t0, 3)
     block["tuning"]["seconds"] = round(time.perf_counter() - t1, 3)

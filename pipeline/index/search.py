@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.index.files import index_dir, load_index, read_info
+from pipeline.index.files import index_dir, load_index, read_info, search_filter
+from pipeline.index.params import search as filtered_search
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,13 @@ class Searcher:
         # The index and its id map first: a missing file is reported before the model's load. The index is
         # mapped, not read: start-up does not grow with its size, and only the pages a query touches are read.
         self.index, _ = load_index(self.out, self.info, mmap=True)
+        # vectors of removed parts, and of parts that vanished since the last update, are never returned
+        self.filter, self.live_parts, self.live_starts = search_filter(self.out, self.info)
+        vanished = len(self.info["parts"]) - len(self.live_parts)
+        if vanished:
+            log.warning("%d indexed parts of %s have vanished since the index was updated: their vectors are left "
+                        "out of every result; `embed-corpus index update %s` removes them", vanished, self.out,
+                        self.out)
         self.ids = IdMap(index_dir(self.out) / self.info["files"]["ids"])
         try:
             self.embedder = embedder or query_embedder(self.out, device=device)
@@ -196,7 +204,7 @@ class Searcher:
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores float32 (nq, k), positions int64 (nq, k))``; larger scores are closer; -1 = no result."""
-        dist, pos = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        dist, pos = filtered_search(self.index, vectors, k, self.info.get("search_params"), self.filter)
         return (dist if self.metric == "ip" else -dist), pos
 
     def search(self, queries: Sequence[str], k: int = 10, *, reranker=None, rerank_top: int = 100,

@@ -101,9 +101,11 @@ def iter_batches(part: Part, batch_rows: int = 65536, columns: Sequence[str] = (
 ]:
     """Yield ``(vectors float32 (b, dims), record batch of the other requested columns)`` for one part."""
     names = [EMBEDDING, *[c for c in columns if c != EMBEDDING]]
-    pf = pq.ParquetFile(part.path)
+    # streamed with small read buffers: pre-buffering a whole row group would hold it twice while decoding
+    pf = pq.ParquetFile(part.path, pre_buffer=False, buffer_size=1 << 20)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=names):
         yield as_matrix(batch.column(EMBEDDING), part.dims), batch
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages otherwise: memory is budgeted
 
 
 def read_part_vectors(part: Part) -> np.ndarray:
@@ -119,12 +121,42 @@ def offsets(parts: Sequence[Part]) -> np.ndarray:
     return out
 
 
-def read_rows(parts: Sequence[Part], positions: np.ndarray, reader=None) -> np.ndarray:
-    """The vectors at the given global positions, float32 (len(positions), dims), in the order given.
+def sample_rows(parts: Sequence[Part], count: int, rng: np.random.Generator, *, spread: int = 8,
+                min_parts: int = 64) -> tuple[np.ndarray, int]:
+    """``count`` distinct rows drawn at random, as indices into the concatenation of ``parts`` (sorted).
 
-    Each part that holds at least one position is read once (one part at a time in memory).
+    Reading a sample costs the reading of every part it touches, so rows are drawn from a random subset of parts
+    holding at least ``spread * count`` rows (and at least ``min_parts`` parts, or all): the time to read a sample
+    is bounded by the sample size, not by the corpus size.
+
+    Returns:
+        ``(rows int64 (count,), number of parts drawn from)``.
     """
-    reader = reader or read_part_vectors
+    bounds = offsets(parts)
+    total = int(bounds[-1])
+    count = min(count, total)
+    if total <= spread * count or len(parts) <= min_parts:
+        chosen = np.arange(len(parts))
+    else:
+        order = rng.permutation(len(parts))
+        cum = np.cumsum([parts[i].rows for i in order])
+        k = max(min_parts, int(np.searchsorted(cum, spread * count)) + 1)
+        chosen = np.sort(order[:k])
+    sizes = np.array([parts[i].rows for i in chosen], dtype=np.int64)
+    pool_bounds = np.concatenate([[0], np.cumsum(sizes)])
+    picked = np.sort(rng.choice(int(pool_bounds[-1]), min(count, int(pool_bounds[-1])), replace=False))
+    which = np.searchsorted(pool_bounds, picked, side="right") - 1  # no array of the whole pool is made
+    rows = bounds[chosen[which]] + (picked - pool_bounds[which])
+    return np.sort(rows).astype(np.int64), len(chosen)
+
+
+def read_rows(parts: Sequence[Part], positions: np.ndarray, reader=None) -> np.ndarray:
+    """The vectors at the given rows of the concatenation of ``parts``, float32 (len(positions), dims), in the order
+    given.
+
+    Each part that holds at least one position is read once, a batch at a time (memory: one batch and the result),
+    or whole through ``reader`` when given.
+    """
     positions = np.asarray(positions, dtype=np.int64)
     if not len(parts):
         return np.empty((0, 0), dtype=np.float32)
@@ -135,13 +167,23 @@ def read_rows(parts: Sequence[Part], positions: np.ndarray, reader=None) -> np.n
     which = np.searchsorted(bounds, positions, side="right") - 1
     for i in np.unique(which):
         sel = np.flatnonzero(which == i)
-        vectors = reader(parts[int(i)])
-        out[sel] = vectors[positions[sel] - bounds[i]]
+        local = positions[sel] - bounds[i]
+        if reader is not None:
+            out[sel] = reader(parts[int(i)])[local]
+            continue
+        start = 0
+        for vectors, _ in iter_batches(parts[int(i)], 16384):
+            end = start + len(vectors)
+            mine = (local >= start) & (local < end)
+            if mine.any():
+                out[sel[mine]] = vectors[local[mine] - start]
+            start = end
     return out
 
 
 def exact_search(
-    parts: Sequence[Part], queries: np.ndarray, k: int, metric: str, *, batch_rows: int = 131072, reader=None
+    parts: Sequence[Part], queries: np.ndarray, k: int, metric: str, *, starts: Sequence[int] | None = None,
+    batch_rows: int = 131072, reader=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k over all vectors of ``parts``, streamed part by part.
 
@@ -150,6 +192,7 @@ def exact_search(
         queries: float32 (nq, dims).
         k: neighbours per query (fewer exist when the parts hold fewer vectors: ids are then -1).
         metric: ``ip`` (larger is closer) or ``l2`` (squared distance, smaller is closer).
+        starts: the first position of each part (default: consecutive from 0).
         batch_rows: vectors scored at once.
         reader: read a part's vectors (default ``read_part_vectors``); tests count reads through it.
 
@@ -162,8 +205,9 @@ def exact_search(
     keep_max = metric == "ip"
     heap = faiss.ResultHeap(len(queries), k, keep_max=keep_max)
     fmetric = faiss.METRIC_INNER_PRODUCT if keep_max else faiss.METRIC_L2
-    start = 0
-    for part in parts:
+    first = offsets(parts)[:-1] if starts is None else np.asarray(starts, dtype=np.int64)
+    for part, start in zip(parts, first, strict=True):
+        start = int(start)
         if reader is not None:
             chunks: Iterator[np.ndarray] = iter([reader(part)])
         else:

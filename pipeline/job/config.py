@@ -29,7 +29,8 @@ Attention = Literal["auto", "padded", "packed"]
 Backend = Literal["local", "openai"]
 
 
-INDEX_OPTIONS = {"factory", "max_memory", "metric", "target_recall", "gpu", "workers"}
+INDEX_OPTIONS = {"factory", "max_memory", "metric", "target_recall", "recall_k", "lists", "gpu", "workers", "pieces",
+                 "query_side"}
 
 
 class ConfigError(ValueError):

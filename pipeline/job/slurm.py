@@ -1,9 +1,14 @@
-"""Slurm: the ``sbatch`` lines of ``embed-corpus slurm submit JOB.yaml``: the embedding array and its index job.
+"""Slurm: the ``sbatch`` lines of ``embed-corpus slurm submit JOB.yaml``: the embedding array and its index jobs.
 
 The job scripts are ``jobs/slurm/embed.sbatch`` and ``jobs/slurm/index.sbatch``; this module only works out
-their ``sbatch`` options and environment, submits the array, then the index job with ``afterok`` on it. Every
+their ``sbatch`` options and environment, submits the array, then the index with ``afterok`` on it. Every
 array task is an independent worker on the same OUTPUT (shards are shared through leased claims), so the array
 size is only how many nodes work at once; a task that is preempted or reaches its time limit requeues itself.
+
+The index is one job, or with ``index_pieces=N`` an array of N tasks (``index build --pieces N --piece K``: the
+first trains, each adds a disjoint run of vector parts to its own piece files) followed by a merge job
+(``--merge``) with ``afterok`` on that array. A failed piece fails the array, so the merge is cancelled; rerun the
+failed task alone (``sbatch --array=K ...``), then the merge.
 """
 
 from __future__ import annotations
@@ -44,12 +49,14 @@ class Submission:
 
 @dataclass(frozen=True)
 class SlurmPlan:
-    """The array's submission, the index job's (None with ``index=False``), where logs go, the job's output."""
+    """The array's submission, the index job's (None with ``index=False``; an array with ``index_pieces > 1``), the
+    merge job's (None unless ``index_pieces > 1``), where logs go, the job's output."""
 
     embed: Submission
     index: Submission | None
     log_dir: Path
     output: Path
+    merge: Submission | None = None
 
 
 def embed_corpus_command() -> str:
@@ -73,6 +80,8 @@ def plan_submission(
     index_mode: str = "build",
     index_cpus: int | None = None,
     index_time: str | None = None,
+    index_pieces: int = 1,
+    index_args: str = "",
     log_dir: str | os.PathLike[str] | None = None,
     scripts: str | os.PathLike[str] = DEFAULT_SCRIPTS,
     extra: tuple[str, ...] = (),
@@ -90,7 +99,10 @@ def plan_submission(
         partition, time_limit, account: passed as ``--partition``, ``--time``, ``--account`` to both jobs.
         index: also queue the index job (``afterok`` on the whole array).
         index_mode: ``build`` (a fresh index) or ``update`` (add the new parts).
-        index_cpus, index_time: ``--cpus-per-task`` and ``--time`` of the index job.
+        index_cpus, index_time: ``--cpus-per-task`` and ``--time`` of the index job (of each piece and the merge).
+        index_pieces: build the index as an array of this many pieces, then a merge job (``build`` only).
+        index_args: more ``embed-corpus index build|update`` arguments (``EMBED_INDEX_ARGS``), e.g.
+            ``"--max-memory 64G"``; the same for every piece and the merge.
         log_dir: per-task logs (default ``OUTPUT/logs/slurm``); created by ``submit``.
         scripts: the folder holding ``embed.sbatch`` and ``index.sbatch``.
         extra: more ``sbatch`` options, for both jobs (``--qos=high``, ``--mem=0``...).
@@ -114,6 +126,10 @@ def plan_submission(
         raise ConfigError("per_gpu needs gpus_per_node")
     if index_mode not in ("build", "update"):
         raise ConfigError(f"index_mode: {index_mode!r} is not one of build, update")
+    if index_pieces < 1:
+        raise ConfigError(f"index_pieces: {index_pieces} must be at least 1")
+    if index_pieces > 1 and index_mode != "build":
+        raise ConfigError("index_pieces: an index is built in pieces by `index build`; `index update` adds in one job")
     scripts = Path(scripts)
     for script in ("embed.sbatch", "index.sbatch"):
         if not (scripts / script).is_file():
@@ -136,15 +152,27 @@ def plan_submission(
     args += [*extra, str(scripts / "embed.sbatch")]
     embed = Submission(args, {**base_env, "EMBED_JOB": str(job), "EMBED_WORKERS": str(workers)})
 
-    index_job = None
+    index_job = merge_job = None
     if index:
-        iargs = ["--parsable", "--kill-on-invalid-dep=yes", f"--job-name=index-{job.stem}",
-                 f"--output={logs}/index-%j.log", *common]
-        iargs += [f"--time={index_time}"] if index_time else ([f"--time={time_limit}"] if time_limit else [])
-        iargs += [f"--cpus-per-task={index_cpus}"] if index_cpus else []
-        iargs += [*extra, str(scripts / "index.sbatch")]
-        index_job = Submission(iargs, {**base_env, "EMBED_OUTPUT": str(output), "EMBED_INDEX_MODE": index_mode})
-    return SlurmPlan(embed, index_job, logs, output)
+        def index_submission(name: str, log_name: str, step: str, array: list[str]) -> Submission:
+            iargs = ["--parsable", "--kill-on-invalid-dep=yes", *array, f"--job-name={name}-{job.stem}",
+                     f"--output={logs}/{log_name}", *common]
+            iargs += [f"--time={index_time}"] if index_time else ([f"--time={time_limit}"] if time_limit else [])
+            iargs += [f"--cpus-per-task={index_cpus}"] if index_cpus else []
+            iargs += [*extra, str(scripts / "index.sbatch")]
+            env = {**base_env, "EMBED_OUTPUT": str(output), "EMBED_INDEX_MODE": index_mode, "EMBED_INDEX_STEP": step}
+            if index_pieces > 1:
+                env["EMBED_INDEX_PIECES"] = str(index_pieces)
+            if index_args:
+                env["EMBED_INDEX_ARGS"] = index_args
+            return Submission(iargs, env)
+
+        if index_pieces > 1:
+            index_job = index_submission("index", "index-%A_%a.log", "piece", [f"--array=0-{index_pieces - 1}"])
+            merge_job = index_submission("index-merge", "index-merge-%j.log", "merge", [])
+        else:
+            index_job = index_submission("index", "index-%j.log", "all", [])
+    return SlurmPlan(embed, index_job, logs, output, merge_job)
 
 
 def _sbatch(sub: Submission, dependency: str | None = None) -> str:
@@ -155,9 +183,14 @@ def _sbatch(sub: Submission, dependency: str | None = None) -> str:
     return proc.stdout.strip().splitlines()[-1].split(";")[0].strip()
 
 
-def submit(plan: SlurmPlan) -> tuple[str, str | None]:
-    """Submit the array, then the index job depending on it. Returns (array job id, index job id or None)."""
+def submit(plan: SlurmPlan) -> tuple[str, str | None, str | None]:
+    """Submit the array, then the index job (or array) depending on it, then the merge job depending on that.
+
+    Returns:
+        ``(array job id, index job id or None, merge job id or None)``.
+    """
     plan.log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
     array_id = _sbatch(plan.embed)
     index_id = _sbatch(plan.index, dependency=array_id) if plan.index else None
-    return array_id, index_id
+    merge_id = _sbatch(plan.merge, dependency=index_id) if plan.merge and index_id else None
+    return array_id, index_id, merge_id

@@ -20,9 +20,11 @@ import pytest
 import pipeline.index.vectors as vec
 from pipeline.bench.index import clustered_vectors, write_vector_output
 from pipeline.errors import PipelineError
+from pipeline.index.build import inner_index
 from pipeline.index.choice import choose_index, describe_factory, parse_size
 from pipeline.index.files import index_dir, load_index, read_info
-from pipeline.index.store import build_index, family, update_index
+from pipeline.index.store import build_index, family
+from pipeline.index.update import update_index
 
 
 def _all_vectors(out: Path) -> np.ndarray:
@@ -50,9 +52,10 @@ def test_parse_size() -> None:
 
 
 def test_automatic_choice_follows_the_budget() -> None:
-    kinds = [family(choose_index(1_000_000, 384, b).factory) for b in ("64G", "1G", "400M", "60M")]
+    kinds = [family(choose_index(1_000_000, 384, b, lists="memory").factory) for b in ("64G", "1G", "400M", "60M")]
     assert kinds == ["IVF-Flat", "IVF-SQ", "IVF-PQ", "IVF-PQ"]
-    small, large = choose_index(1_000_000, 384, "60M"), choose_index(1_000_000, 384, "400M")
+    small = choose_index(1_000_000, 384, "60M", lists="memory")
+    large = choose_index(1_000_000, 384, "400M", lists="memory")
     assert small.index_bytes < large.index_bytes <= parse_size("400M")
     assert choose_index(20_000, 384, "4G").factory == "Flat"  # exact search is fast enough
     assert choose_index(200_000, 384, "4G").factory == "HNSW32"
@@ -93,7 +96,7 @@ def test_build_records_info_and_id_map(tmp_path: Path) -> None:
     assert ids.column("id").to_pylist() == [f"v{i}" for i in range(3000)]
     assert ids.column("shard").to_pylist()[700] == 1 and ids.column("row").to_pylist()[700] == 0
     index, _ = load_index(tmp_path)
-    assert faiss.downcast_index(index).hnsw.efSearch == info["search_params"]["efSearch"]
+    assert inner_index(index).hnsw.efSearch == info["search_params"]["efSearch"]
 
 
 def test_no_vectors_is_a_clear_error(tmp_path: Path) -> None:
@@ -108,7 +111,8 @@ def test_recall_of_a_forced_ivf_pq_equals_numpy_brute_force(tmp_path: Path) -> N
     write_vector_output(tmp_path, x, shard_size=3000)
     info = build_index(tmp_path, factory="IVF32,PQ8x4", recall_queries=300, target_recall=0.99)
     stored = np.load(tmp_path / "index" / info["files"]["queries"])
-    pos, q = stored["positions"], stored["vectors"]
+    pos, q = stored["report_positions"], stored["report_vectors"]  # recall is reported on this set
+    assert len(pos) == 300 and not set(pos) & set(stored["tune_positions"])  # tuned on another set
     np.testing.assert_array_equal(q, x[pos])  # the queries are corpus vectors
     sims = q @ x.T  # independent exact neighbours, the query itself excluded
     sims[np.arange(len(pos)), pos] = -np.inf
@@ -303,3 +307,84 @@ def test_ids_map_back_to_parts(tmp_path: Path) -> None:
     assert table.column("id").to_pylist() == ["v5", "v450", "v899"]
     assert table.column("shard").to_pylist() == [0, 1, 2]
     assert table.column("row").to_pylist() == [5, 50, 99]
+
+
+# ------------------------------------------------------------------------------------------ recall: what it measures
+
+
+def test_recall_is_tuned_on_one_query_set_and_reported_on_another(tmp_path: Path) -> None:
+    x = clustered_vectors(8000, 32, seed=12)
+    write_vector_output(tmp_path, x, shard_size=2000)
+    info = build_index(tmp_path, factory="IVF64,SQ8", recall_queries=300, target_recall=0.9)
+    stored = np.load(tmp_path / "index" / info["files"]["queries"])
+    tune, report = stored["tune_positions"], stored["report_positions"]
+    assert len(tune) == len(report) == 300 and not set(tune) & set(report)
+    assert info["recall_queries"]["tune"] == info["recall_queries"]["report"] == 300
+    assert "two disjoint sets" in info["recall_queries"]["kind"]
+    index = faiss.read_index(str(tmp_path / "index" / info["files"]["index"]))
+    nprobe = info["search_params"]["nprobe"]
+    faiss.extract_index_ivf(index).nprobe = nprobe
+
+    def recall10(pos: np.ndarray) -> float:
+        q = x[pos]
+        sims = q @ x.T
+        sims[np.arange(len(pos)), pos] = -np.inf
+        truth = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+        found = [[p for p in row if p != pos[i]][:10] for i, row in enumerate(index.search(q, 11)[1])]
+        return float(np.mean([len(set(found[i]) & set(truth[i])) / 10 for i in range(len(pos))]))
+
+    chosen = next(c for c in info["tuning"]["curve"] if c["nprobe"] == nprobe)
+    assert chosen["recall@10"] == pytest.approx(recall10(tune), abs=1e-6)  # the curve: the tune set
+    assert info["recall@10"] == pytest.approx(recall10(report), abs=1e-6)  # the reported figure: the other set
+
+
+def test_leaving_the_querys_own_entry_out_of_an_ivf_scan_equals_its_absence(tmp_path: Path) -> None:
+    """Why IVF and flat indexes keep their queries: the results without the query's own entry are exactly those
+    of the index without the query (checked one query at a time on a copy that lost it)."""
+    x = clustered_vectors(4000, 16, seed=13)
+    write_vector_output(tmp_path, x, shard_size=1000)
+    info = build_index(tmp_path, factory="IVF32,SQ8", recall_queries=100)
+    full, _ = load_index(tmp_path)
+    report = np.load(tmp_path / "index" / info["files"]["queries"])["report_positions"][:15]
+    for pos in report:
+        kept = [p for p in full.search(x[pos:pos + 1], 11)[1][0] if p != pos][:10]
+        without = faiss.clone_index(full)
+        without.remove_ids(np.array([pos], dtype=np.int64))
+        assert kept == list(without.search(x[pos:pos + 1], 10)[1][0])
+
+
+def test_hnsw_queries_are_held_out_of_the_graph_while_measured(tmp_path: Path, monkeypatch) -> None:
+    import pipeline.index.store as store
+
+    x = clustered_vectors(3000, 16, seed=14)
+    write_vector_output(tmp_path, x, shard_size=1000)
+    seen = {}
+    real = store.recall_block
+
+    def spy(index, parts, starts, tune, report, *args, **kwargs):
+        ids = faiss.vector_to_array(faiss.downcast_index(index).id_map)
+        seen["ntotal"] = index.ntotal
+        seen["queries_in_graph"] = int(np.isin(np.concatenate([tune.positions, report.positions]), ids).sum())
+        return real(index, parts, starts, tune, report, *args, **kwargs)
+
+    monkeypatch.setattr(store, "recall_block", spy)
+    info = build_index(tmp_path, factory="HNSW16", recall_queries=200)
+    assert seen == {"ntotal": 3000 - 400, "queries_in_graph": 0}
+    assert info["ntotal"] == 3000 and "held out of the graph" in info["recall_queries"]["kind"]
+    index, _ = load_index(tmp_path)
+    stored = np.load(tmp_path / "index" / info["files"]["queries"])
+    pos = stored["report_positions"][:20]
+    np.testing.assert_array_equal(index.search(x[pos], 1)[1][:, 0], pos)  # added after: found at their position
+
+
+def test_recall_k_tunes_for_the_deepest_k_asked(tmp_path: Path) -> None:
+    x = clustered_vectors(8000, 32, seed=15)
+    write_vector_output(tmp_path, x, shard_size=2000)
+    at10 = build_index(tmp_path, factory="IVF64,Flat", recall_queries=300, target_recall=0.95)
+    at100 = build_index(tmp_path, factory="IVF64,Flat", recall_queries=300, target_recall=0.95, recall_k=100)
+    assert at10["tuning"]["k"] == 10 and at100["tuning"]["k"] == 100
+    assert at100["search_params"]["nprobe"] > at10["search_params"]["nprobe"]
+    chosen = next(c for c in at100["tuning"]["curve"] if c["nprobe"] == at100["search_params"]["nprobe"])
+    assert chosen["recall@100"] >= 0.95 > at10["recall@100"]  # @10 tuning leaves @100 below the target
+    with pytest.raises(PipelineError, match="recall_k"):
+        build_index(tmp_path, factory="Flat", recall_k=50)

@@ -17,7 +17,8 @@ from helpers import INSTRUCTION, REPO, SENTENCES, brute_force_recall, reference_
 from pipeline.cli.main import main
 from pipeline.errors import PipelineError
 from pipeline.index.search import Searcher
-from pipeline.index.store import build_index, update_index
+from pipeline.index.store import build_index
+from pipeline.index.update import update_index
 from pipeline.job.config import make_config
 from pipeline.job.runner import run_job
 
@@ -373,3 +374,63 @@ def test_chunk_results_show_their_chunk_text(tmp_path: Path, tiny_qwen3_dir: Pat
     assert len(results) > 3 and all(r["id"].startswith("long#") for r in results)
     for r in results:
         assert r["text"] and r["text"].strip() in doc and len(r["text"]) < len(doc)
+
+
+# ------------------------------------------------------------------------------------------ removed parts, query side
+
+
+def test_search_and_eval_never_return_a_vanished_part(minilm_job: tuple[Path, dict[str, str]],
+                                                      tmp_path: Path) -> None:
+    """A part removed the way an incremental run removes it (part file and done-marker gone): its documents are
+    never returned, before `index update` and after."""
+    from pipeline.index.evaluate import run_eval
+
+    src, texts = minilm_job
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    gone_part = out / "vectors" / "part-000001.parquet"
+    gone = pq.read_table(gone_part, columns=["id"]).column("id").to_pylist()
+    gone_part.unlink()
+    (out / "shards" / "000001.done.json").unlink()
+    searcher = Searcher(out, device="cpu")
+    queries = [texts[i] for i in gone]
+    for stage in ("before update", "after update"):
+        results = searcher.search(queries, k=20)
+        found = {r["id"] for entry in results for r in entry["results"]}
+        assert not found & set(gone), stage
+        assert all(len(entry["results"]) == 20 for entry in results)
+        beir = tmp_path / stage.replace(" ", "-")
+        (beir / "qrels").mkdir(parents=True)
+        (beir / "queries.jsonl").write_text(json.dumps({"_id": "q", "text": queries[0]}) + "\n")
+        (beir / "qrels" / "test.tsv").write_text(f"query-id\tcorpus-id\tscore\nq\t{gone[0]}\t1\n")
+        report = run_eval(out, beir / "queries.jsonl", beir / "qrels", searcher=searcher)
+        assert report["columns"]["exact"]["recall@100"] == report["columns"]["index"]["recall@100"] == 0.0
+        if stage == "before update":
+            info = update_index(out)
+            assert info["removed_parts"] == ["part-000001.parquet"]
+            searcher = Searcher(out, device="cpu")
+
+
+def test_query_side_recall_is_measured_where_the_job_recorded_an_instruction(
+        qwen_job: tuple[Path, dict[str, str]], minilm_job: tuple[Path, dict[str, str]]) -> None:
+    from pipeline.index import vectors as vec
+    from pipeline.index.files import read_info
+    from pipeline.index.queryside import QUERY_CHARS, sample_texts
+    from pipeline.job.record import read_job_record
+
+    out, _ = qwen_job
+    info = read_info(out)
+    side = info["query_side"]
+    assert side["instruction"] == INSTRUCTION and side["queries"] == len(SENTENCES)
+    assert side["text_chars"] == QUERY_CHARS and "query embedder" in side["what"]
+    # independently: the same texts, embedded as the searcher embeds queries, exact neighbours by numpy
+    parts = vec.complete_parts(out)
+    texts = sample_texts(out, read_job_record(out), parts, 1000, np.random.default_rng([0, 7]))
+    searcher = Searcher(out, device="cpu")
+    qv = searcher.embed(texts)
+    dv = np.concatenate([vec.read_part_vectors(p) for p in parts])
+    truth = np.argsort(-(qv @ dv.T), axis=1, kind="stable")[:, :10]
+    found = searcher.search_vectors(qv, 10)[1]
+    expected = np.mean([len(set(found[i]) & set(truth[i])) / 10 for i in range(len(texts))])
+    assert side["recall@10"] == pytest.approx(expected, abs=1e-6)
+    assert read_info(minilm_job[0]).get("query_side") is None  # MiniLM: no query prompt, nothing to measure

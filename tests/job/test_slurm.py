@@ -165,3 +165,50 @@ def _no_leftover_jobs() -> Iterator[None]:
         job_id, _, name = line.partition(" ")
         if name.startswith("embed-corpus-"):
             subprocess.run(["scancel", job_id.split("_")[0]], capture_output=True)
+
+
+INDEX_SBATCH = REPO / "jobs" / "slurm" / "index.sbatch"
+
+
+def test_index_array_of_pieces_then_merge_equals_a_local_build(tmp_path: Path, small) -> None:
+    """``jobs/slurm/index.sbatch`` as ``slurm submit --index-pieces 2`` queues it: an array of two piece tasks (the
+    first to start trains, the other waits and reuses it), then the merge with afterok on the array; the index
+    equals one built locally in one process."""
+    import numpy as np
+
+    from pipeline.index.files import load_index
+    from pipeline.index.store import build_index
+
+    corpus, _ = small
+    out, ref, logs = tmp_path / "out", tmp_path / "ref", tmp_path / "logs"
+    logs.mkdir()
+    run_ok("run", write_small_job(tmp_path / "job.yaml", corpus, out), "--device", "cpu", "--quiet")
+    shutil.copytree(out, ref)
+    args = "--factory IVF16,Flat --lists disk"
+    env = {**sbatch_env(tmp_path / "job.yaml"), "EMBED_OUTPUT": str(out), "EMBED_INDEX_ARGS": args,
+           "EMBED_INDEX_PIECES": "2"}
+    pieces = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1",
+                             "--job-name=embed-corpus-index-pieces", f"--output={logs}/index-%A_%a.log",
+                             str(INDEX_SBATCH)], env={**env, "EMBED_INDEX_STEP": "piece"}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, check=True)
+    array_id = pieces.stdout.strip().split(";")[0]
+    merge = subprocess.run(["sbatch", "--wait", f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes",
+                            "--cpus-per-task=1", "--job-name=embed-corpus-index-merge",
+                            f"--output={logs}/merge-%j.log", str(INDEX_SBATCH)],
+                           env={**env, "EMBED_INDEX_STEP": "merge"}, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    texts = {p.name: p.read_text() for p in sorted(logs.iterdir())}
+    for name, text in texts.items():
+        print(f"--- {name}\n{text}")
+    assert merge.returncode == 0, texts
+    assert sorted(n for n, t in texts.items() if " --piece " in t and t.rstrip().endswith("done")) == [
+        f"index-{array_id}_0.log", f"index-{array_id}_1.log"]
+    assert any(" --merge" in t and t.rstrip().endswith("done") for n, t in texts.items() if n.startswith("merge-"))
+    info = json.loads((out / "index" / "info.json").read_text())
+    assert info["pieces"] == 2 and info["on_disk"] and len(info["steps"]["pieces"]) == 2
+    local = build_index(ref, factory="IVF16,Flat", lists="disk")
+    q = np.concatenate([v for v in read_vectors(ref).column("embedding").to_numpy(zero_copy_only=False)[:20]])
+    q = q.reshape(20, -1).astype("float32")
+    (a, _), (b, _) = load_index(out), load_index(ref)
+    np.testing.assert_array_equal(a.search(q, 10)[1], b.search(q, 10)[1])
+    assert info["recall@10"] == local["recall@10"]
