@@ -237,7 +237,7 @@ def brute_force_recall(output: Path, ks: Sequence[int] = (1, 10, 100)) -> dict[s
     by_id = dict(zip(table.column("id").to_pylist(), embeddings(table), strict=True))
     mat = np.stack([by_id[i] for i in ids]).astype(np.float64)  # position order
     saved = np.load(folder / info["files"]["queries"])
-    positions, queries = saved["positions"], saved["vectors"]
+    positions, queries = saved["report_positions"], saved["report_vectors"]  # the set recall is reported on
     np.testing.assert_allclose(queries, mat[positions], atol=1e-6)  # the queries are corpus vectors, as recorded
     if info["metric"] == "ip":
         scores = mat @ queries.T.astype(np.float64)

@@ -55,7 +55,8 @@ def sample_texts(output: Path, job: dict[str, Any], parts: Sequence[Part], count
         local = rows[which == i] - bounds[i]
         cols = ["id", *[c for c in LOCATOR_COLUMNS if c in part.columns]]
         table = pq.read_table(part.path, columns=cols).take(pa.array(local))
-        tables.append(table.append_column("shard", pa.array(np.full(len(local), part.shard, dtype=np.int32))))
+        table = table.append_column("shard", pa.array(np.full(len(local), part.shard, dtype=np.int32)))
+        tables.append(table.append_column("row", pa.array(local.astype(np.int32))))
     texts, _ = TextSource(output, job).lookup(pa.concat_tables(tables))
     return [t[:QUERY_CHARS] for t in texts if t and t.strip()]
 

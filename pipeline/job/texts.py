@@ -78,7 +78,10 @@ class DocumentTexts:
         i = start + int(np.searchsorted(prow, row, side="right")) - 1
         if i < start or row >= int(table.column("prow")[i].as_py()) + int(table.column("nseq")[i].as_py()):
             return None
-        return self.files[n][int(table.column("file")[i].as_py())], int(table.column("frow")[i].as_py())
+        file = int(table.column("file")[i].as_py())
+        if not 0 <= file < len(self.files[n]):  # a document that came from no input file (``versions.publish``)
+            return None
+        return self.files[n][file], int(table.column("frow")[i].as_py())
 
     def lookup(self, parts: list[int], rows: list[int]) -> list[tuple[str, dict[str, Any]] | None]:
         """``(text, kept values)`` of the documents of output rows ``(parts[i], rows[i])``; None where unknown."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import ManifestMismatch, PipelineError
@@ -257,29 +258,37 @@ def collect_garbage(out: Path, keep: set[int]) -> None:
 
 def publish(out: Path, add: list[int], drop: Iterable[int] = ()) -> int:
     """Make a new version of the live parts, less ``drop``, plus the pool parts ``add`` (written with their document
-    indexes, ``sink.write_part``): for outputs made without a plan (index tests and benchmarks). Returns it."""
+    indexes, ``sink.write_part``): for outputs made without a plan (index tests and benchmarks). The documents of
+    live parts keep where they came from; added ones come from no input file. Returns the new version."""
     out = Path(out)
     base = live_version(out)
-    dropped = set(drop)
-    items = [placements(out, base)] if base else []
-    if items:
-        keep = ~np.isin(items[0].part, np.fromiter(dropped, np.int64, len(dropped)))
-        items[0] = Placed(*(getattr(items[0], f)[keep] for f in ("h", "k", "x", "part", "prow", "nseq", "live")))
-    items += [part_placements(out, p) for p in add]
-    placed = Placed.concat(items)
+    dropped = np.fromiter(set(drop), np.int64)
+    tables = []
+    if base:
+        rows = pq.read_table(version_dir(out, base) / ROWS)
+        tables.append(rows.filter(pa.array(~np.isin(rows.column("part").to_numpy(), dropped))))
+    for p in add:
+        docs = pq.read_table(docs_path(out, p))
+        n = docs.num_rows
+        tables.append(pa.table({
+            **{c: docs.column(c) for c in ("h1", "h2", "k1", "k2", "x")},
+            "file": pa.array(np.full(n, -1, np.int32)), "frow": pa.array(np.full(n, -1, np.int64)),
+            "part": pa.array(np.full(n, p, np.int64)), "prow": docs.column("prow"), "nseq": docs.column("nseq")}))
+    rows = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    parts = sorted(set(rows.column("part").to_pylist())) if rows is not None else []
     n = max([base, *(int(p.name) for p in (out / VERSIONS).glob("[0-9]*"))]) + 1 if (out / VERSIONS).is_dir() \
         else base + 1
     final = version_dir(out, n)
     (final / LINK).mkdir(parents=True)
-    for p in sorted(set(placed.part.tolist())):
+    for p in parts:
         os.link(part_path(out, p), final / LINK / part_path(out, p).name)
-    pq.write_table(pa.table({
-        "h1": placed.h[:, 0], "h2": placed.h[:, 1], "k1": placed.k[:, 0], "k2": placed.k[:, 1], "x": placed.x,
-        "file": np.full(len(placed), -1, np.int32), "frow": np.full(len(placed), -1, np.int64),
-        "part": placed.part, "prow": placed.prow, "nseq": placed.nseq}), final / ROWS)
+    if rows is not None:
+        pq.write_table(rows, final / ROWS)
+    info = version_info(out, base) if base else {}
     write_json_atomic(final / INFO, {"version": n, "plan_id": "", "base": base, "created_at": time.time(),
-                                     "docs": len(placed), "rows": int(placed.nseq.sum()),
-                                     "parts": sorted(set(placed.part.tolist())), "files": []})
+                                     "docs": rows.num_rows if rows is not None else 0,
+                                     "rows": int(pc.sum(rows.column("nseq")).as_py() or 0) if rows is not None else 0,
+                                     "parts": parts, "files": info.get("files", [])})
     _switch(out, n)
     collect_garbage(out, keep={n, base})
     return n

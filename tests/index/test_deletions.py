@@ -2,8 +2,8 @@
 under a new name): never returned by a search, even before ``index update``; removed from IVF indexes by the
 update, filtered out of HNSW and flat ones until a rebuild; recall re-measured on the live vectors.
 
-A part is removed here the way it will happen: its part file and its done-marker are deleted, and a new part
-with a new shard id is added.
+A part is removed here the way it happens: a new version of the output is published without it (and with a new
+part under a new id).
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ GONE = range(2000, 3000)  # part 2's positions
 
 
 def _vanish_and_add(out: Path, x: np.ndarray) -> None:
-    (out / "vectors" / "part-000002.parquet").unlink()
-    (out / "shards" / "000002.done.json").unlink()
-    write_vector_output(out, x[N:], shard_size=SHARD, first_shard=6, ids=[f"new{i}" for i in range(SHARD)])
+    from pipeline.job.versions import publish
+
+    write_vector_output(out, x[N:], shard_size=SHARD, first_shard=6, ids=[f"new{i}" for i in range(SHARD)],
+                        done=False)
+    publish(out, add=[6], drop=[2])
 
 
 def _results(out: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:

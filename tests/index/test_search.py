@@ -381,17 +381,18 @@ def test_chunk_results_show_their_chunk_text(tmp_path: Path, tiny_qwen3_dir: Pat
 
 def test_search_and_eval_never_return_a_vanished_part(minilm_job: tuple[Path, dict[str, str]],
                                                       tmp_path: Path) -> None:
-    """A part removed the way an incremental run removes it (part file and done-marker gone): its documents are
-    never returned, before `index update` and after."""
+    """A part removed the way an incremental run removes it (a new version without it): its documents are never
+    returned, before `index update` and after."""
+    from pipeline.index import vectors as vec
     from pipeline.index.evaluate import run_eval
+    from pipeline.job.versions import publish
 
     src, texts = minilm_job
     out = tmp_path / "out"
-    shutil.copytree(src, out)
-    gone_part = out / "vectors" / "part-000001.parquet"
-    gone = pq.read_table(gone_part, columns=["id"]).column("id").to_pylist()
-    gone_part.unlink()
-    (out / "shards" / "000001.done.json").unlink()
+    shutil.copytree(src, out, symlinks=True)
+    gone_part = vec.complete_parts(out)[1]
+    gone = pq.read_table(gone_part.path, columns=["id"]).column("id").to_pylist()
+    publish(out, add=[], drop=[gone_part.shard])
     searcher = Searcher(out, device="cpu")
     queries = [texts[i] for i in gone]
     for stage in ("before update", "after update"):
@@ -407,7 +408,7 @@ def test_search_and_eval_never_return_a_vanished_part(minilm_job: tuple[Path, di
         assert report["columns"]["exact"]["recall@100"] == report["columns"]["index"]["recall@100"] == 0.0
         if stage == "before update":
             info = update_index(out)
-            assert info["removed_parts"] == ["part-000001.parquet"]
+            assert info["removed_parts"] == [gone_part.name]
             searcher = Searcher(out, device="cpu")
 
 

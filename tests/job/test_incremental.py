@@ -336,3 +336,34 @@ def test_a_misspelled_model_fails_before_planning_and_locks_nothing(tmp_path, mi
     assert bad.exit_code == 1 and "no-such-model" in bad.output and "Traceback" not in bad.output
     run_ok(*embed_args([corpus], out))
     assert read_vectors(out).num_rows == 10
+
+
+def test_search_after_deletions_and_edits_returns_only_live_documents(tmp_path, minilm_dir):
+    """The job's index step follows the versions: deleted ids are never returned, an edited document is found by
+    its new text, not its old one, and every result id is in the live output."""
+    from pipeline.index.search import Searcher
+
+    corpus = tmp_path / "corpus"
+    docs = make_docs(60, seed=21)
+    docs[7]["text"] = "a lighthouse keeper counts ships in the winter storm"
+    write_jsonl(corpus / "a.jsonl", docs[:30])
+    write_jsonl(corpus / "b.jsonl", docs[30:])
+    out = tmp_path / "out"
+    rerun(corpus, out, "--index")
+    assert Searcher(out, device="cpu").search(["lighthouse keeper ships storm"], k=1)[0]["results"][0]["id"] == "doc7"
+    deleted = {d["id"] for d in docs[10:20]} | {d["id"] for d in docs[30:]}
+    docs[7]["text"] = "a recipe for bread with rye flour and caraway seeds"
+    write_jsonl(corpus / "a.jsonl", docs[:10] + docs[20:30])
+    (corpus / "b.jsonl").unlink()
+    rerun(corpus, out, "--index")
+    live = set(read_vectors(out).column("id").to_pylist())
+    assert live == {d["id"] for d in docs} - deleted
+    searcher = Searcher(out, device="cpu")
+    queries = [d["text"] for d in docs] + ["lighthouse keeper ships storm"]
+    for answer in searcher.search(queries, k=10):
+        ids = [h["id"] for h in answer["results"]]
+        assert not set(ids) & deleted, ids
+        assert set(ids) <= live
+    top = searcher.search(["rye bread caraway recipe", "lighthouse keeper ships storm"], k=1)
+    assert top[0]["results"][0]["id"] == "doc7"  # found by its new text
+    assert top[1]["results"][0]["id"] != "doc7"  # not by its old one
