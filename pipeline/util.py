@@ -31,6 +31,21 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to the disk (before a rename publishes it)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to the disk (after a rename into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (flock) on ``path``, held for the ``with`` block (planning, claims, index)."""

@@ -38,7 +38,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.index.pieces import peak_rss_bytes
 from pipeline.job.sink import embedding_array
 
 log = logging.getLogger(__name__)
@@ -150,18 +150,6 @@ def _write_corpus(out: Path, n: int, dims: int, source: ClusteredSource, shard_s
         write_vector_output(out, x, ids=[f"v{start + j}" for j in range(rows)], shard_size=shard_size, first_shard=i)
 
 
-def _peak_rss_bytes() -> int:
-    """This process's peak resident memory. ``VmHWM`` is per process image; ``ru_maxrss`` would carry over the
-    parent's size across fork and exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _qps(index, queries: np.ndarray, k: int, repeats: int = 3) -> tuple[float, np.ndarray]:
     """Queries per second of one batch search over all cores, best of ``repeats`` (the machine may be shared)."""
     index.search(queries[:10], k)  # warm up
@@ -187,7 +175,7 @@ def _run_method(method: str, out: str, queries_path: str, result_path: str) -> N
 
     data = np.load(queries_path)
     queries, truth = data["queries"], data["truth"]
-    base_rss = _peak_rss_bytes()
+    base_rss = peak_rss_bytes()
     t0 = time.perf_counter()
     result: dict[str, Any] = {"method": method}
     if method == "auto":
@@ -230,7 +218,7 @@ def _run_method(method: str, out: str, queries_path: str, result_path: str) -> N
             faiss.write_index(index, f.name)
             result["size_bytes"] = os.path.getsize(f.name)
     result["build_seconds"] = round(time.perf_counter() - t0, 2)
-    result["peak_rss_bytes"] = _peak_rss_bytes()
+    result["peak_rss_bytes"] = peak_rss_bytes()
     result["rss_before_bytes"] = base_rss
     qps, found = _qps(index, queries, 100)
     result["qps"] = round(qps, 1)
@@ -250,11 +238,10 @@ def _child(method: str, out: Path, queries_path: Path, work: Path) -> dict[str, 
     return json.loads(result_path.read_text())
 
 
-def run_benchmark(n: int, dims: int, *, work: Path, nq: int = 1000, shard_size: int = 50_000, seed: int = 0,
-                  methods: tuple[str, ...] = ("auto", "flat", "ivf-wiki")) -> dict[str, Any]:
-    """Generate the corpus and queries, run each method in a child process, return all numbers."""
-    import faiss
-
+def _corpus_and_truth(work: Path, n: int, dims: int, nq: int, shard_size: int, seed: int
+                      ) -> tuple[Path, Path, float, float]:
+    """The clustered corpus as an output (made once, reused by later runs in ``work``) and fresh queries with their
+    exact top 100. Returns (output, queries file, seconds to generate, seconds of the exact search)."""
     from pipeline.index import vectors as vec
 
     out = work / "output"
@@ -269,6 +256,16 @@ def run_benchmark(n: int, dims: int, *, work: Path, nq: int = 1000, shard_size: 
     truth_seconds = time.perf_counter() - t0
     queries_path = work / "queries.npz"
     np.savez(queries_path, queries=queries, truth=truth)
+    return out, queries_path, gen_seconds, truth_seconds
+
+
+def run_benchmark(n: int, dims: int, *, work: Path, nq: int = 1000, shard_size: int = 50_000, seed: int = 0,
+                  methods: tuple[str, ...] = ("auto", "flat", "ivf-wiki")) -> dict[str, Any]:
+    """Generate the corpus and queries, run each method in a child process, return all numbers."""
+    import faiss
+
+
+    out, queries_path, gen_seconds, truth_seconds = _corpus_and_truth(work, n, dims, nq, shard_size, seed)
     results = [_child(m, out, queries_path, work) for m in methods]
     return {"n": n, "dims": dims, "queries": nq, "cpu_count": os.cpu_count(),
             "faiss_threads": faiss.omp_get_max_threads(), "faiss_version": faiss.__version__,
@@ -439,21 +436,9 @@ def run_pieces_benchmark(n: int, dims: int, *, work: Path, max_memory: str = "1G
     under a memory monitor, a search process; every number in one report."""
     import faiss
 
-    from pipeline.index import vectors as vec
     from pipeline.index.choice import parse_size
 
-    out = work / "output"
-    source = ClusteredSource(dims, max(8, n // 500), seed)
-    t0 = time.perf_counter()
-    if not (out / "vectors").exists():
-        _write_corpus(out, n, dims, source, shard_size, seed)
-    gen_seconds = time.perf_counter() - t0
-    queries = source.sample(nq, np.random.default_rng([seed, 10**6]))
-    t0 = time.perf_counter()
-    _, truth = vec.exact_search(vec.complete_parts(out), queries, 100, "ip")
-    truth_seconds = time.perf_counter() - t0
-    queries_path = work / "queries.npz"
-    np.savez(queries_path, queries=queries, truth=truth)
+    out, queries_path, gen_seconds, truth_seconds = _corpus_and_truth(work, n, dims, nq, shard_size, seed)
     shutil.rmtree(out / "index", ignore_errors=True)
 
     overhead_path = work / "overhead.json"

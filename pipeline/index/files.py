@@ -36,6 +36,7 @@ from pipeline.errors import PipelineError
 from pipeline.index.build import quiet_stdout
 from pipeline.index.params import Filter, ranges_of, set_search_params
 from pipeline.index.vectors import LOCATOR_COLUMNS, Part
+from pipeline.util import fsync_file
 
 INDEX_DIR = "index"
 INFO = "info.json"
@@ -114,19 +115,6 @@ def load_index(output: str | Path, info: dict[str, Any] | None = None, *, mmap: 
 
 def new_generation() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def install(tmp: Path, final: Path) -> None:

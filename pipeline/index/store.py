@@ -69,7 +69,6 @@ from pipeline.index.files import (
     INFO,
     INFO_VERSION,
     collect_garbage,
-    fsync_dir,
     index_dir,
     install,
     job_record,
@@ -80,7 +79,7 @@ from pipeline.index.files import (
 from pipeline.index.params import Filter
 from pipeline.index.recall import RECALL_KS, QuerySet, recall_block
 from pipeline.index.vectors import Part
-from pipeline.util import locked, write_json_atomic
+from pipeline.util import fsync_dir, locked, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import ManifestMismatch, PipelineError
 from pipeline.job.diff import Placed, find, sort_order
 from pipeline.job.sink import POOL, docs_path, part_path
-from pipeline.util import fault_point, write_json_atomic
+from pipeline.util import fault_point, fsync_dir, write_json_atomic
 
 if TYPE_CHECKING:
     from pipeline.job.manifest import Manifest
@@ -128,14 +128,6 @@ def part_placements(out: Path, part: int) -> Placed:
 # --------------------------------------------------------------------------------------------- commit
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit(out: Path, manifest: Manifest) -> None:
     """Make the plan's version live. The caller holds the plan lock, and every shard of the plan is done.
 
@@ -211,11 +203,11 @@ def _build_version(out: Path, manifest: Manifest) -> None:
                    "compression": pf.file.compression, "generated_ids": pf.generated_ids, "stat": list(pf.file.stat)}
                   for pf in manifest.files],
     })
-    _fsync_dir(tmp / LINK)
-    _fsync_dir(tmp)
+    fsync_dir(tmp / LINK)
+    fsync_dir(tmp)
     fault_point("before-version-rename")
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _switch(out: Path, n: int) -> None:
@@ -226,7 +218,7 @@ def _switch(out: Path, n: int) -> None:
         shutil.rmtree(out / LINK)
     os.symlink(f"{VERSIONS}/{n:06d}/{LINK}", tmp)
     os.replace(tmp, out / LINK)
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def collect_garbage(out: Path, keep: set[int]) -> None:
