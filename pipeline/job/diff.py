@@ -12,7 +12,8 @@ Terms:
 - every other target row *needs* a vector: *reused* from any placement with the same text key, else *embedded*
   once per distinct key (the first row of the key in input order owns it; the others copy its vector).
 
-Everything is keyed by 128-bit hashes held in NumPy arrays (about 60 bytes per row, no Python object per row).
+Everything is keyed by 128-bit hashes held in NumPy arrays (about 60 bytes per row, no Python object per row);
+matching sorts by the first 64 bits only and compares the rest where they meet (``find``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Placed:
     def concat(items: list[Placed]) -> Placed:
         if not items:
             return Placed.empty()
+        if len(items) == 1:
+            return items[0]
         return Placed(*(np.concatenate([getattr(p, f) for p in items]) for f in
                         ("h", "k", "x", "part", "prow", "nseq", "live")))
 
@@ -78,10 +81,14 @@ def build_target(file: np.ndarray, frow: np.ndarray, h: np.ndarray, k: np.ndarra
     """
     n = len(frow)
     order = np.lexsort((np.arange(n), h[:, 1], h[:, 0]))  # by id, then input position
-    hs = h[order]
     same = np.zeros(n, bool)
     if n > 1:
-        same[1:] = (hs[1:] == hs[:-1]).all(axis=1)
+        s0, s1 = h[order, 0], h[order, 1]
+        same[1:] = (s0[1:] == s0[:-1]) & (s1[1:] == s1[:-1])
+        del s0, s1
+    if not same.any():  # no id repeats (the usual case): the rows are the target as they are
+        none = np.zeros(0, np.int64)
+        return Target(file, frow, h, k, x, nbytes), none, none
     group_start = np.maximum.accumulate(np.where(~same, np.arange(n), 0))
     duplicate = order[same]
     first = order[group_start[same]]
@@ -96,28 +103,41 @@ def sort_order(cols: list[np.ndarray]) -> np.ndarray:
     return np.lexsort(cols[::-1])
 
 
-def find(sorted_cols: list[np.ndarray], query: list[np.ndarray]) -> np.ndarray:
-    """For each query row, the position of the first equal row of a table sorted by the same columns, or -1.
+def find(cols: list[np.ndarray], order: np.ndarray, query: list[np.ndarray]) -> np.ndarray:
+    """For each query row, the index of the first row of ``cols`` (in ``order``) equal to it, or -1.
 
-    Native ``uint64`` searches on the first column (a 64-bit hash: equal first values almost always mean equal
-    rows), then the other columns compared at that position; only rows whose first value repeats with other
-    values (a hash collision, or one id placed twice) are looked at one by one.
+    ``order`` sorts the table by its first column (how it breaks ties decides which of several equal rows is
+    found). Native ``uint64`` searches on the first column (a 64-bit hash: equal first values almost always mean
+    equal rows), made in sorted query order: a binary search per random query misses the cache at every step
+    (17 s for 10M queries into 10M rows here, against 3 s sorted first). The other columns are compared at the
+    position found; only rows whose first value repeats with other values (a hash collision, one id placed
+    twice) are looked at one by one. Memory: a sorted copy of the first column and a few arrays per query.
     """
-    first, q = sorted_cols[0], query[0]
-    lo = np.searchsorted(first, q, "left")
-    hi = np.searchsorted(first, q, "right")
+    q = np.ascontiguousarray(query[0])
     found = np.full(len(q), -1, np.int64)
-    cand = np.flatnonzero(hi > lo)
-    at = lo[cand]
+    if not len(order) or not len(q):
+        return found
+    first = cols[0][order]
+    lo = np.empty(len(q), np.int64)
+    qo = np.argsort(q)
+    lo[qo] = np.searchsorted(first, q[qo])
+    del qo
+    n = len(first)
+    cand = np.flatnonzero(lo < n)
+    cand = cand[first[lo[cand]] == q[cand]]
+    idx = order[lo[cand]]
     ok = np.ones(len(cand), bool)
-    for col, qc in zip(sorted_cols[1:], query[1:], strict=True):
-        ok &= col[at] == qc[cand]
-    found[cand[ok]] = at[ok]
-    for i in cand[~ok][hi[cand[~ok]] - lo[cand[~ok]] > 1]:  # rare: search the run of equal first values
-        for j in range(lo[i] + 1, hi[i]):
-            if all(col[j] == qc[i] for col, qc in zip(sorted_cols[1:], query[1:], strict=True)):
-                found[i] = j
+    for col, qc in zip(cols[1:], query[1:], strict=True):
+        ok &= col[idx] == qc[cand]
+    found[cand[ok]] = idx[ok]
+    for i in cand[~ok].tolist():  # rare: walk the run of equal first values
+        j = int(lo[i]) + 1
+        while j < n and first[j] == q[i]:
+            r = order[j]
+            if all(col[r] == qc[i] for col, qc in zip(cols[1:], query[1:], strict=True)):
+                found[i] = r
                 break
+            j += 1
     return found
 
 
@@ -163,21 +183,17 @@ def diff(target: Target, placed: Placed) -> Diff:
     stay = np.full(n, -1, np.int64)
     dead = np.ones(m, bool)
     if m:
-        pcols = _cols(placed.h, placed.k, placed.x)
-        # among equal placements the live one sorts first (live=True -> 0)
-        porder = np.lexsort((np.arange(m), ~placed.live, *pcols[::-1]))
-        pos = find([c[porder] for c in pcols], _cols(target.h, target.k, target.x))
-        hit = pos >= 0
-        stay[hit] = porder[pos[hit]]
-        dead[stay[hit]] = False
+        # by id hash; among equal placements the live one first (live=True -> 0), then by position
+        porder = np.lexsort((np.arange(m), ~placed.live, placed.h[:, 0]))
+        stay = find(_cols(placed.h, placed.k, placed.x), porder, _cols(target.h, target.k, target.x))
+        del porder
+        dead[stay[stay >= 0]] = False
     need = np.flatnonzero(stay < 0)
     reuse = np.full(n, -1, np.int64)
     if m and len(need):
         # prefer a placement that stays (it is surely kept until the commit), then a live one
-        korder = np.lexsort((np.arange(m), ~placed.live, dead, placed.k[:, 1], placed.k[:, 0]))
-        pos = find([placed.k[korder, 0], placed.k[korder, 1]], [target.k[need, 0], target.k[need, 1]])
-        hit = pos >= 0
-        reuse[need[hit]] = korder[pos[hit]]
+        korder = np.lexsort((np.arange(m), ~placed.live, dead, placed.k[:, 0]))
+        reuse[need] = find(_cols(placed.k), korder, _cols(target.k[need]))
     owner = np.full(n, -1, np.int64)
     embed = np.flatnonzero((stay < 0) & (reuse < 0))
     if len(embed):
@@ -192,5 +208,4 @@ def diff(target: Target, placed: Placed) -> Diff:
 
 def member(h: np.ndarray, of: np.ndarray) -> np.ndarray:
     """bool per row of ``h`` ((n, 2) hashes): whether ``of`` ((m, 2)) holds it."""
-    order = sort_order(_cols(of))
-    return find([c[order] for c in _cols(of)], _cols(h)) >= 0
+    return find(_cols(of), np.argsort(of[:, 0]), _cols(h)) >= 0

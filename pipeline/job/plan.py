@@ -253,25 +253,31 @@ def _check_new_files(infos: list[InputFile], old: Manifest | None, spec: FieldSp
 
 def _target(infos: list[InputFile], scans: list[FileScan], spec: FieldSpec
             ) -> tuple[Target, list[Reject], list[int]]:
-    """Every valid row in input order, each id at its first occurrence; invalid and duplicate rows rejected."""
-    cols: dict[str, list[np.ndarray]] = {"file": [], "frow": [], "h": [], "k": [], "x": [], "nbytes": []}
+    """Every valid row in input order, each id at its first occurrence; invalid and duplicate rows rejected.
+
+    Each scan's row arrays are moved into the target's and dropped from the scan (what the plan uses after this is
+    the scans' metadata), so the rows are held once.
+    """
+    total = sum(s.valid for s in scans)
+    arrays = {"file": np.empty(total, np.int32), "frow": np.empty(total, np.int64),
+              "h": np.empty((total, 2), np.uint64), "k": np.empty((total, 2), np.uint64),
+              "x": np.empty(total, np.uint64), "nbytes": np.empty(total, np.int64)}
+    at = 0
     for i, (info, s) in enumerate(zip(infos, scans, strict=True)):
-        cols["file"].append(np.full(s.valid, i, np.int32))
-        cols["frow"].append(s.frow)
-        cols["h"].append(generated_id_hashes(info, s.frow) if s.generated_ids else s.h)
-        cols["k"].append(s.k)
-        cols["x"].append(s.x)
-        cols["nbytes"].append(s.nbytes)
-    if infos:
-        arrays = {name: np.concatenate(parts) for name, parts in cols.items()}
-    else:
-        arrays = {"file": np.zeros(0, np.int32), "frow": np.zeros(0, np.int64), "h": np.zeros((0, 2), np.uint64),
-                  "k": np.zeros((0, 2), np.uint64), "x": np.zeros(0, np.uint64), "nbytes": np.zeros(0, np.int64)}
-    target, dup, first = build_target(arrays["file"], arrays["frow"], arrays["h"], arrays["k"], arrays["x"],
-                                      arrays["nbytes"])
+        end = at + s.valid
+        arrays["file"][at:end] = i
+        arrays["h"][at:end] = generated_id_hashes(info, s.frow) if s.generated_ids else s.h
+        for name in ("frow", "k", "x", "nbytes"):
+            arrays[name][at:end] = getattr(s, name)
+        scans[i] = dataclasses.replace(s, frow=s.frow[:0], h=s.h[:0], k=s.k[:0], x=s.x[:0], nbytes=s.nbytes[:0],
+                                       valid_rows=s.valid)
+        at = end
+    file, frow = arrays["file"], arrays["frow"]
+    target, dup, first = build_target(file, frow, arrays.pop("h"), arrays.pop("k"), arrays.pop("x"),
+                                      arrays.pop("nbytes"))
     rejects = [r for s in scans for r in s.rejects]
     if len(dup):
-        rejects += _duplicate_rejects(infos, spec, arrays["file"], arrays["frow"], dup, first)
+        rejects += _duplicate_rejects(infos, spec, file, frow, dup, first)
     per_file = np.bincount(target.file, minlength=len(infos)).tolist() if len(target) else [0] * len(infos)
     return target, rejects, per_file
 
@@ -481,12 +487,12 @@ def _write_rejects(out: Path, manifest: Manifest, rejects: list[Reject]) -> None
 def _counts(target: Target, placed: Placed, d: Diff, sources: dict[str, int], rejects: list[Reject]
             ) -> dict[str, int]:
     """What the run changes, by document: added, changed, deleted, unchanged; texts reused and deduplicated."""
-    old = placed.h[placed.live]
-    in_old = member(target.h, old)
+    # ids are unique in the target and in the live version: each live id is met by at most one target row
+    in_old = member(target.h, placed.h if placed.live.all() else placed.h[placed.live])
     unchanged = d.stay >= 0
     counts = d.counts()
     return {"docs": len(target), "added": int((~in_old).sum()), "changed": int((in_old & ~unchanged).sum()),
-            "deleted": int((~member(old, target.h)).sum()), "unchanged": int(unchanged.sum()),
+            "deleted": int(placed.live.sum()) - int(in_old.sum()), "unchanged": int(unchanged.sum()),
             "reused": counts["reused"], "embedded": counts["embedded"], "deduplicated": counts["deduplicated"],
             "rejected": len(rejects), "pending_parts": sources.get("pending_parts", 0)}
 

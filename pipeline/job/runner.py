@@ -27,12 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import EncodeError, InputError
+from pipeline.errors import EncodeError, InputError, PipelineError
 from pipeline.job import versions
 from pipeline.job.assemble import PartCache, copied_table, output_table
 from pipeline.job.claims import DEFAULT_LEASE, Claims
 from pipeline.job.config import JobConfig
-from pipeline.job.diff import find, sort_order
+from pipeline.job.diff import find
 from pipeline.job.manifest import DUP, EMBED, REUSE, SAME, Manifest, Shard, load_manifest, read_work
 from pipeline.job.plan import prepare
 from pipeline.job.record import write_job_record
@@ -368,9 +368,11 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         nseq = np.zeros(len(dup), np.int64)
         for o in np.unique(owner_shard):
             owned = versions.part_placements(out, int(o))
-            order = sort_order([owned.k[:, 0], owned.k[:, 1]])
             sel = np.flatnonzero(owner_shard == o)
-            pos = order[find([owned.k[order, 0], owned.k[order, 1]], [k[sel, 0], k[sel, 1]])]
+            pos = find([owned.k[:, 0], owned.k[:, 1]], np.argsort(owned.k[:, 0]), [k[sel, 0], k[sel, 1]])
+            if (pos < 0).any():
+                raise PipelineError(f"{out}: part {int(o)} does not hold the text of {int((pos < 0).sum())} "
+                                    f"documents of shard {source.id} that it should embed; rerun the same command")
             part[sel], prow[sel], nseq[sel] = o, owned.prow[pos], owned.nseq[pos]
         table = copied_table(cache, side, part, prow, nseq, cfg)
         return table, docs_table(h, k, x, np.cumsum(nseq) - nseq, nseq), 0

@@ -120,10 +120,11 @@ class FileScan:
     rejects: list[Reject] = field(default_factory=list)
     row_groups: list[int] | None = None  # Parquet: rows per row group
     lines: np.ndarray | None = None  # plain JSONL: byte offset of every line, and of the end (rows + 1)
+    valid_rows: int | None = None  # set where the row arrays were handed over (then empty)
 
     @property
     def valid(self) -> int:
-        return len(self.frow)
+        return len(self.frow) if self.valid_rows is None else self.valid_rows
 
 
 def _paths(out: Path, digest: str) -> tuple[Path, Path, Path]:

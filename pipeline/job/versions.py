@@ -107,17 +107,27 @@ def max_part_id(out: Path) -> int:
     return max(ids)
 
 
+PLACED_COLUMNS = ("h1", "h2", "k1", "k2", "x", "part", "prow", "nseq")
+
+
 def _placed(table: pa.Table, live: bool, part: int | None = None) -> Placed:
-    c = {n: table.column(n).to_numpy() for n in table.column_names}
     n = table.num_rows
-    parts = c["part"] if "part" in c else np.full(n, part, np.int64)
-    return Placed(np.stack([c["h1"], c["h2"]], 1), np.stack([c["k1"], c["k2"]], 1), c["x"],
-                  parts.astype(np.int64), c["prow"].astype(np.int64), c["nseq"].astype(np.int64), np.full(n, live))
+    h, k = np.empty((n, 2), np.uint64), np.empty((n, 2), np.uint64)
+    for out, pair in ((h, ("h1", "h2")), (k, ("k1", "k2"))):
+        for j, name in enumerate(pair):
+            out[:, j] = table.column(name).to_numpy()
+            table = table.drop_columns([name])  # each column is let go once copied
+    c = {name: table.column(name).to_numpy().astype(np.int64, copy=False) for name in ("prow", "nseq")}
+    parts = table.column("part").to_numpy() if "part" in table.column_names else np.full(n, part, np.int64)
+    x = table.column("x").to_numpy()
+    del table
+    pa.default_memory_pool().release_unused()
+    return Placed(h, k, x, parts.astype(np.int64, copy=False), c["prow"], c["nseq"], np.full(n, live))
 
 
 def placements(out: Path, n: int) -> Placed:
     """The documents of version ``n`` (from its ``rows.parquet``)."""
-    return _placed(pq.read_table(version_dir(out, n) / ROWS), live=True)
+    return _placed(pq.read_table(version_dir(out, n) / ROWS, columns=list(PLACED_COLUMNS)), live=True)
 
 
 def part_placements(out: Path, part: int) -> Placed:
@@ -176,7 +186,7 @@ def _build_version(out: Path, manifest: Manifest) -> None:
     porder, torder = sort_order(pcols), sort_order(tcols)
     if len(porder) != len(torder) or not all(np.array_equal(p[porder], t[torder]) for p, t in
                                              zip(pcols, tcols, strict=True)):
-        missing = int((find([c[porder] for c in pcols], tcols) < 0).sum())
+        missing = int((find(pcols, porder, tcols) < 0).sum())
         extra = len(porder) - (len(torder) - missing)
         raise PipelineError(f"{out}: the parts of version {n} do not hold the corpus exactly once ({missing} "
                             f"documents missing, {extra} extra); nothing was switched. Rerun the same command.")
