@@ -193,9 +193,11 @@ def _print_human(entry: dict[str, Any]) -> None:
 @click.option("--rerank-instruction", default=None, help="Qwen3-Reranker task instruction.")
 @click.option("--model", default=None, help="Refuse to run unless this is the job's model (a safety check).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow the job's model folder to run its own Python code (never taken from OUTPUT/job.json).")
 def search(output: str, text: str | None, k: int, as_json: bool, queries_file: str | None, out_file: str | None,
            rerank_model: str | None, rerank_top: int, rerank_instruction: str | None, model: str | None,
-           device: str | None) -> None:
+           device: str | None, trust_remote_code: bool) -> None:
     """Search the index of OUTPUT for TEXT, embedded as the job embeds queries.
 
     With --queries FILE, search every query of the file. With neither TEXT nor --queries, read queries from
@@ -222,7 +224,7 @@ def search(output: str, text: str | None, k: int, as_json: bool, queries_file: s
         click.echo(f"loading the query model of {output} ...", err=True)
     _quiet_model_loading()
     try:
-        searcher = Searcher(output, model=model, device=device)
+        searcher = Searcher(output, model=model, device=device, trust_remote_code=trust_remote_code)
         reranker = None
         if rerank_model:
             from pipeline.model.rerank import load_reranker
@@ -300,8 +302,11 @@ def _search_lines(searcher, stdin, k: int, as_json: bool, prompt: bool, kwargs: 
 @click.option("--ignore-identical-ids", is_flag=True, help="Drop results whose id equals the query id (BEIR option).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow the job's model folder to run its own Python code (never taken from OUTPUT/job.json).")
 def eval_cmd(output: str, queries: str, qrels: str, split: str, rerank_model: str | None, rerank_top: int,
-             rerank_instruction: str | None, ignore_identical_ids: bool, device: str | None, as_json: bool) -> None:
+             rerank_instruction: str | None, ignore_identical_ids: bool, device: str | None, as_json: bool,
+             trust_remote_code: bool) -> None:
     """nDCG@10, Recall@10/100 and MRR@10 of exact search and of the index of OUTPUT (BEIR layout)."""
     from pipeline.index.evaluate import format_table, run_eval
 
@@ -309,7 +314,7 @@ def eval_cmd(output: str, queries: str, qrels: str, split: str, rerank_model: st
     try:
         report = run_eval(output, queries, qrels, split=split, rerank_model=rerank_model, rerank_top=rerank_top,
                           rerank_instruction=rerank_instruction, device=device,
-                          ignore_identical_ids=ignore_identical_ids)
+                          ignore_identical_ids=ignore_identical_ids, trust_remote_code=trust_remote_code)
     except PipelineError as exc:
         _fail(str(exc))
         return

@@ -151,6 +151,7 @@ def run_eval(
     ignore_identical_ids: bool = False,
     name: str | None = None,
     searcher=None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Score exact search, the index (and the reranked index) on BEIR-layout queries and qrels.
 
@@ -189,7 +190,7 @@ def run_eval(
     missing = len(judgements) - len(qids)
     if missing:
         log.warning("%d queries of %s are not in %s; they are left out", missing, qrel_file, queries)
-    searcher = searcher or Searcher(out, device=device)
+    searcher = searcher or Searcher(out, device=device, trust_remote_code=trust_remote_code)
     texts = [queries_all[q] for q in qids]
     t0 = time.perf_counter()
     qv = searcher.embed(texts)

@@ -146,7 +146,7 @@ class Searcher:
     """
 
     def __init__(self, output: str | Path, *, model: str | None = None, device: str | None = None,
-                 embedder=None) -> None:
+                 embedder=None, trust_remote_code: bool = False) -> None:
         from pipeline.job.record import query_embedder, read_job_record
 
         self.out = Path(output)
@@ -178,7 +178,8 @@ class Searcher:
                         self.out)
         self.ids = IdMap(index_dir(self.out) / self.info["files"]["ids"])
         try:
-            self.embedder = embedder or query_embedder(self.out, device=device)
+            self.embedder = embedder or query_embedder(self.out, device=device,
+                                                       trust_remote_code=trust_remote_code)
         except ValueError as exc:  # e.g. a query prompt longer than the job's max_length
             raise PipelineError(f"cannot embed queries as the job of {self.out} does: {exc}") from exc
         info = self.embedder.info

@@ -49,14 +49,14 @@ def read_job_record(output: str | Path) -> dict[str, Any]:
 
 
 def query_embedder(output: str | Path, *, device: str | None = None, batch_tokens: int = 16384,
-                   trust_remote_code: bool | None = None) -> Embedder:
+                   trust_remote_code: bool = False) -> Embedder:
     """The embedder for search queries of a job: same model, pooling, max length, dims and normalisation as its
     documents, with the query instruction (``query_instruction``, else the model's ``query`` prompt, else none).
 
     Args:
         trust_remote_code: whether the caller allows the model folder's own Python code (a flag the user gave).
             A job made with ``trust_remote_code`` is refused unless it is True: ``job.json`` alone, which anyone
-            who can write the output folder can edit, must not switch it on. None: as ``job.json`` says.
+            who can write the output folder can edit, must not switch it on.
 
     Raises:
         PipelineError: ``output`` has no ``job.json`` (no run has loaded a model there yet), or its job needs
@@ -68,7 +68,7 @@ def query_embedder(output: str | Path, *, device: str | None = None, batch_token
     if wanted and trust_remote_code is False:
         raise PipelineError(
             f"{Path(output) / JOB_RECORD} says its model {cfg.get('model')!r} runs its own Python code "
-            "(trust_remote_code): add --trust-remote-code if you trust that model folder"
+            "(trust_remote_code): add --trust-remote-code (search, eval, serve) if you trust that model folder"
         )
     instruction = cfg.get("query_instruction")
     prompt_name = "query" if instruction is None and "query" in model.get("prompts", {}) else None

@@ -435,3 +435,41 @@ def test_query_side_recall_is_measured_where_the_job_recorded_an_instruction(
     expected = np.mean([len(set(found[i]) & set(truth[i])) / 10 for i in range(len(texts))])
     assert side["recall@10"] == pytest.approx(expected, abs=1e-6)
     assert read_info(minilm_job[0]).get("query_side") is None  # MiniLM: no query prompt, nothing to measure
+
+
+def test_search_and_eval_take_trust_remote_code_from_the_command_line_only(
+        qwen_job: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output folder whose job.json asks for the model's own code is refused by search and eval, before any
+    model is loaded, unless --trust-remote-code is given: job.json alone must not switch it on."""
+    from helpers import ModelGuard
+
+    from pipeline.model.encoder import Embedder
+
+    out, _ = qwen_job
+    foreign = tmp_path / "foreign"
+    shutil.copytree(out, foreign, symlinks=True)
+    job = json.loads((foreign / "job.json").read_text())
+    job["config"]["trust_remote_code"] = True
+    (foreign / "job.json").write_text(json.dumps(job))
+    guard = ModelGuard(monkeypatch)
+    with pytest.raises(PipelineError, match="--trust-remote-code"):
+        Searcher(foreign, device="cpu")
+    res = _cli("search", foreign, "bamboo", "--device", "cpu")
+    assert res.exit_code == 1 and "--trust-remote-code" in res.output
+    (tmp_path / "q.jsonl").write_text(json.dumps({"_id": "q1", "text": "bamboo"}) + "\n")
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tdoc0\t1\n")
+    res = _cli("eval", foreign, "--queries", tmp_path / "q.jsonl", "--qrels", tmp_path / "qrels.tsv", "--device", "cpu")
+    assert res.exit_code == 1 and "--trust-remote-code" in res.output
+    assert guard.calls == 0
+    monkeypatch.undo()
+    seen: list[object] = []
+    load = Embedder.load.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Embedder, "load", classmethod(spy))
+    res = _cli("search", foreign, "bamboo", "--device", "cpu", "--trust-remote-code")
+    assert res.exit_code == 0, res.output
+    assert seen == [True]
