@@ -8,9 +8,10 @@ fast unchanged input is checked.
    corpus's size whose texts all exist already (a re-crawl); then reruns the same command (the nightly run);
 3. reports both runs' wall time and tokens embedded, the tokens of the changed rows' texts (what an ideal run
    embeds), and checks the nightly output against a from-scratch run's ids;
-4. with ``--scan-rows N``: generates N rows of input and plans over it three times without a model: the first
-   scan, a rerun over unchanged files (nothing read), and a rerun after every file was touched (each file's
-   content digested again, its rows' scan reused): rows/s and peak memory of each.
+4. with ``--scan-rows N[,M...]``: for each size, generates N rows of input and plans over it without a model: the
+   first scan; then against a version holding them all, a rerun over unchanged files (nothing read), one after
+   every file was touched (each file's content digested again, its rows' scan reused), and one with a one-row file
+   added (every row diffed against the version): rows/s and each phase's own peak memory.
 """
 
 from __future__ import annotations
@@ -132,7 +133,20 @@ def incremental(rows: int, files: int, work: Path) -> dict[str, Any]:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory since the last ``_reset_peak`` (or since the start), MiB."""
+    from pipeline.index.pieces import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20 or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> bool:
+    """Restart the peak-memory count (Linux: ``clear_refs`` 5), so that each phase reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _fake_version(out: Path) -> None:
@@ -189,11 +203,13 @@ def scan_rate(rows: int, work: Path, files: int = 20) -> dict[str, Any]:
                 os.utime(p)  # ctime changes: the content is digested again, its scan reused
         if label == "one_row_added":
             (corpus / "zz-new.jsonl").write_text('{"id": "new-row", "text": "one new document"}\n')
+        own_peak = _reset_peak()
         t0 = time.perf_counter()
         manifest = prepare(cfg)
         seconds = time.perf_counter() - t0
         result[label] = {"seconds": round(seconds, 2), "rows_per_s": round(rows / max(seconds, 1e-6)),
-                         "peak_rss_mib": round(_peak_rss_mib()), "counts": manifest.counts}
+                         "peak_rss_mib": round(_peak_rss_mib()), "peak_of_this_phase": own_peak,
+                         "counts": manifest.counts}
     return result
 
 
@@ -201,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench.incremental", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--files", type=int, default=20)
-    parser.add_argument("--scan-rows", type=int, default=0, help="Also measure planning over this many rows.")
+    parser.add_argument("--scan-rows", default="", help="Also measure planning over this many rows (a comma-separated "
+                        "list: each size in turn, to compare memory at several sizes).")
     parser.add_argument("--work", type=Path, default=None, help="Scratch folder (default: a temporary one).")
     parser.add_argument("--json", type=Path, default=Path("bench-incremental.json"))
     args = parser.parse_args(argv)
@@ -211,9 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.rows:
             record["incremental"] = incremental(args.rows, args.files, work)
             print(json.dumps(record["incremental"], indent=1), flush=True)
-        if args.scan_rows:
-            record["scan"] = scan_rate(args.scan_rows, work)
-            print(json.dumps(record["scan"], indent=1), flush=True)
+        for n in [int(v) for v in args.scan_rows.split(",") if v.strip()]:
+            record.setdefault("scan", []).append(scan_rate(n, work / f"scan-{n}"))
+            print(json.dumps(record["scan"][-1], indent=1), flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
