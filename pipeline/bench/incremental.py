@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -133,20 +134,25 @@ def incremental(rows: int, files: int, work: Path) -> dict[str, Any]:
 
 
 def _peak_rss_mib() -> float:
-    """Peak resident memory since the last ``_reset_peak`` (or since the start), MiB."""
     from pipeline.index.pieces import peak_rss_bytes
 
     return peak_rss_bytes() / 2**20 or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _reset_peak() -> bool:
-    """Restart the peak-memory count (Linux: ``clear_refs`` 5), so that each phase reports its own peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _plan_in_a_fresh_process(settings: dict[str, Any]) -> dict[str, Any]:
+    """One ``prepare`` in this (fresh) process: seconds, counts, and the peak memory of the process against its
+    memory before planning (the interpreter and its imports)."""
+    from pipeline.job.config import make_config
+    from pipeline.job.plan import prepare
+
+    cfg = make_config(settings)
+    before = _peak_rss_mib()
+    t0 = time.perf_counter()
+    manifest = prepare(cfg)
+    seconds = time.perf_counter() - t0
+    peak = _peak_rss_mib()
+    return {"seconds": seconds, "peak_rss_mib": round(peak), "imports_rss_mib": round(before),
+            "counts": manifest.counts}
 
 
 def _fake_version(out: Path) -> None:
@@ -176,10 +182,8 @@ def _fake_version(out: Path) -> None:
 def scan_rate(rows: int, work: Path, files: int = 20) -> dict[str, Any]:
     """Plan over ``rows`` generated rows: the first scan; then against a version holding them all (made without a
     model), a rerun over unchanged files (nothing read), one after every file was touched (each file's content
-    digested again), and one with a one-row file added (every row diffed against the version)."""
-    from pipeline.job.config import make_config
-    from pipeline.job.plan import prepare
-
+    digested again), and one with a one-row file added (every row diffed against the version). Each plan runs in
+    a fresh process, which reports its own peak memory."""
     corpus, out = work / "scan-corpus", work / "scan-out"
     rng = random.Random(5)
     per = -(-rows // files)
@@ -192,9 +196,9 @@ def scan_rate(rows: int, work: Path, files: int = 20) -> dict[str, Any]:
                 fh.write(f'{{"id": "s{i}", "text": "{i} {" ".join(rng.choices(WORDS, k=8))}"}}\n')
     gen_s = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in corpus.iterdir())
-    cfg = make_config({"input": (str(corpus),), "output": str(out), "model": MODEL, "device": "cpu",
-                       "shard_size": 10_000})
+    settings = {"input": (str(corpus),), "output": str(out), "model": MODEL, "device": "cpu", "shard_size": 10_000}
     result: dict[str, Any] = {"rows": rows, "files": files, "bytes": size, "generate_seconds": round(gen_s, 1)}
+    spawn = multiprocessing.get_context("spawn")  # each plan in a fresh process: its own peak memory
     for label in ("first_scan", "unchanged", "touched", "one_row_added"):
         if label == "unchanged":
             _fake_version(out)
@@ -203,13 +207,10 @@ def scan_rate(rows: int, work: Path, files: int = 20) -> dict[str, Any]:
                 os.utime(p)  # ctime changes: the content is digested again, its scan reused
         if label == "one_row_added":
             (corpus / "zz-new.jsonl").write_text('{"id": "new-row", "text": "one new document"}\n')
-        own_peak = _reset_peak()
-        t0 = time.perf_counter()
-        manifest = prepare(cfg)
-        seconds = time.perf_counter() - t0
-        result[label] = {"seconds": round(seconds, 2), "rows_per_s": round(rows / max(seconds, 1e-6)),
-                         "peak_rss_mib": round(_peak_rss_mib()), "peak_of_this_phase": own_peak,
-                         "counts": manifest.counts}
+        with spawn.Pool(1) as pool:
+            phase = pool.apply(_plan_in_a_fresh_process, (settings,))
+        result[label] = {**phase, "seconds": round(phase["seconds"], 2),
+                         "rows_per_s": round(rows / max(phase["seconds"], 1e-6))}
     return result
 
 
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--scan-rows", default="", help="Also measure planning over this many rows (a comma-separated "
                         "list: each size in turn, to compare memory at several sizes).")
+    parser.add_argument("--scan-file-rows", type=int, default=125_000,
+                        help="Rows per generated file of the planning runs (the corpus grows by files).")
     parser.add_argument("--work", type=Path, default=None, help="Scratch folder (default: a temporary one).")
     parser.add_argument("--json", type=Path, default=Path("bench-incremental.json"))
     args = parser.parse_args(argv)
@@ -229,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
             record["incremental"] = incremental(args.rows, args.files, work)
             print(json.dumps(record["incremental"], indent=1), flush=True)
         for n in [int(v) for v in args.scan_rows.split(",") if v.strip()]:
-            record.setdefault("scan", []).append(scan_rate(n, work / f"scan-{n}"))
+            files = -(-n // args.scan_file_rows)  # files of one size at every corpus size
+            record.setdefault("scan", []).append(scan_rate(n, work / f"scan-{n}", files=files))
             print(json.dumps(record["scan"][-1], indent=1), flush=True)
     finally:
         if args.work is None:

@@ -121,6 +121,16 @@ class Spill:
             yield b, self.read(b)
 
 
+def row_groups(path: Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """A Parquet file one row group at a time (``iter_batches`` keeps what it read until the end of the file:
+    memory grew with the file)."""
+    import pyarrow.parquet as pq
+
+    reader = pq.ParquetFile(path)
+    for g in range(reader.num_row_groups):
+        yield reader.read_row_group(g, columns=columns)
+
+
 class Scratch:
     """A scratch folder for spills beside the output (same filesystem), removed on exit; none for one bucket."""
 

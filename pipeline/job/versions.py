@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import ManifestMismatch, PipelineError
-from pipeline.job.buckets import Spill
+from pipeline.job.buckets import Spill, row_groups
 from pipeline.job.diff import Placed, find
 from pipeline.job.sink import POOL, docs_path, part_path
 from pipeline.util import fault_point, fsync_dir, write_json_atomic
@@ -161,16 +161,14 @@ def spill_version(spill: Spill, out: Path, n: int, parts: set[int] | None = None
     """The documents of version ``n`` (live), or of its ``parts`` only, into ``spill``; returns the parts seen."""
     wanted = np.fromiter(parts, np.int64, len(parts)) if parts is not None else None
     seen: set[int] = set()
-    reader = pq.ParquetFile(version_dir(out, n) / ROWS)
-    for batch in reader.iter_batches(batch_size=1 << 18, columns=list(PLACED_COLUMNS)):
-        table = pa.Table.from_batches([batch])
+    for table in row_groups(version_dir(out, n) / ROWS, list(PLACED_COLUMNS)):
         part = table.column("part").to_numpy()
         if wanted is not None:
             keep = np.isin(part, wanted)
             table, part = table.filter(pa.array(keep)), part[keep]
         seen.update(np.unique(part).tolist())
         spill.add(table.append_column("live", pa.array(np.ones(table.num_rows, bool))))
-        del table, batch
+        del table
         pa.default_memory_pool().release_unused()
     return seen
 
@@ -219,8 +217,8 @@ def _build_version(out: Path, manifest: Manifest) -> None:
             placed = scratch.spill("placed", passes.PLACED_SCHEMA, "h1", bits)
             _spill_version_placements(placed, out, manifest)
             target = scratch.spill("target", passes.TARGET_SCHEMA, "h1", bits)
-            for batch in pq.ParquetFile(manifest.work_dir(out) / "target.parquet").iter_batches(batch_size=1 << 20):
-                target.add(batch)
+            for table in row_groups(manifest.work_dir(out) / "target.parquet"):
+                target.add(table)
             with pq.ParquetWriter(tmp / ROWS, ROWS_SCHEMA, compression="zstd") as writer:
                 for b in range(target.n):
                     t, p = target.read(b), placed.read(b)
