@@ -8,15 +8,17 @@ fast unchanged input is checked.
    corpus's size whose texts all exist already (a re-crawl); then reruns the same command (the nightly run);
 3. reports both runs' wall time and tokens embedded, the tokens of the changed rows' texts (what an ideal run
    embeds), and checks the nightly output against a from-scratch run's ids;
-4. with ``--scan-rows N``: generates N rows of input and plans over it three times without a model: the first
-   scan, a rerun over unchanged files (nothing read), and a rerun after every file was touched (each file's
-   content digested again, its rows' scan reused): rows/s and peak memory of each.
+4. with ``--scan-rows N[,M...]``: for each size, generates N rows of input and plans over it without a model: the
+   first scan; then against a version holding them all, a rerun over unchanged files (nothing read), one after
+   every file was touched (each file's content digested again, its rows' scan reused), and one with a one-row file
+   added (every row diffed against the version): rows/s and each phase's own peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -132,7 +134,25 @@ def incremental(rows: int, files: int, work: Path) -> dict[str, Any]:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from pipeline.index.pieces import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20 or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _plan_in_a_fresh_process(settings: dict[str, Any]) -> dict[str, Any]:
+    """One ``prepare`` in this (fresh) process: seconds, counts, and the peak memory of the process against its
+    memory before planning (the interpreter and its imports)."""
+    from pipeline.job.config import make_config
+    from pipeline.job.plan import prepare
+
+    cfg = make_config(settings)
+    before = _peak_rss_mib()
+    t0 = time.perf_counter()
+    manifest = prepare(cfg)
+    seconds = time.perf_counter() - t0
+    peak = _peak_rss_mib()
+    return {"seconds": seconds, "peak_rss_mib": round(peak), "imports_rss_mib": round(before),
+            "counts": manifest.counts}
 
 
 def _fake_version(out: Path) -> None:
@@ -162,10 +182,8 @@ def _fake_version(out: Path) -> None:
 def scan_rate(rows: int, work: Path, files: int = 20) -> dict[str, Any]:
     """Plan over ``rows`` generated rows: the first scan; then against a version holding them all (made without a
     model), a rerun over unchanged files (nothing read), one after every file was touched (each file's content
-    digested again), and one with a one-row file added (every row diffed against the version)."""
-    from pipeline.job.config import make_config
-    from pipeline.job.plan import prepare
-
+    digested again), and one with a one-row file added (every row diffed against the version). Each plan runs in
+    a fresh process, which reports its own peak memory."""
     corpus, out = work / "scan-corpus", work / "scan-out"
     rng = random.Random(5)
     per = -(-rows // files)
@@ -178,9 +196,9 @@ def scan_rate(rows: int, work: Path, files: int = 20) -> dict[str, Any]:
                 fh.write(f'{{"id": "s{i}", "text": "{i} {" ".join(rng.choices(WORDS, k=8))}"}}\n')
     gen_s = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in corpus.iterdir())
-    cfg = make_config({"input": (str(corpus),), "output": str(out), "model": MODEL, "device": "cpu",
-                       "shard_size": 10_000})
+    settings = {"input": (str(corpus),), "output": str(out), "model": MODEL, "device": "cpu", "shard_size": 10_000}
     result: dict[str, Any] = {"rows": rows, "files": files, "bytes": size, "generate_seconds": round(gen_s, 1)}
+    spawn = multiprocessing.get_context("spawn")  # each plan in a fresh process: its own peak memory
     for label in ("first_scan", "unchanged", "touched", "one_row_added"):
         if label == "unchanged":
             _fake_version(out)
@@ -189,11 +207,10 @@ def scan_rate(rows: int, work: Path, files: int = 20) -> dict[str, Any]:
                 os.utime(p)  # ctime changes: the content is digested again, its scan reused
         if label == "one_row_added":
             (corpus / "zz-new.jsonl").write_text('{"id": "new-row", "text": "one new document"}\n')
-        t0 = time.perf_counter()
-        manifest = prepare(cfg)
-        seconds = time.perf_counter() - t0
-        result[label] = {"seconds": round(seconds, 2), "rows_per_s": round(rows / max(seconds, 1e-6)),
-                         "peak_rss_mib": round(_peak_rss_mib()), "counts": manifest.counts}
+        with spawn.Pool(1) as pool:
+            phase = pool.apply(_plan_in_a_fresh_process, (settings,))
+        result[label] = {**phase, "seconds": round(phase["seconds"], 2),
+                         "rows_per_s": round(rows / max(phase["seconds"], 1e-6))}
     return result
 
 
@@ -201,7 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench.incremental", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--files", type=int, default=20)
-    parser.add_argument("--scan-rows", type=int, default=0, help="Also measure planning over this many rows.")
+    parser.add_argument("--scan-rows", default="", help="Also measure planning over this many rows (a comma-separated "
+                        "list: each size in turn, to compare memory at several sizes).")
+    parser.add_argument("--scan-file-rows", type=int, default=125_000,
+                        help="Rows per generated file of the planning runs (the corpus grows by files).")
     parser.add_argument("--work", type=Path, default=None, help="Scratch folder (default: a temporary one).")
     parser.add_argument("--json", type=Path, default=Path("bench-incremental.json"))
     args = parser.parse_args(argv)
@@ -211,9 +231,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.rows:
             record["incremental"] = incremental(args.rows, args.files, work)
             print(json.dumps(record["incremental"], indent=1), flush=True)
-        if args.scan_rows:
-            record["scan"] = scan_rate(args.scan_rows, work)
-            print(json.dumps(record["scan"], indent=1), flush=True)
+        for n in [int(v) for v in args.scan_rows.split(",") if v.strip()]:
+            files = -(-n // args.scan_file_rows)  # files of one size at every corpus size
+            record.setdefault("scan", []).append(scan_rate(n, work / f"scan-{n}", files=files))
+            print(json.dumps(record["scan"][-1], indent=1), flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

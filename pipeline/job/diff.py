@@ -177,32 +177,62 @@ class Diff:
                 "embedded": int(owners.sum()), "deduplicated": int((self.embed & ~owners).sum())}
 
 
-def diff(target: Target, placed: Placed) -> Diff:
-    """Match the target against the placements (see the module docstring)."""
+def match_stay(target: Target, placed: Placed) -> tuple[np.ndarray, np.ndarray]:
+    """``(stay, dead)``: per target row the placement it stays on (same id, text key and kept values) or -1; per
+    placement whether no target row stays on it. Decided by id: a bucket of ids holds all it needs."""
     n, m = len(target), len(placed)
     stay = np.full(n, -1, np.int64)
     dead = np.ones(m, bool)
-    if m:
+    if m and n:
         # by id hash; among equal placements the live one first (live=True -> 0), then by position
         porder = np.lexsort((np.arange(m), ~placed.live, placed.h[:, 0]))
         stay = find(_cols(placed.h, placed.k, placed.x), porder, _cols(target.h, target.k, target.x))
         del porder
         dead[stay[stay >= 0]] = False
-    need = np.flatnonzero(stay < 0)
+    return stay, dead
+
+
+def assign_vectors(k: np.ndarray, rank: np.ndarray, pk: np.ndarray, plive: np.ndarray, pdead: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Where each row that needs a vector gets it. Decided by text key: a bucket of keys holds all it needs.
+
+    Args:
+        k: (n, 2) text keys of the rows that need a vector; ``rank``: their input order (smaller first, distinct).
+        pk, plive, pdead: the placements' text keys, whether live, whether dead (``match_stay``).
+
+    Returns:
+        ``(reuse, owner)``: per row the placement whose vector it copies (a staying one preferred, then a live
+        one) or -1; for the rows left to embed, the row that embeds their key (the first in input order), else -1.
+    """
+    n, m = len(k), len(pk)
     reuse = np.full(n, -1, np.int64)
-    if m and len(need):
-        # prefer a placement that stays (it is surely kept until the commit), then a live one
-        korder = np.lexsort((np.arange(m), ~placed.live, dead, placed.k[:, 0]))
-        reuse[need] = find(_cols(placed.k), korder, _cols(target.k[need]))
+    if m and n:
+        korder = np.lexsort((np.arange(m), ~plive, pdead, pk[:, 0]))
+        reuse = find(_cols(pk), korder, _cols(k))
     owner = np.full(n, -1, np.int64)
-    embed = np.flatnonzero((stay < 0) & (reuse < 0))
+    embed = np.flatnonzero(reuse < 0)
     if len(embed):
-        k1, k2 = target.k[embed, 0], target.k[embed, 1]
-        order = np.lexsort((embed, k2, k1))  # by key, then input order
+        k1, k2 = k[embed, 0], k[embed, 1]
+        order = np.lexsort((rank[embed], k2, k1))  # by key, then input order
         first = np.ones(len(embed), bool)
         first[1:] = (k1[order][1:] != k1[order][:-1]) | (k2[order][1:] != k2[order][:-1])
         leader = np.maximum.accumulate(np.where(first, np.arange(len(embed)), 0))
         owner[embed[order]] = embed[order][leader]
+    return reuse, owner
+
+
+def diff(target: Target, placed: Placed) -> Diff:
+    """Match the target against the placements (see the module docstring): ``match_stay`` then
+    ``assign_vectors`` over the whole of both (the planner runs them bucket by bucket)."""
+    n = len(target)
+    stay, dead = match_stay(target, placed)
+    need = np.flatnonzero(stay < 0)
+    reuse_n, owner_n = assign_vectors(target.k[need], need, placed.k, placed.live, dead)
+    reuse = np.full(n, -1, np.int64)
+    reuse[need] = reuse_n
+    owner = np.full(n, -1, np.int64)
+    owned = owner_n >= 0
+    owner[need[owned]] = need[owner_n[owned]]
     return Diff(stay, reuse, owner, dead)
 
 

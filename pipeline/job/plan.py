@@ -36,15 +36,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, ManifestMismatch, where
-from pipeline.job import versions
+from pipeline.job import passes, versions
+from pipeline.job.buckets import Scratch, Spill, bucket_bits, remove_stale_spills
 from pipeline.job.config import JobConfig, fingerprint_fields
-from pipeline.job.diff import Diff, Placed, Target, build_target, diff, member
 from pipeline.job.manifest import (
     DUP,
     EMBED,
     MANIFEST,
-    REUSE,
-    SAME,
     WORK,
     Manifest,
     PlannedFile,
@@ -53,7 +51,15 @@ from pipeline.job.manifest import (
 )
 from pipeline.job.readers import InputFile, expand_inputs
 from pipeline.job.records import FieldSpec, Reject, check_fields, iter_raw
-from pipeline.job.scan import FileScan, generated_id_hashes, identify, remove_unused_scans, scan
+from pipeline.job.scan import (
+    FileScan,
+    generated_id_hashes,
+    identify,
+    load_lines,
+    remove_unused_scans,
+    scan,
+    scan_meta,
+)
 from pipeline.util import fault_point, locked, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,7 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
     out.mkdir(parents=True, exist_ok=True)
     with locked(out / ".plan.lock"):
         shutil.rmtree(out / TRASH, ignore_errors=True)  # left by an --overwrite that was killed
+        remove_stale_spills(out)
         if overwrite and not dry_run:
             discard_output(out)
         old = load_manifest(out)
@@ -183,56 +190,93 @@ def _same_inputs(old: Manifest, infos: list[InputFile]) -> bool:
 
 def make_plan(out: Path, cfg: JobConfig, settings: dict[str, Any], infos: list[InputFile],
               old: Manifest | None, *, dry_run: bool = False) -> Manifest:
-    """Scan, build the target, diff it against the placements, cut shards; write the work tables (``dry_run``:
-    into a temporary folder that is removed, and no rejects file)."""
+    """Scan, spill the target and the placements into buckets, run the passes (``job.passes``), cut shards; write
+    the work tables (``dry_run``: into a temporary folder that is removed, and no rejects file)."""
     spec = FieldSpec.of(cfg)
     infos = _check_new_files(infos, old, spec)
     scans: list[FileScan] = []
     for info in infos:
-        result, _cached = scan(out, info, spec)
+        result = scan_meta(out, info, spec)
         if len(result.rejects) > 1 and len(result.rejects) >= result.valid + len(result.rejects) and not result.valid:
             # Not a few bad records but a wrong setting (as a missing Parquet column is): even `skip` stops.
             raise InputError(f"{result.rejects[0].message()}, and so is every other row of {info.path}: check "
                              "--text-field and --id-field")
         scans.append(result)
     remove_unused_scans(out, {i.digest for i in infos})
-    target, rejects, per_file_docs = _target(infos, scans, spec)
-    if rejects and cfg.on_bad_record == "error":
-        rejects.sort(key=lambda r: (r.file, r.row))
-        more = f" (and {len(rejects) - 1} more bad rows)" if len(rejects) > 1 else ""
-        raise InputError(f"{rejects[0].message()}{more}. Fix the input, or run with --on-bad-record skip to record "
-                         "bad rows in OUTPUT/rejects/ and embed the rest.")
-    if not len(target) and not cfg.allow_empty:
+    rejects = [r for s in scans for r in s.rejects]
+    _refuse_rejects(rejects, cfg)
+    valid = sum(s.valid for s in scans)
+    if not valid and not cfg.allow_empty:
         where_ = ", ".join(i.path for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
         raise InputError(f"no documents in the input ({len(infos)} files: {where_}): check --input and "
                          "--text-field, or pass --allow-empty to accept an empty corpus")
 
     base = versions.live_version(out)
-    placed, sources = _placements(out, base, old)
-    d = diff(target, placed)
+    pending = [s.id for s in old.shards if s.kind == "embed" and versions.part_complete(out, s.id)] \
+        if old is not None and not old.committed else []
+    bits = bucket_bits(max(valid, int(versions.version_info(out, base).get("docs", 0)) if base else 0))
     plan_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     next_id = max(old.next_id if old else 0, versions.max_part_id(out) + 1)
-    manifest = Manifest(cfg.fingerprint(), settings, {**cfg.plan_settings(), "shard_budget": None},
-                        plan_id=plan_id, base=base, target=base + 1, committed=False,
-                        files=[PlannedFile(info, s.rows, s.generated_ids, len([r for r in rejects if r.file ==
-                               info.path]), per_file_docs[i]) for i, (info, s) in enumerate(zip(infos, scans,
-                                                                                                strict=True))],
-                        next_id=next_id, created_at=time.time())
+    manifest = Manifest(cfg.fingerprint(), settings, {**cfg.plan_settings(), "shard_budget": None,
+                                                      "bucket_bits": bits},
+                        plan_id=plan_id, base=base, target=base + 1, committed=False, next_id=next_id,
+                        created_at=time.time())
     work = Path(tempfile.mkdtemp(prefix="embed-corpus-plan-")) if dry_run else manifest.work_dir(out)
     work.mkdir(parents=True, exist_ok=True)
     budget, unit = _shard_budget(cfg)
     manifest.plan["shard_budget"] = {"value": budget, "unit": unit}
     try:
-        _cut_embed_shards(manifest, work, infos, scans, target, d, placed, budget, unit)
-        _rewrites(manifest, work, placed, d)
-        _save_target(work, target)
+        with Scratch(out, bits) as scratch:
+            rows = scratch.spill("rows", passes.ROWS_SCHEMA, "h1", bits)
+            for i, info in enumerate(infos):
+                _spill_file(rows, out, i, info, spec)
+            placed = scratch.spill("placed", passes.PLACED_SCHEMA, "h1", bits)
+            if base:
+                versions.spill_version(placed, out, base)
+            for part in pending:
+                versions.spill_part(placed, out, part, live=False)
+            need = scratch.spill("need", passes.ROWS_SCHEMA, "k1", bits)
+            keyed = scratch.spill("keyed", passes.KEYED_SCHEMA, "k1", bits)
+            with pq.ParquetWriter(work / "target.parquet", passes.TARGET_SCHEMA) as writer:
+                got = passes.by_id(rows, placed, need, keyed, writer, len(infos))
+            fault_point("during-plan")
+            if got.duplicates:
+                rejects += _duplicate_rejects(infos, spec, got.duplicates)
+                _refuse_rejects(rejects, cfg)
+            group_bits = min(bits, 8)
+            resolved = scratch.spill("resolved", passes.RESOLVED_SCHEMA, "file", group_bits)
+            passes.by_text(need, keyed, resolved, passes.file_group(len(infos), group_bits), got.counts)
+            _cut_embed_shards(manifest, work, out, infos, scans, resolved, budget, unit)
+        _rewrites(manifest, work, got)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         if dry_run:
             shutil.rmtree(work, ignore_errors=True)
+    manifest.files = [PlannedFile(info, s.rows, s.generated_ids, len([r for r in rejects if r.file == info.path]),
+                                  int(got.docs_per_file[i])) for i, (info, s) in enumerate(zip(infos, scans,
+                                                                                              strict=True))]
     if not dry_run:
         _write_rejects(out, manifest, rejects)
-    manifest.counts = _counts(target, placed, d, sources, rejects)
+    manifest.counts = {**got.counts, "rejected": len(rejects), "pending_parts": len(pending)}
     return manifest
+
+
+def _refuse_rejects(rejects: list[Reject], cfg: JobConfig) -> None:
+    if rejects and cfg.on_bad_record == "error":
+        rejects.sort(key=lambda r: (r.file, r.row))
+        more = f" (and {len(rejects) - 1} more bad rows)" if len(rejects) > 1 else ""
+        raise InputError(f"{rejects[0].message()}{more}. Fix the input, or run with --on-bad-record skip to record "
+                         "bad rows in OUTPUT/rejects/ and embed the rest.")
+
+
+def _spill_file(rows: Spill, out: Path, i: int, info: InputFile, spec: FieldSpec) -> None:
+    """The valid rows of input file ``i`` into the id buckets (its scan read from the cache, then let go)."""
+    s, _cached = scan(out, info, spec)
+    h = generated_id_hashes(info, s.frow) if s.generated_ids else s.h
+    rows.add({"file": np.full(s.valid, i, np.int32), "frow": s.frow, "h1": h[:, 0], "h2": h[:, 1],
+              "k1": s.k[:, 0], "k2": s.k[:, 1], "x": s.x, "nbytes": s.nbytes})
 
 
 def _check_new_files(infos: list[InputFile], old: Manifest | None, spec: FieldSpec) -> list[InputFile]:
@@ -251,46 +295,17 @@ def _check_new_files(infos: list[InputFile], old: Manifest | None, spec: FieldSp
     return [settled[i] for i in range(len(infos))]
 
 
-def _target(infos: list[InputFile], scans: list[FileScan], spec: FieldSpec
-            ) -> tuple[Target, list[Reject], list[int]]:
-    """Every valid row in input order, each id at its first occurrence; invalid and duplicate rows rejected.
-
-    Each scan's row arrays are moved into the target's and dropped from the scan (what the plan uses after this is
-    the scans' metadata), so the rows are held once.
-    """
-    total = sum(s.valid for s in scans)
-    arrays = {"file": np.empty(total, np.int32), "frow": np.empty(total, np.int64),
-              "h": np.empty((total, 2), np.uint64), "k": np.empty((total, 2), np.uint64),
-              "x": np.empty(total, np.uint64), "nbytes": np.empty(total, np.int64)}
-    at = 0
-    for i, (info, s) in enumerate(zip(infos, scans, strict=True)):
-        end = at + s.valid
-        arrays["file"][at:end] = i
-        arrays["h"][at:end] = generated_id_hashes(info, s.frow) if s.generated_ids else s.h
-        for name in ("frow", "k", "x", "nbytes"):
-            arrays[name][at:end] = getattr(s, name)
-        scans[i] = dataclasses.replace(s, frow=s.frow[:0], h=s.h[:0], k=s.k[:0], x=s.x[:0], nbytes=s.nbytes[:0],
-                                       valid_rows=s.valid)
-        at = end
-    file, frow = arrays["file"], arrays["frow"]
-    target, dup, first = build_target(file, frow, arrays.pop("h"), arrays.pop("k"), arrays.pop("x"),
-                                      arrays.pop("nbytes"))
-    rejects = [r for s in scans for r in s.rejects]
-    if len(dup):
-        rejects += _duplicate_rejects(infos, spec, file, frow, dup, first)
-    per_file = np.bincount(target.file, minlength=len(infos)).tolist() if len(target) else [0] * len(infos)
-    return target, rejects, per_file
-
-
-def _duplicate_rejects(infos: list[InputFile], spec: FieldSpec, file: np.ndarray, frow: np.ndarray,
-                       dup: np.ndarray, first: np.ndarray) -> list[Reject]:
+def _duplicate_rejects(infos: list[InputFile], spec: FieldSpec, found: list[tuple[np.ndarray, ...]]
+                       ) -> list[Reject]:
+    """Rejects of the rows whose id appeared earlier in input order (``found``: per bucket, the duplicate rows'
+    files and rows and those of the first occurrence)."""
+    dfile, drow, ffile, frow = (np.concatenate(cols) for cols in zip(*found, strict=True))
     wanted: dict[int, set[int]] = {}
-    for i in np.concatenate([dup, first]):
-        wanted.setdefault(int(file[i]), set()).add(int(frow[i]))
+    for f, r in zip(np.concatenate([dfile, ffile]).tolist(), np.concatenate([drow, frow]).tolist(), strict=True):
+        wanted.setdefault(f, set()).add(r)
     ids = {f: _ids_at(infos[f], spec, sorted(rows)) for f, rows in wanted.items()}
     out = []
-    for d, o in zip(dup.tolist(), first.tolist(), strict=True):
-        fd, rd, fo, ro = int(file[d]), int(frow[d]), int(file[o]), int(frow[o])
+    for fd, rd, fo, ro in zip(dfile.tolist(), drow.tolist(), ffile.tolist(), frow.tolist(), strict=True):
         dup_id = ids[fd].get(rd)
         origin = infos[fo]
         out.append(Reject(infos[fd].path, infos[fd].format, rd, spec.id_field,
@@ -311,18 +326,6 @@ def _ids_at(info: InputFile, spec: FieldSpec, rows: list[int]) -> dict[int, str]
     return found
 
 
-def _placements(out: Path, base: int, old: Manifest | None) -> tuple[Placed, dict[str, int]]:
-    """The live version's documents, plus those of the parts an unfinished plan had finished."""
-    items = [versions.placements(out, base)] if base else []
-    pending = 0
-    if old is not None and not old.committed:
-        finished = [s for s in old.shards if s.kind == "embed" and versions.part_complete(out, s.id)]
-        for s in finished:
-            items.append(versions.part_placements(out, s.id))
-        pending = len(finished)
-    return Placed.concat(items), {"pending_parts": pending}
-
-
 def _shard_budget(cfg: JobConfig) -> tuple[int, str]:
     """Work per shard: ``--shard-size`` rows, else bytes of text for about ``SHARD_SECONDS`` on the device."""
     if cfg.shard_size:
@@ -332,57 +335,30 @@ def _shard_budget(cfg: JobConfig) -> tuple[int, str]:
     return shard_bytes(cfg, SHARD_SECONDS), "bytes"
 
 
-def _cut_embed_shards(manifest: Manifest, work: Path, infos: list[InputFile], scans: list[FileScan],
-                      target: Target, d: Diff, placed: Placed, budget: int, unit: str) -> None:
-    """Embed shards over the rows that need a vector, in input order; one work table per shard."""
-    need = np.flatnonzero(d.stay < 0)
-    if not len(need):
-        return
-    kind = np.where(d.reuse[need] >= 0, REUSE, EMBED).astype(np.int8)
-    cost = np.where(kind == EMBED, target.nbytes[need], target.nbytes[need] // 8 + 1) if unit == "bytes" \
-        else np.ones(len(need), np.int64)
-    shard_of = np.full(len(target), -1, np.int64)
-    pieces: list[tuple[int, np.ndarray]] = []  # (file, indices into need)
-    for f in np.unique(target.file[need]):
-        sel = np.flatnonzero(target.file[need] == f)
-        sel = sel[np.argsort(target.frow[need][sel], kind="stable")]
-        for chunk in _cut(target.frow[need][sel], cost[sel], budget, scans[f].row_groups, unit == "rows"):
-            pieces.append((int(f), sel[chunk]))
-    for _f, sel in pieces:
-        sid = manifest.next_id
-        manifest.next_id += 1
-        shard_of[need[sel]] = sid
+def _cut_embed_shards(manifest: Manifest, work: Path, out: Path, infos: list[InputFile], scans: list[FileScan],
+                      resolved: Spill, budget: int, unit: str) -> None:
+    """Embed shards over the rows that need a vector, file by file in input order; one work table per shard; then a
+    dup shard for each embed shard with rows whose text another shard embeds."""
+    cut: dict[int, passes.FileShards] = {}
     dups: list[tuple[int, int]] = []
-    for f, sel in pieces:
-        rows_ = need[sel]
-        sid = int(shard_of[rows_[0]])
-        k = kind[sel].copy()
-        owner = d.owner[rows_]
-        emb = k == EMBED
-        same = emb & (owner != rows_) & (shard_of[np.maximum(owner, 0)] == sid)
-        dup = emb & (owner != rows_) & ~same
-        k[same], k[dup] = SAME, DUP
-        src = np.where(k == REUSE, d.reuse[rows_], -1)
-        frow = target.frow[rows_]
-        owner_frow = np.where(emb, target.frow[np.maximum(owner, 0)], -1)
-        owner_shard = np.where(emb, shard_of[np.maximum(owner, 0)], -1)
-        table = pa.table({
-            "frow": frow, "kind": k, "owner_frow": owner_frow, "owner_shard": owner_shard,
-            "h1": target.h[rows_, 0], "h2": target.h[rows_, 1], "k1": target.k[rows_, 0], "k2": target.k[rows_, 1],
-            "x": target.x[rows_],
-            "src_part": np.where(src >= 0, placed.part[np.maximum(src, 0)], -1) if len(placed) else np.full(
-                len(rows_), -1, np.int64),
-            "src_prow": np.where(src >= 0, placed.prow[np.maximum(src, 0)], -1) if len(placed) else np.full(
-                len(rows_), -1, np.int64),
-            "src_nseq": np.where(src >= 0, placed.nseq[np.maximum(src, 0)], 0) if len(placed) else np.zeros(
-                len(rows_), np.int64),
-        })
-        pq.write_table(table, work / f"{sid:06d}.parquet")
-        lo, hi = int(frow.min()), int(frow.max()) + 1
-        lines = scans[f].lines
-        byte_start = int(lines[lo]) if lines is not None else 0
-        manifest.shards.append(Shard(sid, f, lo, hi, byte_start, "embed", int((k != DUP).sum()), rows=len(rows_)))
-        dups.append((sid, int((k == DUP).sum())))
+    for f, rows in passes.files_in_order(resolved):
+        frow = rows.column("frow").to_numpy()
+        nbytes = rows.column("nbytes").to_numpy()
+        kind = rows.column("kind").to_numpy()
+        cost = np.where(kind == EMBED, nbytes, nbytes // 8 + 1) if unit == "bytes" else np.ones(len(frow), np.int64)
+        pieces = _cut(frow, cost, budget, scans[f].row_groups, unit == "rows")
+        sids = np.arange(manifest.next_id, manifest.next_id + len(pieces))
+        manifest.next_id += len(pieces)
+        cut[f] = passes.FileShards(np.array([frow[p[0]] for p in pieces], np.int64), sids)
+        lines = load_lines(out, infos[f])
+        for sid, sel in zip(sids.tolist(), pieces, strict=True):
+            table = passes.work_table(rows.take(pa.array(sel)), sid, cut)
+            pq.write_table(table, work / f"{sid:06d}.parquet")
+            k = table.column("kind").to_numpy()
+            lo, hi = int(frow[sel[0]]), int(frow[sel[-1]]) + 1
+            byte_start = int(lines[lo]) if lines is not None else 0
+            manifest.shards.append(Shard(sid, f, lo, hi, byte_start, "embed", int((k != DUP).sum()), rows=len(sel)))
+            dups.append((sid, int((k == DUP).sum())))
     for sid, n in dups:
         if n:  # the rows of shard `sid` whose text another shard embeds, copied once every embed shard is done
             manifest.shards.append(Shard(manifest.next_id, -1, 0, 0, 0, "dup", n, sid))
@@ -437,33 +413,20 @@ def _row_group_ranges(groups: list[int], shard_size: int) -> list[tuple[int, int
     return ranges
 
 
-def _rewrites(manifest: Manifest, work: Path, placed: Placed, d: Diff) -> None:
-    """Parts that lose rows and keep others are rewritten; parts that keep everything are linked as they are."""
-    if not len(placed):
-        return
-    parts = np.unique(placed.part)
-    dead_parts = set(np.unique(placed.part[d.dead]).tolist())
-    staying = np.zeros(len(placed), bool)
-    staying[d.stay[d.stay >= 0]] = True
-    for part in parts.tolist():
-        mask = placed.part == part
-        keep = mask & staying
-        if part not in dead_parts:
+def _rewrites(manifest: Manifest, work: Path, got: passes.Outcome) -> None:
+    """Parts that lose rows and keep others are rewritten (the work table lists the first rows of the documents
+    that go); parts that keep everything are linked as they are; parts that keep nothing are dropped."""
+    for part in sorted(set(got.staying) | set(got.leaving)):
+        if part not in got.leaving:
             manifest.kept_parts.append(int(part))
             continue
-        if not keep.any():
+        if not got.staying.get(part):
             continue  # dropped whole
         sid = manifest.next_id
         manifest.next_id += 1
-        rows = np.flatnonzero(keep)
-        rows = rows[np.argsort(placed.prow[rows])]
-        pq.write_table(pa.table({"prow": placed.prow[rows], "nseq": placed.nseq[rows]}), work / f"{sid:06d}.parquet")
-        manifest.shards.append(Shard(sid, -1, 0, 0, 0, "rewrite", int(len(rows)), int(part)))
-
-
-def _save_target(work: Path, target: Target) -> None:
-    pq.write_table(pa.table({"file": target.file, "frow": target.frow, "h1": target.h[:, 0], "h2": target.h[:, 1],
-                             "k1": target.k[:, 0], "k2": target.k[:, 1], "x": target.x}), work / "target.parquet")
+        drop = got.leaving_rows(part)
+        pq.write_table(pa.table({"drop_prow": drop}), work / f"{sid:06d}.parquet")
+        manifest.shards.append(Shard(sid, -1, 0, 0, 0, "rewrite", int(got.staying[part]), int(part)))
 
 
 def _write_rejects(out: Path, manifest: Manifest, rejects: list[Reject]) -> None:
@@ -482,19 +445,6 @@ def _write_rejects(out: Path, manifest: Manifest, rejects: list[Reject]) -> None
             for r in sorted(rows, key=lambda r: r.row):
                 f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
         log.warning("%s: %d bad rows skipped, listed in %s", path, len(rows), folder)
-
-
-def _counts(target: Target, placed: Placed, d: Diff, sources: dict[str, int], rejects: list[Reject]
-            ) -> dict[str, int]:
-    """What the run changes, by document: added, changed, deleted, unchanged; texts reused and deduplicated."""
-    # ids are unique in the target and in the live version: each live id is met by at most one target row
-    in_old = member(target.h, placed.h if placed.live.all() else placed.h[placed.live])
-    unchanged = d.stay >= 0
-    counts = d.counts()
-    return {"docs": len(target), "added": int((~in_old).sum()), "changed": int((in_old & ~unchanged).sum()),
-            "deleted": int(placed.live.sum()) - int(in_old.sum()), "unchanged": int(unchanged.sum()),
-            "reused": counts["reused"], "embedded": counts["embedded"], "deduplicated": counts["deduplicated"],
-            "rejected": len(rejects), "pending_parts": sources.get("pending_parts", 0)}
 
 
 def _clean_after_replan(out: Path, new: Manifest, old: Manifest | None) -> None:

@@ -343,14 +343,21 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
 
     def rewrite_part(shard: Shard, item: dict[str, Any]) -> tuple[pa.Table, pa.Table, int]:
         work = item["work"]
-        prow, nseq = work.column("prow").to_numpy(), work.column("nseq").to_numpy()
+        docs = pq.read_table(docs_path(out, shard.source))
+        first = docs.column("prow").to_numpy()
+        if "drop_prow" in work.column_names:  # the documents that leave
+            keep = np.flatnonzero(~np.isin(first, work.column("drop_prow").to_numpy()))
+        else:  # a plan made by an earlier version listed those that stay
+            keep = np.searchsorted(first, work.column("prow").to_numpy())
+        kept = docs.take(pa.array(keep))
+        prow, nseq = kept.column("prow").to_numpy(), kept.column("nseq").to_numpy()
+        if len(kept) != shard.docs:
+            raise PipelineError(f"{out}: part {shard.source} holds {len(kept)} of the {shard.docs} documents its "
+                                "rewrite should keep; rerun the same command")
         source = pq.read_table(part_path(out, shard.source))
         rows = np.concatenate([np.arange(p, p + n) for p, n in zip(prow, nseq, strict=True)]) if len(prow) \
             else np.zeros(0, np.int64)
         part = source.take(pa.array(rows))
-        docs = pq.read_table(docs_path(out, shard.source))
-        pos = np.searchsorted(docs.column("prow").to_numpy(), prow)
-        kept = docs.take(pa.array(pos))
         new_prow = np.cumsum(nseq) - nseq
         return part, kept.set_column(kept.schema.get_field_index("prow"), "prow", pa.array(new_prow)), 0
 

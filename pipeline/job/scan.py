@@ -258,6 +258,38 @@ def _arrow_rows(info: InputFile) -> int:
     return file_row_count(info) or 0
 
 
+def stripped(result: FileScan) -> FileScan:
+    """The scan's metadata only (rows, rejects, row groups; the row arrays and line offsets dropped)."""
+    empty = np.zeros(0, np.int64)
+    return FileScan(result.rows, result.generated_ids, empty, np.zeros((0, 2), np.uint64), np.zeros((0, 2), np.uint64),
+                    np.zeros(0, np.uint64), empty, result.rejects, result.row_groups, None, valid_rows=result.valid)
+
+
+def scan_meta(out: Path, info: InputFile, spec: FieldSpec) -> FileScan:
+    """The metadata of the scan of ``info`` (``stripped``): from the cache without reading its rows, or made now
+    (and cached)."""
+    table_path, meta_path, _ = _paths(out, info.digest)
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("version") == SCAN_VERSION:
+            rejects = [Reject(info.path, info.format, r["row"], r["field"], r["reason"], r.get("id"))
+                       for r in meta["rejects"]]
+            valid = pq.read_metadata(table_path).num_rows
+            empty = np.zeros(0, np.int64)
+            return FileScan(meta["rows"], meta["generated_ids"], empty, np.zeros((0, 2), np.uint64),
+                            np.zeros((0, 2), np.uint64), np.zeros(0, np.uint64), empty, rejects,
+                            meta.get("row_groups"), None, valid_rows=valid)
+    except (OSError, ValueError, KeyError, pa.ArrowException):
+        pass
+    return stripped(scan(out, info, spec)[0])
+
+
+def load_lines(out: Path, info: InputFile) -> np.ndarray | None:
+    """The cached JSONL line offsets of ``info`` (memory-mapped), or None."""
+    _, _, lines_path = _paths(out, info.digest)
+    return np.load(lines_path, mmap_mode="r") if lines_path.exists() else None
+
+
 def scan(out: Path, info: InputFile, spec: FieldSpec) -> tuple[FileScan, bool]:
     """The scan of ``info``: cached, or made now and cached. Returns ``(scan, was_cached)``."""
     cached = load_scan(out, info)

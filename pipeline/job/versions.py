@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import ManifestMismatch, PipelineError
-from pipeline.job.diff import Placed, find, sort_order
+from pipeline.job.buckets import Spill, row_groups
+from pipeline.job.diff import Placed, find
 from pipeline.job.sink import POOL, docs_path, part_path
 from pipeline.util import fault_point, fsync_dir, write_json_atomic
 
@@ -125,11 +126,6 @@ def _placed(table: pa.Table, live: bool, part: int | None = None) -> Placed:
     return Placed(h, k, x, parts.astype(np.int64, copy=False), c["prow"], c["nseq"], np.full(n, live))
 
 
-def placements(out: Path, n: int) -> Placed:
-    """The documents of version ``n`` (from its ``rows.parquet``)."""
-    return _placed(pq.read_table(version_dir(out, n) / ROWS, columns=list(PLACED_COLUMNS)), live=True)
-
-
 def part_placements(out: Path, part: int) -> Placed:
     """The documents of one part (from its document index)."""
     return _placed(pq.read_table(docs_path(out, part)), live=False, part=part)
@@ -161,54 +157,102 @@ def commit(out: Path, manifest: Manifest) -> None:
     log.info("%s: version %d is live (%d documents)", out, n, manifest.corpus_docs)
 
 
-def _version_placements(out: Path, manifest: Manifest) -> Placed:
+def spill_version(spill: Spill, out: Path, n: int, parts: set[int] | None = None) -> set[int]:
+    """The documents of version ``n`` (live), or of its ``parts`` only, into ``spill``; returns the parts seen."""
+    wanted = np.fromiter(parts, np.int64, len(parts)) if parts is not None else None
+    seen: set[int] = set()
+    for table in row_groups(version_dir(out, n) / ROWS, list(PLACED_COLUMNS)):
+        part = table.column("part").to_numpy()
+        if wanted is not None:
+            keep = np.isin(part, wanted)
+            table, part = table.filter(pa.array(keep)), part[keep]
+        seen.update(np.unique(part).tolist())
+        spill.add(table.append_column("live", pa.array(np.ones(table.num_rows, bool))))
+        del table
+        pa.default_memory_pool().release_unused()
+    return seen
+
+
+def spill_part(spill: Spill, out: Path, part: int, *, live: bool) -> None:
+    """The documents of one part (from its document index) into ``spill``."""
+    docs = pq.read_table(docs_path(out, part))
+    n = docs.num_rows
+    spill.add(docs.append_column("part", pa.array(np.full(n, part, np.int64)))
+              .append_column("live", pa.array(np.full(n, live))))
+
+
+def _spill_version_placements(spill: Spill, out: Path, manifest: Manifest) -> None:
+    """The documents of the plan's version: the kept parts (from the base version, or finished by a replaced
+    plan) and the parts its shards write."""
     kept = set(manifest.kept_parts)
-    items = []
     if manifest.base and kept:
-        base = placements(out, manifest.base)
-        mask = np.isin(base.part, np.fromiter(kept, np.int64, len(kept)))
-        items.append(Placed(*(getattr(base, f)[mask] for f in ("h", "k", "x", "part", "prow", "nseq", "live"))))
-        kept -= set(np.unique(base.part[mask]).tolist())
-    items += [part_placements(out, p) for p in sorted(kept)]  # kept parts a replaced plan had finished
-    items += [part_placements(out, s.id) for s in manifest.shards if s.docs]
-    return Placed.concat(items)
+        kept -= spill_version(spill, out, manifest.base, kept)
+    for p in sorted(kept):
+        spill_part(spill, out, p, live=False)
+    for s in manifest.shards:
+        if s.docs:
+            spill_part(spill, out, s.id, live=False)
+
+
+ROWS_SCHEMA = pa.schema([(c, pa.uint64()) for c in ("h1", "h2", "k1", "k2", "x")] + [
+    ("file", pa.int32()), ("frow", pa.int64()), ("part", pa.int64()), ("prow", pa.int64()), ("nseq", pa.int64())])
 
 
 def _build_version(out: Path, manifest: Manifest) -> None:
-    from pipeline.job.manifest import load_target
+    """Write version ``manifest.target`` beside the live one, bucket by bucket of id hashes: check that its parts
+    hold every document of the plan's target exactly once, and list them in ``rows.parquet`` (sorted by id hash)."""
+    from pipeline.job import passes
+    from pipeline.job.buckets import Scratch
 
     n = manifest.target
-    placed = _version_placements(out, manifest)
-    target = load_target(manifest.work_dir(out))
-    # exactly once: the new version's parts hold every document of the target, and nothing else
-    pcols = [placed.h[:, 0], placed.h[:, 1], placed.k[:, 0], placed.k[:, 1], placed.x]
-    tcols = [target.h[:, 0], target.h[:, 1], target.k[:, 0], target.k[:, 1], target.x]
-    porder, torder = sort_order(pcols), sort_order(tcols)
-    if len(porder) != len(torder) or not all(np.array_equal(p[porder], t[torder]) for p, t in
-                                             zip(pcols, tcols, strict=True)):
-        missing = int((find(pcols, porder, tcols) < 0).sum())
-        extra = len(porder) - (len(torder) - missing)
-        raise PipelineError(f"{out}: the parts of version {n} do not hold the corpus exactly once ({missing} "
-                            f"documents missing, {extra} extra); nothing was switched. Rerun the same command.")
-    rows = pa.table({
-        "h1": target.h[torder, 0], "h2": target.h[torder, 1], "k1": target.k[torder, 0], "k2": target.k[torder, 1],
-        "x": target.x[torder], "file": target.file[torder], "frow": target.frow[torder],
-        "part": placed.part[porder], "prow": placed.prow[porder], "nseq": placed.nseq[porder],
-    })
-    parts = sorted(set(placed.part.tolist()))
+    bits = int(manifest.plan.get("bucket_bits", 0))
     final = version_dir(out, n)
     tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / LINK).mkdir(parents=True)
-    for p in parts:
+    parts: set[int] = set()
+    docs = rows = missing = extra = 0
+    try:
+        with Scratch(out, bits) as scratch:
+            placed = scratch.spill("placed", passes.PLACED_SCHEMA, "h1", bits)
+            _spill_version_placements(placed, out, manifest)
+            target = scratch.spill("target", passes.TARGET_SCHEMA, "h1", bits)
+            for table in row_groups(manifest.work_dir(out) / "target.parquet"):
+                target.add(table)
+            with pq.ParquetWriter(tmp / ROWS, ROWS_SCHEMA, compression="zstd") as writer:
+                for b in range(target.n):
+                    t, p = target.read(b), placed.read(b)
+                    th, tk, tx = passes.pair(t, "h1", "h2"), passes.pair(t, "k1", "k2"), passes.column(t, "x")
+                    ph, pk, px = passes.pair(p, "h1", "h2"), passes.pair(p, "k1", "k2"), passes.column(p, "x")
+                    to, po = passes.hash_order(th, tk, tx), passes.hash_order(ph, pk, px)
+                    tcols = [th[:, 0], th[:, 1], tk[:, 0], tk[:, 1], tx]
+                    pcols = [ph[:, 0], ph[:, 1], pk[:, 0], pk[:, 1], px]
+                    if len(to) != len(po) or not all(np.array_equal(pc_[po], tc_[to]) for pc_, tc_ in
+                                                     zip(pcols, tcols, strict=True)):
+                        lost = int((find(pcols, po, tcols) < 0).sum())
+                        missing, extra = missing + lost, extra + len(po) - (len(to) - lost)
+                        continue
+                    part, nseq = passes.column(p, "part")[po], passes.column(p, "nseq")[po]
+                    parts.update(np.unique(part).tolist())
+                    docs, rows = docs + len(to), rows + int(nseq.sum())
+                    writer.write_table(pa.table({
+                        "h1": th[to, 0], "h2": th[to, 1], "k1": tk[to, 0], "k2": tk[to, 1], "x": tx[to],
+                        "file": passes.column(t, "file")[to], "frow": passes.column(t, "frow")[to], "part": part,
+                        "prow": passes.column(p, "prow")[po], "nseq": nseq}, schema=ROWS_SCHEMA))
+        if missing or extra:
+            raise PipelineError(f"{out}: the parts of version {n} do not hold the corpus exactly once ({missing} "
+                                f"documents missing, {extra} extra); nothing was switched. Rerun the same command.")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for p in sorted(parts):
         os.link(part_path(out, p), tmp / LINK / part_path(out, p).name)
-    pq.write_table(rows, tmp / ROWS, compression="zstd")
     with open(tmp / ROWS, "rb+") as f:
         os.fsync(f.fileno())
     write_json_atomic(tmp / INFO, {
         "version": n, "plan_id": manifest.plan_id, "base": manifest.base, "created_at": time.time(),
         "fingerprint": manifest.fingerprint,
-        "docs": len(target), "rows": int(placed.nseq.sum()), "parts": parts, "counts": manifest.counts,
+        "docs": docs, "rows": rows, "parts": sorted(parts), "counts": manifest.counts,
         "files": [{"path": pf.file.path, "key": pf.file.key, "digest": pf.file.digest, "format": pf.file.format,
                    "compression": pf.file.compression, "generated_ids": pf.generated_ids, "stat": list(pf.file.stat)}
                   for pf in manifest.files],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,18 @@ from helpers import (
 )
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: see conftest
+
+
+@pytest.fixture(autouse=True, params=[None, 5], ids=["one bucket", "buckets of 5 rows"])
+def bucket_rows(request: pytest.FixtureRequest) -> Iterator[int | None]:
+    """Every test twice: planned and committed in one bucket, and spilled to buckets of 5 rows (as a corpus larger
+    than ``buckets.BUCKET_ROWS`` is), which must not change any outcome. (Its own patch: a test's
+    ``monkeypatch.undo()`` leaves it in place.)"""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param:
+            mp.setenv("EMBED_CORPUS_BUCKET_ROWS", str(request.param))
+            mp.setattr("pipeline.job.buckets.BUCKET_ROWS", request.param)
+        yield request.param
 
 
 def manifest(out: Path) -> dict:
@@ -233,12 +246,15 @@ def test_settings_that_change_vectors_are_still_refused(day1):
     assert result.exit_code == 1 and "other settings" in result.output
 
 
-def test_a_failed_start_does_not_lock_the_settings(tmp_path, minilm_dir):
+def test_a_failed_start_does_not_lock_the_settings(tmp_path, minilm_dir, monkeypatch):
     corpus = tmp_path / "corpus"
     write_jsonl(corpus / "a.jsonl", make_docs(10))
     out = tmp_path / "out"
+    guard = ModelGuard(monkeypatch)
     bad = invoke(*embed_args([corpus], out, "--dims", "4096"))  # larger than MiniLM's 384: found from config.json
     assert bad.exit_code == 1 and "larger than the model's 384" in bad.output
+    assert guard.calls == 0  # before any weight is loaded
+    monkeypatch.undo()
     run_ok(*embed_args([corpus], out, "--dims", "128"))
     assert read_vectors(out).column("embedding").type.list_size == 128
 

@@ -68,12 +68,16 @@ def edit(corpus: Path, step: int) -> None:
 
 
 POINTS = [
-    "after-plan-write", "before-part-rename", "after-part-rename", "after-marker", "after-marker@2",
+    "during-plan", "after-plan-write", "before-part-rename", "after-part-rename", "after-marker", "after-marker@2",
     "before-version-rename", "before-switch", "after-switch", "after-commit", "during-gc",
 ]
 
 
-def test_kill_at_every_moment_of_incremental_runs(tmp_path, minilm_dir):
+@pytest.mark.parametrize("bucket_rows", [None, 5], ids=["one bucket", "buckets of 5 rows"])
+def test_kill_at_every_moment_of_incremental_runs(tmp_path, minilm_dir, bucket_rows, monkeypatch):
+    if bucket_rows:  # planning and commits spill to buckets: the same outcome at every kill point
+        monkeypatch.setenv("EMBED_CORPUS_BUCKET_ROWS", str(bucket_rows))
+        monkeypatch.setattr("pipeline.job.buckets.BUCKET_ROWS", bucket_rows)
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     edit(corpus, 0)
     run_ok(*embed_args([corpus], out, *SHARD))

@@ -260,7 +260,7 @@ def test_changed_input_file_is_followed(small_job, tmp_path, edit):
     if edit == "append":
         with open(corpus / "a.jsonl", "a") as f:
             f.write(json.dumps({"id": "new", "text": "one more"}) + "\n")
-    elif edit == "same_size":  # one id changed, same length: the first and last MiB of the file are unchanged
+    elif edit == "same_size":  # one id changed, same length
         data = (corpus / "a.jsonl").read_bytes()
         pos = data.index(b'"doc20"')
         (corpus / "a.jsonl").write_bytes(data[:pos] + b'"dxc20"' + data[pos + 7:])
@@ -272,6 +272,39 @@ def test_changed_input_file_is_followed(small_job, tmp_path, edit):
     table, expected = read_vectors(out), read_vectors(scratch)
     assert_ids_once(table, expected.column("id").to_pylist())
     assert_same_vectors(table, expected)
+
+
+def test_a_same_size_edit_in_the_middle_of_a_large_file_is_followed(tmp_path, minilm_dir):
+    """A file over 2 MiB whose first and last MiB and size stay the same while an id in its middle changes (the
+    change an earlier head-and-tail hash missed, issue 13 item 2): the rerun follows the whole content."""
+    pad = "x" * (1 << 20)
+    docs = make_docs(30, seed=21)
+    rows = [{**d, "pad": pad if i in (0, 29) else ""} for i, d in enumerate(docs)]
+    path = write_jsonl(tmp_path / "corpus" / "big.jsonl", rows)
+    assert path.stat().st_size > (2 << 20) + 1000
+    out = tmp_path / "out"
+    args = embed_args([path.parent], out, "--shard-size", "10")
+    run_ok(*args)
+    data = path.read_bytes()
+    pos = data.index(b'"doc15"')
+    assert (1 << 20) < pos < len(data) - (1 << 20)
+    path.write_bytes(data[:pos] + b'"dxc15"' + data[pos + 7:])
+    run_ok(*args)
+    scratch = tmp_path / "scratch"
+    run_ok(*embed_args([path.parent], scratch, "--shard-size", "10"))
+    table, expected = read_vectors(out), read_vectors(scratch)
+    assert "dxc15" in table.column("id").to_pylist() and "doc15" not in table.column("id").to_pylist()
+    assert_ids_once(table, expected.column("id").to_pylist())
+    assert_same_vectors(table, expected)
+
+
+def test_a_refused_rerun_names_the_effective_settings(small_job, monkeypatch):
+    """``max_length`` left to the model is shown as the model's limit (256 for MiniLM), not ``None``."""
+    _corpus, _out, args, _ = small_job
+    guard = ModelGuard(monkeypatch)
+    result = invoke(*args, "--max-length", "128")
+    assert guard.calls == 0 and result.exit_code == 1
+    assert "max_length: 256 -> 128" in result.output, result.output
 
 
 def test_new_input_file_is_embedded_incrementally(small_job):
