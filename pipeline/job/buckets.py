@@ -24,23 +24,34 @@ MAX_BITS = 10  # at most 1024 buckets (two spills are written at once: 2048 open
 SPILL_PREFIX = ".spill-"
 
 
+def _files_needed(bits: int) -> int:
+    return 2 * (1 << bits) + 256  # two spills written at once, and the rest of the process
+
+
+def allow_open_files(bits: int) -> int:
+    """Raise this process's limit of open files (up to its hard limit) to what ``2**bits`` buckets need; returns
+    the limit. Every process that spills calls it: a worker that commits a plan another process made, too."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = _files_needed(bits)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return need if soft == resource.RLIM_INFINITY else soft
+    raised = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        return raised
+    except (ValueError, OSError):
+        return soft
+
+
 def bucket_bits(rows: int) -> int:
     """Bits of the bucket number for about ``BUCKET_ROWS`` rows per bucket (0: one bucket), within the number of
     files this process may open (raised to the hard limit where it is lower than the buckets need)."""
     bits = 0
     while (rows >> bits) > BUCKET_ROWS and bits < MAX_BITS:
         bits += 1
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * (1 << bits) + 256
-    if soft != resource.RLIM_INFINITY and soft < need:
-        raised = need if hard == resource.RLIM_INFINITY else min(hard, need)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-            soft = raised
-        except (ValueError, OSError):
-            pass
-        while bits and 2 * (1 << bits) + 256 > soft:
-            bits -= 1
+    limit = allow_open_files(bits)
+    while bits and _files_needed(bits) > limit:
+        bits -= 1
     return bits
 
 
@@ -64,6 +75,7 @@ class Spill:
         self._memory: list[list[pa.RecordBatch]] | None = [[] for _ in range(self.n)] if folder is None else None
         self._paths = [folder / f"{name}-{b:05d}.arrow" for b in range(self.n)] if folder is not None else []
         self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        self._closed = False
 
     def add(self, table: pa.Table | pa.RecordBatch | dict[str, np.ndarray], buckets: np.ndarray | None = None
             ) -> None:
@@ -87,7 +99,14 @@ class Spill:
         for a, z in zip(edges[:-1], edges[1:], strict=True):
             self._put(int(sorted_b[a]), table.slice(a, z - a))
 
+    @property
+    def added(self) -> int:
+        """Rows added so far."""
+        return int(self.rows.sum())
+
     def _put(self, b: int, table: pa.Table) -> None:
+        if self._closed:
+            raise RuntimeError("rows added to a spill after it was closed or read")
         self.rows[b] += table.num_rows
         if self._memory is not None:
             self._memory[b].extend(table.to_batches())
@@ -98,9 +117,11 @@ class Spill:
         writer.write_table(table)
 
     def close(self) -> None:
+        """No more rows will be added (a bucket's file is written once: adding after this is an error)."""
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+        self._closed = True
 
     def read(self, b: int) -> pa.Table:
         """Bucket ``b`` (emptied from memory once read)."""
@@ -137,6 +158,7 @@ class Scratch:
     def __init__(self, out: Path, bits: int) -> None:
         self.folder: Path | None = None
         if bits:
+            allow_open_files(bits)
             (out / "plan").mkdir(parents=True, exist_ok=True)
             self.folder = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=out / "plan"))
 

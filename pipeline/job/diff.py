@@ -192,13 +192,14 @@ def match_stay(target: Target, placed: Placed) -> tuple[np.ndarray, np.ndarray]:
     return stay, dead
 
 
-def assign_vectors(k: np.ndarray, rank: np.ndarray, pk: np.ndarray, plive: np.ndarray, pdead: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def assign_vectors(k: np.ndarray, rank: np.ndarray, pk: np.ndarray, plive: np.ndarray, pdead: np.ndarray,
+                   prank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Where each row that needs a vector gets it. Decided by text key: a bucket of keys holds all it needs.
 
     Args:
         k: (n, 2) text keys of the rows that need a vector; ``rank``: their input order (smaller first, distinct).
-        pk, plive, pdead: the placements' text keys, whether live, whether dead (``match_stay``).
+        pk, plive, pdead: the placements' text keys, whether live, whether dead (``match_stay``); ``prank``:
+            their order among all placements (the last tie-break; default: as given).
 
     Returns:
         ``(reuse, owner)``: per row the placement whose vector it copies (a staying one preferred, then a live
@@ -207,7 +208,7 @@ def assign_vectors(k: np.ndarray, rank: np.ndarray, pk: np.ndarray, plive: np.nd
     n, m = len(k), len(pk)
     reuse = np.full(n, -1, np.int64)
     if m and n:
-        korder = np.lexsort((np.arange(m), ~plive, pdead, pk[:, 0]))
+        korder = np.lexsort((np.arange(m) if prank is None else prank, ~plive, pdead, pk[:, 0]))
         reuse = find(_cols(pk), korder, _cols(k))
     owner = np.full(n, -1, np.int64)
     embed = np.flatnonzero(reuse < 0)

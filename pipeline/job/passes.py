@@ -7,11 +7,13 @@
    leave the corpus are listed by part.
 2. ``by_text``: bucket by text key. Each row that needs a vector copies it from a placement with its text, or is
    embedded by the first row of its text in input order (``diff.assign_vectors``). Rows are spilled by input file.
-3. ``cut_files``: file by file, in input order: the rows that need a vector are cut into embed shards, each with
-   its work table (an owner is always in an earlier file or earlier in the same file, so its shard is known).
+3. ``files_in_order`` (for ``plan._cut_embed_shards``): file by file, in input order, the rows that need a vector
+   are cut into embed shards, each with its work table (an owner is always in an earlier file or earlier in the
+   same file, so its shard is known).
 
 Memory: one bucket at a time (``buckets.BUCKET_ROWS`` rows), plus the rows of one input file that need a vector,
-plus per part and per shard counters, plus the placements that leave (proportional to the change).
+plus per part and per shard counters, plus the placements that leave (proportional to the change). A text bucket
+holds every row of its texts: a text repeated in millions of rows (an "N/A") makes its bucket that large.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from pipeline.job.manifest import DUP, EMBED, REUSE, SAME
 U64, I64, I32 = pa.uint64(), pa.int64(), pa.int32()
 HASHES = [("h1", U64), ("h2", U64), ("k1", U64), ("k2", U64), ("x", U64)]
 ROWS_SCHEMA = pa.schema([("file", I32), ("frow", I64), *HASHES, ("nbytes", I64)])
-PLACED_SCHEMA = pa.schema([*HASHES, ("part", I64), ("prow", I64), ("nseq", I64), ("live", pa.bool_())])
+PLACED_SCHEMA = pa.schema([*HASHES, ("part", I64), ("prow", I64), ("nseq", I64), ("live", pa.bool_()),
+                          ("rank", I64)])  # rank: the placement's position in the order they were spilled
 KEYED_SCHEMA = pa.schema([("k1", U64), ("k2", U64), ("part", I64), ("prow", I64), ("nseq", I64),
-                          ("live", pa.bool_()), ("dead", pa.bool_())])
+                          ("live", pa.bool_()), ("dead", pa.bool_()), ("rank", I64)])
 RESOLVED_SCHEMA = pa.schema([*ROWS_SCHEMA, ("kind", pa.int8()), ("src_part", I64), ("src_prow", I64),
                              ("src_nseq", I64), ("owner_file", I32), ("owner_frow", I64)])
 TARGET_SCHEMA = pa.schema([("file", I32), ("frow", I64), *HASHES])
@@ -95,15 +98,15 @@ def by_id(rows: Spill, placed: Spill, need: Spill, keyed: Spill, target: pq.Parq
         live = column(p, "live").astype(bool)
         pl = Placed(pair(p, "h1", "h2"), pair(p, "k1", "k2"), column(p, "x"), column(p, "part"), column(p, "prow"),
                     column(p, "nseq"), live)
-        del p
         stay, dead = match_stay(tg, pl)
-        in_old = member(tg.h, pl.h if live.all() else pl.h[live]) if len(pl) else np.zeros(len(tg), bool)
+        old_h = pl.h if live.all() else pl.h[live]
+        in_old = member(tg.h, old_h) if len(pl) else np.zeros(len(tg), bool)
         unchanged = stay >= 0
         c["docs"] += len(tg)
         c["added"] += int((~in_old).sum())
         c["changed"] += int((in_old & ~unchanged).sum())
         c["unchanged"] += int(unchanged.sum())
-        c["deleted"] += int(live.sum()) - int(in_old.sum())  # ids are unique on both sides
+        c["deleted"] += int((~member(old_h, tg.h)).sum()) if len(old_h) else 0
         got.docs_per_file += np.bincount(tg.file, minlength=files)
         order = hash_order(tg.h, tg.k, tg.x)
         target.write_table(pa.table({"file": tg.file[order], "frow": tg.frow[order], "h1": tg.h[order, 0],
@@ -119,7 +122,8 @@ def by_id(rows: Spill, placed: Spill, need: Spill, keyed: Spill, target: pq.Parq
             for a, z in zip(edges[:-1], edges[1:], strict=True):
                 got.leaving.setdefault(int(parts[a]), []).append(pl.prow[gone[a:z]])
             keyed.add({"k1": pl.k[:, 0], "k2": pl.k[:, 1], "part": pl.part, "prow": pl.prow, "nseq": pl.nseq,
-                       "live": pl.live, "dead": dead})
+                       "live": pl.live, "dead": dead, "rank": column(p, "rank")})
+        del p
         sel = np.flatnonzero(~unchanged)
         need.add({"file": tg.file[sel], "frow": tg.frow[sel], "h1": tg.h[sel, 0], "h2": tg.h[sel, 1],
                   "k1": tg.k[sel, 0], "k2": tg.k[sel, 1], "x": tg.x[sel], "nbytes": tg.nbytes[sel]})
@@ -143,7 +147,7 @@ def by_text(need: Spill, keyed: Spill, resolved: Spill, group: Callable[[np.ndar
         rank = (file.astype(np.int64) << 40) | frow  # input order (rows < 2**40 per file)
         pk = pair(p, "k1", "k2")
         reuse, owner = assign_vectors(pair(t, "k1", "k2"), rank, pk, column(p, "live").astype(bool),
-                                      column(p, "dead").astype(bool))
+                                      column(p, "dead").astype(bool), column(p, "rank"))
         hit = reuse >= 0
         src = np.maximum(reuse, 0)
         emb = owner >= 0

@@ -230,11 +230,13 @@ def make_plan(out: Path, cfg: JobConfig, settings: dict[str, Any], infos: list[I
             rows = scratch.spill("rows", passes.ROWS_SCHEMA, "h1", bits)
             for i, info in enumerate(infos):
                 _spill_file(rows, out, i, info, spec)
+            rows.close()  # written once: at most two spills' writers open at a time
             placed = scratch.spill("placed", passes.PLACED_SCHEMA, "h1", bits)
             if base:
                 versions.spill_version(placed, out, base)
             for part in pending:
                 versions.spill_part(placed, out, part, live=False)
+            placed.close()
             need = scratch.spill("need", passes.ROWS_SCHEMA, "k1", bits)
             keyed = scratch.spill("keyed", passes.KEYED_SCHEMA, "k1", bits)
             with pq.ParquetWriter(work / "target.parquet", passes.TARGET_SCHEMA) as writer:

@@ -167,7 +167,8 @@ def spill_version(spill: Spill, out: Path, n: int, parts: set[int] | None = None
             keep = np.isin(part, wanted)
             table, part = table.filter(pa.array(keep)), part[keep]
         seen.update(np.unique(part).tolist())
-        spill.add(table.append_column("live", pa.array(np.ones(table.num_rows, bool))))
+        spill.add(table.append_column("live", pa.array(np.ones(table.num_rows, bool)))
+                  .append_column("rank", pa.array(np.arange(spill.added, spill.added + table.num_rows))))
         del table
         pa.default_memory_pool().release_unused()
     return seen
@@ -178,7 +179,8 @@ def spill_part(spill: Spill, out: Path, part: int, *, live: bool) -> None:
     docs = pq.read_table(docs_path(out, part))
     n = docs.num_rows
     spill.add(docs.append_column("part", pa.array(np.full(n, part, np.int64)))
-              .append_column("live", pa.array(np.full(n, live))))
+              .append_column("live", pa.array(np.full(n, live)))
+              .append_column("rank", pa.array(np.arange(spill.added, spill.added + n))))
 
 
 def _spill_version_placements(spill: Spill, out: Path, manifest: Manifest) -> None:
@@ -216,6 +218,7 @@ def _build_version(out: Path, manifest: Manifest) -> None:
         with Scratch(out, bits) as scratch:
             placed = scratch.spill("placed", passes.PLACED_SCHEMA, "h1", bits)
             _spill_version_placements(placed, out, manifest)
+            placed.close()  # its files are read back later: one spill's writers open at a time
             target = scratch.spill("target", passes.TARGET_SCHEMA, "h1", bits)
             for table in row_groups(manifest.work_dir(out) / "target.parquet"):
                 target.add(table)

@@ -152,3 +152,25 @@ def test_stale_temporary_part_of_a_dead_worker_is_cleaned(tmp_path, minilm_dir):
     assert temps, "the kill left no temporary part"
     run_ok(*embed_args([corpus], out, *SHARD))
     assert not list((out / "parts").glob(".part-*.tmp-*"))
+
+
+def test_a_commit_in_a_process_that_did_not_plan_opens_its_buckets(tmp_path, minilm_dir):
+    """A run killed just before its version is renamed into place, rerun in a process that only commits (same
+    input: no planning) under a limit of 512 open files: the commit raises the limit its 512 buckets need
+    instead of failing with "Too many open files" on every rerun."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_jsonl(corpus / "a.jsonl", make_docs(600, seed=8, max_words=4))
+    args = [str(a) for a in embed_args([corpus], out, "--shard-size", "300")]
+    env = {**subprocess_env(), "EMBED_CORPUS_BUCKET_ROWS": "1", "EMBED_CORPUS_FAULT": "before-version-rename"}
+    log = tmp_path / "runs.log"
+    with open(log, "ab") as f:
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                              env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == -9, log.read_text()
+    assert json.loads((out / "manifest.json").read_text())["plan"]["bucket_bits"] == 9
+    del env["EMBED_CORPUS_FAULT"]
+    script = 'ulimit -Sn 512 && exec "$0" -m pipeline.cli "$@"'
+    proc = subprocess.run(["bash", "-c", script, sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_ids_once(read_vectors(out), [f"doc{i}" for i in range(600)])
