@@ -53,21 +53,6 @@ class Placed:
     def __len__(self) -> int:
         return len(self.part)
 
-    @staticmethod
-    def empty() -> Placed:
-        z = np.zeros(0, np.int64)
-        return Placed(np.zeros((0, 2), np.uint64), np.zeros((0, 2), np.uint64), np.zeros(0, np.uint64), z, z, z,
-                      np.zeros(0, bool))
-
-    @staticmethod
-    def concat(items: list[Placed]) -> Placed:
-        if not items:
-            return Placed.empty()
-        if len(items) == 1:
-            return items[0]
-        return Placed(*(np.concatenate([getattr(p, f) for p in items]) for f in
-                        ("h", "k", "x", "part", "prow", "nseq", "live")))
-
 
 def build_target(file: np.ndarray, frow: np.ndarray, h: np.ndarray, k: np.ndarray, x: np.ndarray,
                  nbytes: np.ndarray) -> tuple[Target, np.ndarray, np.ndarray]:
@@ -96,11 +81,6 @@ def build_target(file: np.ndarray, frow: np.ndarray, h: np.ndarray, k: np.ndarra
     keep[duplicate] = False
     idx = np.flatnonzero(keep)
     return Target(file[idx], frow[idx], h[idx], k[idx], x[idx], nbytes[idx]), duplicate, first
-
-
-def sort_order(cols: list[np.ndarray]) -> np.ndarray:
-    """Indices that sort rows by ``cols`` (the first column most significant)."""
-    return np.lexsort(cols[::-1])
 
 
 def find(cols: list[np.ndarray], order: np.ndarray, query: list[np.ndarray]) -> np.ndarray:
@@ -166,15 +146,6 @@ class Diff:
     reuse: np.ndarray
     owner: np.ndarray
     dead: np.ndarray
-
-    @property
-    def embed(self) -> np.ndarray:
-        return self.owner >= 0
-
-    def counts(self) -> dict[str, int]:
-        owners = self.embed & (self.owner == np.arange(len(self.owner)))
-        return {"unchanged": int((self.stay >= 0).sum()), "reused": int((self.reuse >= 0).sum()),
-                "embedded": int(owners.sum()), "deduplicated": int((self.embed & ~owners).sum())}
 
 
 def match_stay(target: Target, placed: Placed) -> tuple[np.ndarray, np.ndarray]:

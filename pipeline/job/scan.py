@@ -132,19 +132,39 @@ def _paths(out: Path, digest: str) -> tuple[Path, Path, Path]:
     return folder / f"{digest}.parquet", folder / f"{digest}.json", folder / f"{digest}.lines.npy"
 
 
-def load_scan(out: Path, info: InputFile) -> FileScan | None:
-    """The cached scan of ``info``'s content, or None."""
-    table_path, meta_path, lines_path = _paths(out, info.digest)
+def _load_meta(out: Path, info: InputFile) -> tuple[dict[str, Any], list[Reject]] | None:
+    """The cached scan's JSON (rows, rejects, row groups) and its rejects, or None (no scan of this version)."""
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(_paths(out, info.digest)[1].read_text())
         if meta.get("version") != SCAN_VERSION:
             return None
+        rejects = [Reject(info.path, info.format, r["row"], r["field"], r["reason"], r.get("id"))
+                   for r in meta["rejects"]]
+    except (OSError, ValueError, KeyError):
+        return None
+    return meta, rejects
+
+
+def metadata_only(rows: int, generated_ids: bool, rejects: list[Reject], row_groups: list[int] | None,
+                  valid: int) -> FileScan:
+    """A scan without its row arrays and line offsets (what planning keeps of every file)."""
+    empty = np.zeros(0, np.int64)
+    return FileScan(rows, generated_ids, empty, np.zeros((0, 2), np.uint64), np.zeros((0, 2), np.uint64),
+                    np.zeros(0, np.uint64), empty, rejects, row_groups, None, valid_rows=valid)
+
+
+def load_scan(out: Path, info: InputFile) -> FileScan | None:
+    """The cached scan of ``info``'s content, or None."""
+    table_path, _, lines_path = _paths(out, info.digest)
+    found = _load_meta(out, info)
+    if found is None:
+        return None
+    meta, rejects = found
+    try:
         table = pq.read_table(table_path)
         lines = np.load(lines_path) if meta.get("lines") else None
     except (OSError, ValueError, pa.ArrowException):
         return None
-    rejects = [Reject(info.path, info.format, r["row"], r["field"], r["reason"], r.get("id"))
-               for r in meta["rejects"]]
     cols = {name: table.column(name).to_numpy() for name in table.column_names}
     return FileScan(meta["rows"], meta["generated_ids"], cols["frow"], np.stack([cols["h1"], cols["h2"]], 1),
                     np.stack([cols["k1"], cols["k2"]], 1), cols["x"], cols["nbytes"], rejects,
@@ -258,30 +278,20 @@ def _arrow_rows(info: InputFile) -> int:
     return file_row_count(info) or 0
 
 
-def stripped(result: FileScan) -> FileScan:
-    """The scan's metadata only (rows, rejects, row groups; the row arrays and line offsets dropped)."""
-    empty = np.zeros(0, np.int64)
-    return FileScan(result.rows, result.generated_ids, empty, np.zeros((0, 2), np.uint64), np.zeros((0, 2), np.uint64),
-                    np.zeros(0, np.uint64), empty, result.rejects, result.row_groups, None, valid_rows=result.valid)
-
-
 def scan_meta(out: Path, info: InputFile, spec: FieldSpec) -> FileScan:
-    """The metadata of the scan of ``info`` (``stripped``): from the cache without reading its rows, or made now
-    (and cached)."""
-    table_path, meta_path, _ = _paths(out, info.digest)
-    try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("version") == SCAN_VERSION:
-            rejects = [Reject(info.path, info.format, r["row"], r["field"], r["reason"], r.get("id"))
-                       for r in meta["rejects"]]
-            valid = pq.read_metadata(table_path).num_rows
-            empty = np.zeros(0, np.int64)
-            return FileScan(meta["rows"], meta["generated_ids"], empty, np.zeros((0, 2), np.uint64),
-                            np.zeros((0, 2), np.uint64), np.zeros(0, np.uint64), empty, rejects,
-                            meta.get("row_groups"), None, valid_rows=valid)
-    except (OSError, ValueError, KeyError, pa.ArrowException):
-        pass
-    return stripped(scan(out, info, spec)[0])
+    """The scan of ``info`` without its rows (``metadata_only``): from the cache without reading them, or
+    made now (and cached)."""
+    found = _load_meta(out, info)
+    if found is not None:
+        meta, rejects = found
+        try:
+            valid = pq.read_metadata(_paths(out, info.digest)[0]).num_rows
+        except (OSError, pa.ArrowException):
+            valid = None
+        if valid is not None:
+            return metadata_only(meta["rows"], meta["generated_ids"], rejects, meta.get("row_groups"), valid)
+    s = scan(out, info, spec)[0]
+    return metadata_only(s.rows, s.generated_ids, s.rejects, s.row_groups, s.valid)
 
 
 def load_lines(out: Path, info: InputFile) -> np.ndarray | None:

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import ManifestMismatch, PipelineError
+from pipeline.job import passes
 from pipeline.job.buckets import Spill, row_groups
 from pipeline.job.diff import Placed, find
 from pipeline.job.sink import POOL, docs_path, part_path
@@ -111,24 +112,13 @@ def max_part_id(out: Path) -> int:
 PLACED_COLUMNS = ("h1", "h2", "k1", "k2", "x", "part", "prow", "nseq")
 
 
-def _placed(table: pa.Table, live: bool, part: int | None = None) -> Placed:
-    n = table.num_rows
-    h, k = np.empty((n, 2), np.uint64), np.empty((n, 2), np.uint64)
-    for out, pair in ((h, ("h1", "h2")), (k, ("k1", "k2"))):
-        for j, name in enumerate(pair):
-            out[:, j] = table.column(name).to_numpy()
-            table = table.drop_columns([name])  # each column is let go once copied
-    c = {name: table.column(name).to_numpy().astype(np.int64, copy=False) for name in ("prow", "nseq")}
-    parts = table.column("part").to_numpy() if "part" in table.column_names else np.full(n, part, np.int64)
-    x = table.column("x").to_numpy()
-    del table
-    pa.default_memory_pool().release_unused()
-    return Placed(h, k, x, parts.astype(np.int64, copy=False), c["prow"], c["nseq"], np.full(n, live))
-
-
 def part_placements(out: Path, part: int) -> Placed:
     """The documents of one part (from its document index)."""
-    return _placed(pq.read_table(docs_path(out, part)), live=False, part=part)
+    docs = pq.read_table(docs_path(out, part))
+    n = docs.num_rows
+    return Placed(passes.pair(docs, "h1", "h2"), passes.pair(docs, "k1", "k2"), passes.column(docs, "x"),
+                  np.full(n, part, np.int64), passes.column(docs, "prow").astype(np.int64, copy=False),
+                  passes.column(docs, "nseq").astype(np.int64, copy=False), np.zeros(n, bool))
 
 
 # --------------------------------------------------------------------------------------------- commit
@@ -203,7 +193,6 @@ ROWS_SCHEMA = pa.schema([(c, pa.uint64()) for c in ("h1", "h2", "k1", "k2", "x")
 def _build_version(out: Path, manifest: Manifest) -> None:
     """Write version ``manifest.target`` beside the live one, bucket by bucket of id hashes: check that its parts
     hold every document of the plan's target exactly once, and list them in ``rows.parquet`` (sorted by id hash)."""
-    from pipeline.job import passes
     from pipeline.job.buckets import Scratch
 
     n = manifest.target
