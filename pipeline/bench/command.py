@@ -79,7 +79,8 @@ def measure(args: list[str], env: dict[str, str], output: Path, log: Path, timeo
     """Run one command to the end and return ``timings``."""
     proc, launched = start(args, env, log)
     ended = finish(proc, log, timeout)
-    return {**timings(output, launched, ended), "log": startup_log(output, launched)}
+    return {**timings(output, launched, ended), "log": startup_log(output, launched),
+            "shard_timing": shard_timing(output)}
 
 
 def timings(output: Path, launched: float, ended: float | None = None) -> dict[str, Any]:
@@ -116,24 +117,39 @@ def timings(output: Path, launched: float, ended: float | None = None) -> dict[s
 
 
 def startup_log(output: Path, launched: float) -> list[str]:
-    """The start-up lines of the run's own log (``OUTPUT/logs/run-*.log``: model load, compiled warm-up, model
-    ready, first shard), each prefixed with its seconds since ``launched``: where the start-up time goes."""
+    """Where start-up and the end of the run go, from the run's own logs (``OUTPUT/logs/run-*.log``, one per
+    worker process): each worker's start-up lines (planning, the model's start-up steps, model ready, first
+    shard), its first two finished shards and its last lines (version live, worker done), each prefixed with its
+    seconds since ``launched``."""
     import datetime
 
-    wanted = ("loaded in", "warmed up in", "model ready", "shards,", "scanning", "shard ")
+    startup = ("scanning", "shards,", "model start-up", "loaded in", "warmed up in", "model ready", "first shard")
+    ending = ("is live", "worker done")
     lines: list[str] = []
     for path in sorted((output / "logs").glob("run-*.log")):
+        done = 0
         for line in path.read_text(errors="replace").splitlines():
-            if not any(w in line for w in wanted):
+            first_done = " done: " in line and done < 2
+            if not (any(w in line for w in startup + ending) or first_done):
                 continue
+            done += first_done
             try:
                 stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
                 lines.append(f"+{stamp - launched:6.2f}s {line[24:]}")
             except ValueError:
                 lines.append(line)
-            if len(lines) >= 12:
-                return lines
     return lines
+
+
+def shard_timing(output: Path) -> dict[str, float]:
+    """Sums over the finished shards of where their time went besides the model (seconds; see the runner's
+    done-markers): ``wait_s`` the model idle waiting for the next shard's rows and tokens, ``read_s`` and
+    ``tokenize_s`` the prefetch thread's work, ``write_wait_s`` waiting for the previous part to be written."""
+    from pipeline.job.sink import read_markers
+
+    done, _ = read_markers(output)
+    keys = ("wait_s", "read_s", "tokenize_s", "write_wait_s")
+    return {k: round(sum(float(m.get(k, 0.0)) for m in done.values()), 2) for k in keys}
 
 
 def kill_hard(proc: subprocess.Popen) -> None:

@@ -193,6 +193,12 @@ LABELS = {
     "run_tokens_per_s": "the real command (embed-corpus run in a subprocess, model folder on disk, Parquet in), "
                         "steady state: tokens over the span from the first shard's start to the last shard's end "
                         "(warm compile cache)",
+    "run_tokens_per_s_default_shards": "the real command again (warm cache) without --shard-size: the shard "
+                                       "sizing a user gets (about a minute of work per shard, the last ones "
+                                       "shorter), run_shards_default shards; its steady rate",
+    "run_shard_timing_warm": "sums over the run's shards (done-markers): wait_s the model idle waiting for the "
+                             "next shard's rows and tokens, read_s and tokenize_s the prefetch thread's work, "
+                             "write_wait_s waiting for the previous part's write; _default, _cold likewise",
     "run_whole_tokens_per_s": "the real command, tokens over its whole wall time from process start to exit, for "
                               "run_docs documents (warm compile cache); _cold: empty compile cache",
     "startup_s_warm": "the real command, process start to its first shard's start (imports, planning, model load "
@@ -407,6 +413,8 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
                                     dict(zip(ids, vec_model, strict=True)), ids))
         rec["run_over_model"] = round(rec["run_tokens_per_s"] / rec["model_tokens_per_s"], 3)
         rec["run_over_pipeline"] = round(rec["run_tokens_per_s"] / rec["tokens_per_s"], 3)
+        rec["run_over_model_default_shards"] = round(rec["run_tokens_per_s_default_shards"]
+                                                     / rec["model_tokens_per_s"], 3)
         rec["compile_cache_default"] = str(compile_cache_dir())
     del model
     if device.startswith("cuda"):
@@ -433,13 +441,21 @@ def _measure_command(size: str, model_dir: Path, src: Path, workdir: Path, shard
         devices = visible[index] if visible else str(index)
     extra = () if device.startswith("cuda") else ("--device", "cpu")
     out: dict[str, Any] = {"run_shard_size": shard_size}
-    for label in ("cold", "warm"):
+    for label in ("cold", "warm", "default"):
         output = workdir / f"run-{size}-{label}"
         shutil.rmtree(output, ignore_errors=True)
-        got = command.measure(command.run_args([src], output, model_dir, shard_size=shard_size, extra=extra),
+        rows = None if label == "default" else shard_size  # default: the command's own shard sizing
+        got = command.measure(command.run_args([src], output, model_dir, shard_size=rows, extra=extra),
                               command.command_env(compile_cache=cache, devices=devices, trace_recompiles=True),
                               output, logs / f"run-{size}-{label}.log")
         check = command.compare_outputs(output, reference, ids)
+        if label == "default":
+            out.update(run_tokens_per_s_default_shards=got["steady_tokens_per_s"], run_shards_default=got["shards"],
+                       startup_s_default=got["startup_s"], run_wall_s_default=got["wall_s"],
+                       run_tail_s_default=got["tail_s"], run_check_default=check,
+                       run_shard_timing_default=got["shard_timing"])
+            continue
+        out[f"run_shard_timing_{label}"] = got["shard_timing"]
         out[f"startup_s_{label}"] = got["startup_s"]
         out[f"run_wall_s_{label}"] = got["wall_s"]
         out[f"run_steady_s_{label}"] = got["steady_s"]
@@ -483,6 +499,10 @@ def table(records: list[dict[str, Any]]) -> str:
                 f"steady, {r['run_whole_tokens_per_s_cold']:,} whole); ids once "
                 f"{r['run_check_warm']['ids_once']}, min cos vs model alone "
                 f"{r['run_check_warm']['min_cosine_vs_reference']}")
+            lines.append(
+                f"  embed-corpus run, default shard sizing ({r['run_shards_default']} shards): steady "
+                f"{r['run_tokens_per_s_default_shards']:,} tok/s ({r['run_over_model_default_shards']} of model "
+                f"alone), {r['run_wall_s_default']} s in all; ids once {r['run_check_default']['ids_once']}")
         if "long_tokens_per_s" in r:
             lines.append(f"  8K-32K docs {_pm(r, 'long_tokens_per_s')} tok/s ({r['long_share_of_ceiling']:.1%})")
         if "ab" in r:

@@ -52,7 +52,7 @@ def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, work
     Args:
         size: a Qwen3-Embedding shape (``bench.synthetic.QWEN3_SHAPES``).
         tokenizer_dir: the Qwen tokenizer folder.
-        n_docs: documents of the measured job; ``shard_size`` rows per shard.
+        n_docs: documents of the measured job; ``shard_size`` rows per shard (0: the command's own sizing).
         workdir: where the model, the corpus and the outputs go; ``logs``: each command's output.
         devices: the GPUs (``CUDA_VISIBLE_DEVICES`` values) to use, at least ``workers``; empty: CPU workers.
         workers: N, the GPUs (or CPU workers) of the scaled runs.
@@ -83,7 +83,8 @@ def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, work
     texts = make_corpus(tok, n_docs + 64, seed=2)
     ids = [f"d{i}" for i in range(n_docs)]
     corpus = workdir / f"scale-{size}.parquet"
-    pq.write_table(pa.table({"id": ids, "text": texts[:n_docs]}), corpus, row_group_size=min(shard_size, 1024))
+    pq.write_table(pa.table({"id": ids, "text": texts[:n_docs]}), corpus,
+                   row_group_size=min(shard_size or 1024, 1024))
     warm_corpus = workdir / f"warm-{size}.parquet"
     pq.write_table(pa.table({"id": [f"w{i}" for i in range(64)], "text": texts[n_docs:]}), warm_corpus)
     cache = workdir / f"compile-cache-{size}"
@@ -97,7 +98,8 @@ def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, work
     def late() -> bool:
         return deadline is not None and time.time() > deadline
 
-    base = {"bench": "scaling", "model_size": size, "gpu": gpu, "docs": n_docs, "shard_size": shard_size,
+    base = {"bench": "scaling", "model_size": size, "gpu": gpu, "docs": n_docs,
+            "shard_size": shard_size or "default (the command's own sizing: bytes of text per shard)",
             "date": time.strftime("%Y-%m-%d"), "compile_cache": "warm (filled by a 64-document job first)"}
     # 1. a small job fills the compile cache (its start-up is the cold one)
     cold = command.measure(command.run_args([warm_corpus], out("warm"), model_dir, extra=_launch_args(devices, 1)),
@@ -112,7 +114,8 @@ def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, work
     reference = dict(zip(ref_ids, ref_vecs, strict=True))
     base.update({"tokens": one["tokens"], "shards": one["shards"], "tokens_per_s_1gpu": one["steady_tokens_per_s"],
                  "wall_s_1gpu": one["wall_s"], "startup_s_1gpu": one["startup_s"],
-                 "gpu_seconds_1gpu": one["wall_s"], "one_gpu_check": command.compare_outputs(one_out, reference, ids)})
+                 "gpu_seconds_1gpu": one["wall_s"], "one_gpu_check": command.compare_outputs(one_out, reference, ids),
+                 "shard_timing_1gpu": one["shard_timing"], "log_1gpu": one["log"]})
     records = []
     if late():
         return [dict(base, skipped="deadline before the N-GPU run")]
@@ -128,7 +131,8 @@ def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, work
         runs, launched = _start_nodes(corpus, nodes_out, model_dir, shard_size, devices, workers, cache, logs,
                                       f"scale-{size}-node")
         ended = max(command.finish(p, log_path) for p, log_path in runs)
-        sep = command.timings(nodes_out, launched, ended)
+        sep = {**command.timings(nodes_out, launched, ended), "log": command.startup_log(nodes_out, launched),
+               "shard_timing": command.shard_timing(nodes_out)}
         records.append(_record(base, sep, one, workers, f"{workers} processes, one GPU each (two nodes)",
                                command.compare_outputs(nodes_out, reference, ids)))
     # 4. the same, one of them killed once it has committed a shard
@@ -144,7 +148,7 @@ def _record(base: dict[str, Any], many: dict[str, Any], one: dict[str, Any], n: 
                 startup_s=many["startup_s"], tail_s=many["tail_s"], workers_seen=many["workers"],
                 scaling_efficiency=round(one["wall_s"] / (n * many["wall_s"]), 3),
                 steady_scaling_efficiency=round(many["steady_tokens_per_s"] / (n * one["steady_tokens_per_s"]), 3),
-                check=check)
+                check=check, shard_timing=many["shard_timing"], log=many["log"])
 
 
 def _start_nodes(corpus: Path, output: Path, model_dir: Path, shard_size: int, devices: list[str], n: int,

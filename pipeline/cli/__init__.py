@@ -28,10 +28,12 @@ def _record(signum: int, _frame: object) -> None:
 
 
 _args = _command_args()
-if _args is not None and next((a for a in _args if not a.startswith("-")), None) == "run":
+# This process is ``embed-corpus run`` itself (not a test or a program calling the commands).
+RUN_PROCESS = _args is not None and next((a for a in _args if not a.startswith("-")), None) == "run"
+if RUN_PROCESS:
     for _sig in STOP_SIGNALS:
         signal.signal(_sig, _record)
 
 from pipeline.cli.main import main  # noqa: E402 - after the signal handlers, on purpose
 
-__all__ = ["EARLY_SIGNALS", "STOP_SIGNALS", "main"]
+__all__ = ["EARLY_SIGNALS", "RUN_PROCESS", "STOP_SIGNALS", "main"]

@@ -64,7 +64,8 @@ def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | Non
               type=click.Choice(["0.6B", "4B", "8B", "tiny"]), help="Qwen3-Embedding shapes to measure. Repeatable.")
 @click.option("--docs", "docs_spec", multiple=True, required=True,
               help="SIZE=N documents of the measured job (size it to the device time you have). Repeatable.")
-@click.option("--shard-size", "shard_spec", multiple=True, required=True, help="SIZE=N rows per shard. Repeatable.")
+@click.option("--shard-size", "shard_spec", multiple=True, required=True,
+              help="SIZE=N rows per shard (0: the command's own sizing, as a user gets it). Repeatable.")
 @click.option("--gpus", type=int, default=2, show_default=True,
               help="GPUs of the scaled runs (0: CPU worker processes, for a smoke run).")
 @click.option("--lease-seconds", type=int, default=15, show_default=True, help="Lease of the kill run.")

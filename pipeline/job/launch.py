@@ -42,9 +42,7 @@ def parse_gpus(spec: str) -> list[str]:
     if visible_env is not None:
         visible = [v.strip() for v in visible_env.split(",") if v.strip()]
     else:
-        import torch
-
-        visible = [str(i) for i in range(torch.cuda.device_count())]
+        visible = [str(i) for i in range(visible_gpu_count())]
     if not visible:
         raise ConfigError(f"gpus: {spec!r}, but no CUDA device is visible (use --workers N for CPU workers)")
     if spec == "all":
@@ -61,6 +59,47 @@ def parse_gpus(spec: str) -> list[str]:
     return [visible[i] for i in wanted]
 
 
+def expected_workers(cfg: JobConfig) -> int:
+    """Workers expected on a job, for sizing its last shards: this launch's (one per GPU of ``--gpus``, else
+    ``--workers``) times the ranks of an external launcher (Slurm tasks or array tasks, torchrun, Kubernetes),
+    each of which runs its own. Others may join or leave; this is only where the plan starts from."""
+    from pipeline.job.config import ConfigError
+    from pipeline.job.ranks import detect_rank
+
+    local = max(1, cfg.workers)
+    if cfg.gpus:
+        try:
+            local = len(parse_gpus(cfg.gpus))
+        except ConfigError:
+            local = 1
+    return local * max(1, detect_rank().world)
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use, asked of the CUDA driver itself (which honours ``CUDA_VISIBLE_DEVICES``): the
+    launcher does not import torch for it, which would delay every worker's start by seconds. Falls back to
+    ``torch.cuda.device_count()`` where the driver library cannot be loaded or answers with an error."""
+    count = _driver_gpu_count()
+    if count is None:
+        import torch
+
+        return torch.cuda.device_count()
+    return count
+
+
+def _driver_gpu_count(library: str = "libcuda.so.1") -> int | None:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(library)
+    except OSError:
+        return None
+    n = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(n)) != 0:
+        return None  # torch then says what is wrong, as before
+    return n.value
+
+
 def _cpu_count() -> int:
     """CPUs this process may run on (a Slurm or cgroup cpuset), not all the machine's cores."""
     try:
@@ -71,6 +110,22 @@ def _cpu_count() -> int:
 
 def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | None, planned=None,
            parent: int | None = None) -> None:
+    """A worker process: load the model while the parent plans, then work shards until none is left. It ends
+    without the interpreter's teardown (``util.fast_exit``) once its parts and markers are written: seconds
+    per worker on a GPU, paid by the job's wall time. An unexpected error ends it the usual way (traceback)."""
+    from pipeline.util import fast_exit
+
+    try:
+        _work(cfg, env, lease, threads, planned, parent)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    else:
+        code = 0
+    fast_exit(code)
+
+
+def _work(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | None, planned, parent: int | None
+          ) -> None:
     import threading
 
     # First thing: a signal that arrives while torch and the model load must stop the run, not kill it.

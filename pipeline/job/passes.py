@@ -136,9 +136,16 @@ def file_group(files: int, bits: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda file: (file.astype(np.int64) * n) // max(files, 1)
 
 
+def shard_cost(kind: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """The work of each row for byte-sized shards: its text's bytes where it is embedded, an eighth of them
+    where its vector is copied."""
+    return np.where(kind == EMBED, nbytes, nbytes // 8 + 1)
+
+
 def by_text(need: Spill, keyed: Spill, resolved: Spill, group: Callable[[np.ndarray], np.ndarray],
-            counts: dict[str, int]) -> None:
-    """Pass 2 (see the module docstring)."""
+            counts: dict[str, int], file_cost: np.ndarray | None = None) -> None:
+    """Pass 2 (see the module docstring). ``file_cost`` (one entry per input file) gets each file's
+    ``shard_cost`` added up: how much work the shards cut after a file hold."""
     for b in range(need.n):
         t, p = need.read(b), keyed.read(b)
         if not t.num_rows:
@@ -156,7 +163,10 @@ def by_text(need: Spill, keyed: Spill, resolved: Spill, group: Callable[[np.ndar
         owners = emb & (owner == np.arange(len(owner)))
         counts["embedded"] += int(owners.sum())
         counts["deduplicated"] += int((emb & ~owners).sum())
-        out = t.append_column("kind", pa.array(np.where(hit, REUSE, EMBED).astype(np.int8)))
+        kind = np.where(hit, REUSE, EMBED).astype(np.int8)
+        if file_cost is not None:
+            file_cost += np.bincount(file, shard_cost(kind, column(t, "nbytes")), len(file_cost)).astype(np.int64)
+        out = t.append_column("kind", pa.array(kind))
         for name, values in (("src_part", column(p, "part")), ("src_prow", column(p, "prow"))):
             out = out.append_column(name, pa.array(np.where(hit, values[src] if len(values) else -1, -1)))
         nseq = column(p, "nseq")

@@ -39,9 +39,9 @@ from pipeline.errors import InputError, ManifestMismatch, where
 from pipeline.job import passes, versions
 from pipeline.job.buckets import Scratch, Spill, bucket_bits, remove_stale_spills
 from pipeline.job.config import JobConfig, fingerprint_fields
+from pipeline.job.launch import expected_workers
 from pipeline.job.manifest import (
     DUP,
-    EMBED,
     MANIFEST,
     WORK,
     Manifest,
@@ -65,6 +65,7 @@ from pipeline.util import fault_point, locked, write_json_atomic
 log = logging.getLogger(__name__)
 
 SHARD_SECONDS = 60  # automatic shard size: about a minute of work on the device
+TAPER_MIN = 32  # the last automatic shards shrink to no less than 1/TAPER_MIN of a shard (~2 s of work)
 TRASH = ".trash"
 
 
@@ -247,8 +248,11 @@ def make_plan(out: Path, cfg: JobConfig, settings: dict[str, Any], infos: list[I
                 _refuse_rejects(rejects, cfg)
             group_bits = min(bits, 8)
             resolved = scratch.spill("resolved", passes.RESOLVED_SCHEMA, "file", group_bits)
-            passes.by_text(need, keyed, resolved, passes.file_group(len(infos), group_bits), got.counts)
-            _cut_embed_shards(manifest, work, out, infos, scans, resolved, budget, unit)
+            file_cost = np.zeros(len(infos), np.int64)
+            passes.by_text(need, keyed, resolved, passes.file_group(len(infos), group_bits), got.counts, file_cost)
+            taper = expected_workers(cfg) if unit == "bytes" else 0
+            manifest.plan["shard_budget"]["taper_workers"] = taper
+            _cut_embed_shards(manifest, work, out, infos, scans, resolved, budget, unit, file_cost, taper)
         _rewrites(manifest, work, got)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -338,17 +342,21 @@ def _shard_budget(cfg: JobConfig) -> tuple[int, str]:
 
 
 def _cut_embed_shards(manifest: Manifest, work: Path, out: Path, infos: list[InputFile], scans: list[FileScan],
-                      resolved: Spill, budget: int, unit: str) -> None:
+                      resolved: Spill, budget: int, unit: str, file_cost: np.ndarray, taper: int) -> None:
     """Embed shards over the rows that need a vector, file by file in input order; one work table per shard; then a
-    dup shard for each embed shard with rows whose text another shard embeds."""
+    dup shard for each embed shard with rows whose text another shard embeds. ``file_cost``: each file's work (see
+    ``passes.shard_cost``); ``taper``: the workers expected (0: no taper; see ``_cut``)."""
     cut: dict[int, passes.FileShards] = {}
     dups: list[tuple[int, int]] = []
+    before = np.cumsum(file_cost) - file_cost  # work of the files before each one
+    after = np.cumsum(file_cost[::-1])[::-1] - file_cost  # and after it
     for f, rows in passes.files_in_order(resolved):
         frow = rows.column("frow").to_numpy()
         nbytes = rows.column("nbytes").to_numpy()
         kind = rows.column("kind").to_numpy()
-        cost = np.where(kind == EMBED, nbytes, nbytes // 8 + 1) if unit == "bytes" else np.ones(len(frow), np.int64)
-        pieces = _cut(frow, cost, budget, scans[f].row_groups, unit == "rows")
+        cost = passes.shard_cost(kind, nbytes) if unit == "bytes" else np.ones(len(frow), np.int64)
+        pieces = _cut(frow, cost, budget, scans[f].row_groups, unit == "rows", before=int(before[f]),
+                      after=int(after[f]), taper=taper)
         sids = np.arange(manifest.next_id, manifest.next_id + len(pieces))
         manifest.next_id += len(pieces)
         cut[f] = passes.FileShards(np.array([frow[p[0]] for p in pieces], np.int64), sids)
@@ -367,12 +375,22 @@ def _cut_embed_shards(manifest: Manifest, work: Path, out: Path, infos: list[Inp
             manifest.next_id += 1
 
 
-def _cut(frow: np.ndarray, cost: np.ndarray, budget: int, row_groups: list[int] | None, by_rows: bool
-         ) -> list[np.ndarray]:
+def _cut(frow: np.ndarray, cost: np.ndarray, budget: int, row_groups: list[int] | None, by_rows: bool, *,
+         before: int = 0, after: int = 0, taper: int = 0) -> list[np.ndarray]:
     """Split needed rows (sorted by row) into consecutive pieces of about ``budget`` cost each.
 
     In Parquet files a piece ends at a row-group edge where the row groups are smaller than a piece, so that a
     row group is read by one shard; larger row groups are split evenly.
+
+    With ``taper`` (the workers expected), the pieces are short at both ends of the plan (``before`` and
+    ``after``: the cost of the files cut before and after this one), never below ``budget / TAPER_MIN``:
+
+    - at the start, about the work cut so far / taper: a worker's first shard is read and tokenized before its
+      GPU starts (a full shard of the 0.6B model, 27M tokens, took 10 s of that on an H200), the next ones
+      while the GPU works;
+    - at the end, the work left / (2 x taper): workers claim shards in plan order, so at the end each holds a
+      short shard and they finish within seconds of each other, where full shards (a minute of work by
+      default) would leave all but one waiting for up to that long.
     """
     if row_groups and by_rows and len(frow) == sum(row_groups) and len(frow) == frow[-1] + 1:
         # every row of the file, sized by rows: whole row groups, large ones split evenly
@@ -381,12 +399,23 @@ def _cut(frow: np.ndarray, cost: np.ndarray, budget: int, row_groups: list[int] 
     pieces, start, acc = [], 0, 0
     edges = set(np.cumsum(row_groups).tolist()) if row_groups else set()
     total = np.cumsum(cost)
+    end = int(total[-1]) + after if len(total) else after
+
+    def target(start: int) -> int:
+        if not taper:
+            return budget
+        done = before + (int(total[start - 1]) if start else 0)
+        left = end - (int(total[start - 1]) if start else 0)
+        return min(budget, max(budget // TAPER_MIN, min(done // taper, left // (2 * taper))))
+
+    want = target(0)
     for i in range(len(frow)):
         acc = total[i] - (total[start - 1] if start else 0)
         at_edge = not edges or (int(frow[i]) + 1) in edges
-        if acc >= budget and (at_edge or acc >= 2 * budget):
+        if acc >= want and (at_edge or acc >= 2 * want):
             pieces.append(np.arange(start, i + 1))
             start = i + 1
+            want = target(start)
     if start < len(frow):
         pieces.append(np.arange(start, len(frow)))
     return pieces

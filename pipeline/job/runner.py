@@ -53,7 +53,7 @@ from pipeline.job.sink import (
 from pipeline.job.startup import ModelLoad
 from pipeline.model.encoder import Embedder
 from pipeline.model.tokens import Encoded
-from pipeline.util import attach_log_file, fault_point, locked
+from pipeline.util import attach_log_file, fault_point, locked, process_age
 
 log = logging.getLogger(__name__)
 # Shards read and tokenized ahead of the model. One is enough (reading and tokenizing a shard takes a fraction
@@ -190,6 +190,8 @@ def run_job(
         manifest = prepare(cfg, overwrite=overwrite)
         return _run(cfg, out, manifest, stop, embedder, lease_seconds)
     finally:
+        age = process_age()
+        log.info("worker done%s", "" if age is None else f", {age:.1f}s after the process started")
         logging.getLogger("pipeline").removeHandler(handler)
         handler.close()
 
@@ -300,12 +302,15 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         if shard.kind != "embed":
             return {"work": work}
         kinds = work.column("kind").to_numpy()
+        t0 = time.perf_counter()
         table = read_rows(manifest, shard, spec, work.column("frow").to_numpy())
         _check_rows(manifest, shard, table, work, spec)
+        t1 = time.perf_counter()
         owners = np.flatnonzero(kinds == EMBED)
         enc = embedder.tokenizer.encode(table.column("text").take(pa.array(owners)).to_pylist()) if len(owners) \
             else None
-        return {"work": work, "table": table, "owners": owners, "enc": enc}
+        return {"work": work, "table": table, "owners": owners, "enc": enc,
+                "timing": {"read_s": t1 - t0, "tokenize_s": time.perf_counter() - t1}}
 
     def embed_part(shard: Shard, item: dict[str, Any], vectors: np.ndarray | None) -> tuple[pa.Table, pa.Table, int]:
         work, table, owners, enc = item["work"], item["table"], item["owners"], item["enc"]
@@ -384,15 +389,17 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         table = copied_table(cache, side, part, prow, nseq, cfg)
         return table, docs_table(h, k, x, np.cumsum(nseq) - nseq, nseq), 0
 
-    def commit_shard(shard: Shard, made: tuple[pa.Table, pa.Table, int], t0: float) -> None:
+    def commit_shard(shard: Shard, made: tuple[pa.Table, pa.Table, int], t0: float, timing: dict[str, float]
+                     ) -> None:
         try:
-            _commit_shard(shard, made, t0)
+            _commit_shard(shard, made, t0, timing)
         except BaseException:
             # This shard will not be done by us: stop claiming, or the loop would wait for it forever (a full disk)
             halt.set()
             raise
 
-    def _commit_shard(shard: Shard, made: tuple[pa.Table, pa.Table, int], t0: float) -> None:
+    def _commit_shard(shard: Shard, made: tuple[pa.Table, pa.Table, int], t0: float, timing: dict[str, float]
+                      ) -> None:
         table, docs, tokens = made
         if not claims.owns(shard):
             log.warning("shard %d: the claim was taken over by another worker; dropping this result", shard.id)
@@ -401,7 +408,8 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         write_part(out, shard.id, table, docs)
         seconds = time.perf_counter() - t0
         mark_done(out, shard, {"kind": shard.kind, "rows": docs.num_rows, "sequences": table.num_rows,
-                               "tokens": tokens, "seconds": round(seconds, 4), "worker": claims.worker})
+                               "tokens": tokens, "seconds": round(seconds, 4), "worker": claims.worker,
+                               **{k: round(v, 4) for k, v in timing.items()}})
         fault_point("after-marker")
         claims.release(shard)
         summary.shards_done += 1
@@ -419,9 +427,19 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
     start = time.perf_counter()
     with Claims(out, lease_seconds) as claims:
         shards = _prefetch(_claimed(manifest, claims, halt, stop), load, PREFETCH)
+        waited_since = time.perf_counter()
         try:
             for shard, item in shards:
                 t0 = time.perf_counter()
+                # Where a shard's time goes besides the model: reading and checking its rows and tokenizing them
+                # (in the prefetch thread, while the previous shard is embedded), waiting for that (wait_s: the
+                # model idle), and waiting for the previous part to be written (write_wait_s).
+                timing = {**item.get("timing", {}), "wait_s": t0 - waited_since}
+                if not summary.shards_done and writing is None:
+                    age = process_age()
+                    log.info("first shard %d: read in %.2fs, tokenized in %.2fs%s", shard.id,
+                             timing.get("read_s", 0.0), timing.get("tokenize_s", 0.0),
+                             "" if age is None else f"; it starts {age:.1f}s after the process started")
                 vectors = None
                 if shard.kind == "embed" and item["enc"] is not None:
                     enc, table = item["enc"], item["table"]
@@ -449,11 +467,17 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
                     bar.update(max(0, shard.docs - len(owners)))
                 else:
                     bar.update(shard.docs)
+                t_made = time.perf_counter()
+                timing["model_s"] = t_made - t0
                 made = (embed_part(shard, item, vectors) if shard.kind == "embed" else
                         rewrite_part(shard, item) if shard.kind == "rewrite" else dup_part(shard, item))
+                timing["assemble_s"] = time.perf_counter() - t_made
+                t_write = time.perf_counter()
                 if writing is not None:
                     writing.result()
-                writing = writer.submit(commit_shard, shard, made, t0)
+                timing["write_wait_s"] = time.perf_counter() - t_write
+                writing = writer.submit(commit_shard, shard, made, t0, timing)
+                waited_since = time.perf_counter()
                 if stop is not None and stop.is_set():
                     break
             if writing is not None:

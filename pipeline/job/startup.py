@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pipeline.util import process_age
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +35,7 @@ class ModelLoad:
         self.seconds: float | None = None
         self._thread = threading.Thread(target=self._work, name="load-model", daemon=True)
         self._thread.start()
+        self.process_age = process_age()  # when the load started, counted from the process's start
 
     def _work(self) -> None:
         try:
@@ -52,6 +55,8 @@ class ModelLoad:
         waited = time.perf_counter() - waited
         if self._error is not None:
             raise self._error
-        log.info("model ready %.1fs after the load started (%.1fs of it waited for after planning)",
-                 self.seconds or 0.0, waited)
+        log.info("model ready %.1fs after the load started (%.1fs of it waited for after planning)%s",
+                 self.seconds or 0.0, waited,
+                 "" if self.process_age is None else f"; the load started {self.process_age:.1f}s after the "
+                 "process did")
         return self._value

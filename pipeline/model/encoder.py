@@ -211,19 +211,35 @@ class Embedder:
         """
         import time
 
+        from pipeline.util import process_age
+
+        steps: dict[str, float] = {}
+        mark = time.perf_counter()
+
+        def step(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            steps[name] = now - mark
+            mark = now
+
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        step("import torch")
         hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
         path = resolve_model_path(model)
         device = device or default_device()
         if compute_dtype == "auto":
             compute_dtype = "float32" if device == "cpu" else "bfloat16"
+        if device.startswith("cuda"):
+            torch.empty(0, device=device)  # the CUDA context, timed on its own
+            step("CUDA context")
         t0 = time.perf_counter()
         direct = device.startswith("cuda") and importlib.util.find_spec("accelerate") is not None
         try:
             hf_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            step("tokenizer")
             net = AutoModel.from_pretrained(
                 path, dtype=_torch_dtype(compute_dtype), trust_remote_code=trust_remote_code,
                 attn_implementation="sdpa", **({"device_map": device} if direct else {}),
@@ -231,11 +247,17 @@ class Embedder:
         except (OSError, ValueError) as exc:
             raise PipelineError(f"model {model!r}: cannot load ({exc})") from exc
         net.eval().to(torch.device(device))
+        step("weights")
         log.info("model %s loaded in %.1fs (%s)", model, time.perf_counter() - t0,
                  "straight to the device" if direct else "through host memory")
         emb = cls.from_loaded(net, hf_tok, model=model, path=path, device=device, **options)
+        step("forward built")
         if emb.packed is not None and emb.packed.compiled:
             log.info("compiled forward warmed up in %.1fs", emb.packed.warmup())
+            step("warm-up")
+        age = process_age()
+        log.info("model start-up: %s%s", ", ".join(f"{k} {v:.1f}s" for k, v in steps.items()),
+                 f"; {age:.1f}s after the process started" if age is not None else "")
         return emb
 
     @classmethod

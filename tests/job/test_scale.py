@@ -82,7 +82,10 @@ def test_detect_rank(env: dict[str, str], expected: tuple[int, int, int, str]) -
 def four_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
+    import pipeline.job.launch as launch
+
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(launch, "_driver_gpu_count", lambda: None)  # as on a machine without the driver
 
 
 def test_device_for_rank(four_gpus: None) -> None:
@@ -110,6 +113,24 @@ def test_parse_gpus_without_cuda_visible_devices(four_gpus: None, monkeypatch: p
     for bad in ("5", "0,4", "0,0", "two", "0", "-1"):
         with pytest.raises(ConfigError, match="gpus"):
             parse_gpus(bad)
+
+
+def test_gpu_count_from_the_driver_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher counts GPUs through the driver, so it starts its workers without importing torch first."""
+    import subprocess
+    import sys
+
+    import pipeline.job.launch as launch
+
+    assert launch._driver_gpu_count("libno-such-cuda.so.1") is None  # no driver here: torch is asked, as before
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(launch, "_driver_gpu_count", lambda: 2)
+    assert parse_gpus("all") == ["0", "1"]
+    code = ("import sys; import pipeline.job.launch as l; l._driver_gpu_count = lambda: 2; "
+            "assert l.parse_gpus('all') == ['0', '1']; print('torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert got.stdout.strip() == "False"
 
 
 def test_parse_gpus_within_the_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
