@@ -38,12 +38,16 @@ def _exits_fast(command):
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         else:
             code = 0
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_initialized():
+        if _cuda_used():
             fast_exit(code)
         raise SystemExit(code)
 
     return wrapper
+
+
+def _cuda_used() -> bool:
+    torch = sys.modules.get("torch")  # never imported here: only whether the command did
+    return torch is not None and torch.cuda.is_initialized()
 
 
 @click.command()

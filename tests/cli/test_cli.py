@@ -297,3 +297,32 @@ def test_job_record_keeps_the_instruction(tmp_path, corpus):
     record = json.loads((out / "job.json").read_text())
     assert record["model"]["prompt"] == "Instruct: Find the passage\nQuery:"
     assert record["config"]["instruction"] == "Find the passage"
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_run_on_a_gpu_ends_without_teardown_and_keeps_its_exit_code(tmp_path, monkeypatch, cuda):
+    """``embed-corpus run`` in its own process on a GPU ends through ``fast_exit`` with the command's exit code
+    (0, or a failure's), once all is written; without CUDA, or called from a program, it returns as before."""
+    import pipeline.cli
+    import pipeline.cli.run as run_cli
+
+    ended: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        ended.append(code)
+        raise SystemExit(code)  # what the process would exit with
+
+    monkeypatch.setattr(run_cli, "fast_exit", fake_exit)
+    monkeypatch.setattr(run_cli, "_cuda_used", lambda: cuda)
+    corpus = tmp_path / "in.jsonl"
+    write_jsonl(corpus, make_docs(3))
+    missing = ("run", "--input", str(tmp_path / "missing.jsonl"), "--model", "x", "--output")
+    monkeypatch.setattr(pipeline.cli, "RUN_PROCESS", False)  # a program calling the command: no fast exit
+    assert invoke(*missing, str(tmp_path / "o0")).exit_code == 1 and ended == []
+    monkeypatch.setattr(pipeline.cli, "RUN_PROCESS", True)
+    bad = invoke(*missing, str(tmp_path / "o1"))
+    assert bad.exit_code == 1 and "error: model 'x'" in bad.output
+    assert ended == ([1] if cuda else [])
+    ok = invoke(*embed_args([corpus], tmp_path / "o2"))
+    assert ok.exit_code == 0 and read_vectors(tmp_path / "o2").num_rows == 3
+    assert ended == ([1, 0] if cuda else [])
