@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -138,6 +138,16 @@ def fast_exit(code: int) -> NoReturn:
             pass
     logging.shutdown()
     os._exit(code)
+
+
+def exit_code(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Call ``fn`` and return the exit code it would end the process with: 0 when it returns, a ``SystemExit``'s
+    code when it raises one (None: 0, a message: 1). Other exceptions propagate."""
+    try:
+        fn(*args, **kwargs)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 def process_age() -> float | None:

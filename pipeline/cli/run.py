@@ -17,7 +17,7 @@ import click
 from pipeline.cli.common import config_options, fail, fail_if_full_disk
 from pipeline.errors import EXIT_STOPPED, EXIT_STORAGE, PipelineError, StorageError
 from pipeline.job.config import ConfigError, JobConfig, build_config
-from pipeline.util import fast_exit
+from pipeline.util import exit_code, fast_exit
 
 
 def _exits_fast(command):
@@ -32,12 +32,7 @@ def _exits_fast(command):
         if not RUN_PROCESS:
             command(*args, **kwargs)
             return
-        try:
-            command(*args, **kwargs)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        else:
-            code = 0
+        code = exit_code(command, *args, **kwargs)
         if _cuda_used():
             fast_exit(code)
         raise SystemExit(code)

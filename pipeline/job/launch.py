@@ -113,15 +113,9 @@ def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | Non
     """A worker process: load the model while the parent plans, then work shards until none is left. It ends
     without the interpreter's teardown (``util.fast_exit``) once its parts and markers are written: seconds
     per worker on a GPU, paid by the job's wall time. An unexpected error ends it the usual way (traceback)."""
-    from pipeline.util import fast_exit
+    from pipeline.util import exit_code, fast_exit
 
-    try:
-        _work(cfg, env, lease, threads, planned, parent)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    else:
-        code = 0
-    fast_exit(code)
+    fast_exit(exit_code(_work, cfg, env, lease, threads, planned, parent))
 
 
 def _work(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | None, planned, parent: int | None

@@ -475,7 +475,7 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
                 # (in the prefetch thread, while the previous shard is embedded), waiting for that (wait_s: the
                 # model idle), and waiting for the previous part to be written (write_wait_s).
                 timing = {**item.get("timing", {}), "wait_s": t0 - waited_since}
-                if not summary.shards_done and writing is None:
+                if writing is None:  # this worker's first shard
                     age = process_age()
                     log.info("first shard %d: read in %.2fs, tokenized in %.2fs%s", shard.id,
                              timing.get("read_s", 0.0), timing.get("tokenize_s", 0.0),

@@ -235,7 +235,6 @@ class Embedder:
         if device.startswith("cuda"):
             torch.empty(0, device=device)  # the CUDA context, timed on its own
             step("CUDA context")
-        t0 = time.perf_counter()
         direct = device.startswith("cuda") and importlib.util.find_spec("accelerate") is not None
         try:
             hf_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -248,7 +247,7 @@ class Embedder:
             raise PipelineError(f"model {model!r}: cannot load ({exc})") from exc
         net.eval().to(torch.device(device))
         step("weights")
-        log.info("model %s loaded in %.1fs (%s)", model, time.perf_counter() - t0,
+        log.info("model %s loaded in %.1fs (%s)", model, steps["tokenizer"] + steps["weights"],
                  "straight to the device" if direct else "through host memory")
         emb = cls.from_loaded(net, hf_tok, model=model, path=path, device=device, **options)
         step("forward built")

@@ -326,3 +326,15 @@ def test_run_on_a_gpu_ends_without_teardown_and_keeps_its_exit_code(tmp_path, mo
     ok = invoke(*embed_args([corpus], tmp_path / "o2"))
     assert ok.exit_code == 0 and read_vectors(tmp_path / "o2").num_rows == 3
     assert ended == ([1, 0] if cuda else [])
+
+
+def test_exit_code_of_a_call():
+    from pipeline.util import exit_code
+
+    def ends(code):
+        raise SystemExit(code)
+
+    assert exit_code(lambda: None) == 0
+    assert [exit_code(ends, c) for c in (None, 0, 75, 74, "a message")] == [0, 0, 75, 74, 1]
+    with pytest.raises(ValueError):
+        exit_code(int, "not a number")  # other errors are not exit codes
