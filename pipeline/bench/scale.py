@@ -13,6 +13,8 @@ a second run on a machine does), then runs ``embed-corpus run`` to the end:
 Wall time runs from the first process's start to the last one's exit. ``scaling_efficiency`` is
 ``wall(1 GPU) / (N x wall(N GPUs))``, ``steady_scaling_efficiency`` the same ratio of the steady rates
 (``command.timings``). Every output is checked: each id exactly once, vectors against the one-GPU run's.
+A job of ~10 GPU-minutes does not fit one call of a lent machine: ``phase`` splits it (preparation, the
+one-GPU run, the rest) over calls that keep the same work folder.
 On a machine without GPUs the same runs use CPU worker processes (``--workers``), for tests.
 """
 
@@ -44,110 +46,198 @@ def _node_extra(devices: list[str]) -> tuple[str, ...]:
     return () if devices else ("--device", "cpu")
 
 
+PHASES = ("all", "prepare", "one", "many")
+
+
+class NoOneGpuRun(RuntimeError):
+    """The ``many`` phase found no one-GPU run of its job in the work folder."""
+
+
 def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, workdir: Path, logs: Path,
             devices: list[str], workers: int = 2, lease_s: float = 15.0, kill: bool = True,
-            nodes: bool = True, deadline: float | None = None) -> list[dict[str, Any]]:
+            nodes: bool = True, deadline: float | None = None, phase: str = "all",
+            note: str | None = None) -> list[dict[str, Any]]:
     """Records of one model size: the N-GPU launch, N separate processes, and the kill run.
 
     Args:
         size: a Qwen3-Embedding shape (``bench.synthetic.QWEN3_SHAPES``).
         tokenizer_dir: the Qwen tokenizer folder.
         n_docs: documents of the measured job; ``shard_size`` rows per shard (0: the command's own sizing).
-        workdir: where the model, the corpus and the outputs go; ``logs``: each command's output.
+        workdir: where the model, the corpus, the outputs and the phases' state (``scale-SIZE.json``) go.
+        logs: each command's output.
         devices: the GPUs (``CUDA_VISIBLE_DEVICES`` values) to use, at least ``workers``; empty: CPU workers.
         workers: N, the GPUs (or CPU workers) of the scaled runs.
         lease_s: the lease of the kill run (how long the survivors wait for a dead worker's claims).
         kill, nodes: also run the separate-process and kill runs.
         deadline: ``time.time()`` after which no further run is started (the records so far are returned).
+        phase: ``all``; or one part, so that a job of ~10 GPU-minutes fits calls of a few minutes on the same
+            machine (``workdir`` kept between them): ``prepare`` (model, corpus, compile cache), ``one`` (the
+            one-GPU run, preparing first if ``workdir`` holds no preparation of this job), ``many`` (the rest,
+            against the one-GPU run already in ``workdir``). ``prepare`` and ``one`` return no record.
+        note: how the phase ran (e.g. what else shared the machine), kept in the records.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-    from transformers import AutoTokenizer
-
-    from pipeline.bench.gpu import make_corpus, random_model
-    from pipeline.bench.synthetic import save_embedding_dir
-
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r}: expected one of {PHASES}")
     if devices and len(devices) < workers:
         raise ValueError(f"{workers} workers need {workers} GPUs, got {devices}")
-    device = "cuda" if devices else "cpu"
-    gpu = torch.cuda.get_device_name(0) if devices else "cpu"
-    model_dir = workdir / f"model-{size}"
-    model = random_model(size, device, "bfloat16" if devices else "float32")
-    save_embedding_dir(model, model_dir, tokenizer_dir=tokenizer_dir)
-    del model
-    if devices:
-        torch.cuda.empty_cache()
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.model_max_length = 1 << 30
-    texts = make_corpus(tok, n_docs + 64, seed=2)
-    ids = [f"d{i}" for i in range(n_docs)]
-    corpus = workdir / f"scale-{size}.parquet"
-    pq.write_table(pa.table({"id": ids, "text": texts[:n_docs]}), corpus,
-                   row_group_size=min(shard_size or 1024, 1024))
-    warm_corpus = workdir / f"warm-{size}.parquet"
-    pq.write_table(pa.table({"id": [f"w{i}" for i in range(64)], "text": texts[n_docs:]}), warm_corpus)
-    cache = workdir / f"compile-cache-{size}"
-    shutil.rmtree(cache, ignore_errors=True)
+    job = _Job(size, workdir, logs, devices, n_docs, shard_size)
+    state = job.load()
+    if phase == "many":
+        if state is None or "one" not in state:
+            raise NoOneGpuRun(f"{job.state}: no one-GPU run of this job ({size}, {n_docs} docs, shard size "
+                               f"{shard_size}); run the 'one' phase first with the same --workdir")
+    else:
+        state = state if phase != "all" and state is not None else {"base": job.prepare(tokenizer_dir, note)}
+        if phase in ("all", "one"):
+            state = job.one_gpu(state["base"], note)
+        if phase != "all":
+            return []
+    base = dict(state["base"], **state["one"])
+    if note:
+        base["note_many"] = note
+    return job.scaled(base, workers, lease_s=lease_s, kill=kill, nodes=nodes,
+                      late=lambda: deadline is not None and time.time() > deadline)
 
-    def out(name: str) -> Path:
-        path = workdir / f"scale-{size}-{name}"
+
+class _Job:
+    """One size's job in ``workdir``: its model, corpus, compile cache, outputs and phase state."""
+
+    def __init__(self, size: str, workdir: Path, logs: Path, devices: list[str], n_docs: int, shard_size: int):
+        self.size, self.workdir, self.logs, self.devices = size, workdir, logs, devices
+        self.n_docs, self.shard_size = n_docs, shard_size
+        self.model_dir = workdir / f"model-{size}"
+        self.corpus = workdir / f"scale-{size}.parquet"
+        self.cache = workdir / f"compile-cache-{size}"
+        self.state = workdir / f"scale-{size}.json"
+        self.ids = [f"d{i}" for i in range(n_docs)]
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state of this job (None: none, or one of another job)."""
+        try:
+            state = json.loads(self.state.read_text())
+        except FileNotFoundError:
+            return None
+        base = state["base"]
+        if (base["docs"], base["shard_size_rows"]) != (self.n_docs, self.shard_size):
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> dict[str, Any]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+        tmp.replace(self.state)
+        return state
+
+    def out(self, name: str) -> Path:
+        path = self.workdir / f"scale-{self.size}-{name}"
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    def late() -> bool:
-        return deadline is not None and time.time() > deadline
+    def prepare(self, tokenizer_dir: str, note: str | None) -> dict[str, Any]:
+        """The model saved to disk, the corpus written, the compile cache filled (the cold start-up)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import torch
+        from transformers import AutoTokenizer
 
-    base = {"bench": "scaling", "model_size": size, "gpu": gpu, "docs": n_docs,
-            "shard_size": shard_size or "default (the command's own sizing: bytes of text per shard)",
-            "date": time.strftime("%Y-%m-%d"), "compile_cache": "warm (filled by a 64-document job first)"}
-    # 1. a small job fills the compile cache (its start-up is the cold one)
-    cold = command.measure(command.run_args([warm_corpus], out("warm"), model_dir, extra=_launch_args(devices, 1)),
-                           command.command_env(compile_cache=cache), out("warm"), logs / f"scale-{size}-warm.log")
-    base["startup_s_cold"] = cold["startup_s"]
-    # 2. one GPU, then N
-    one_out = out("1")
-    one = command.measure(command.run_args([corpus], one_out, model_dir, shard_size=shard_size,
-                                           extra=_launch_args(devices, 1)),
-                          command.command_env(compile_cache=cache), one_out, logs / f"scale-{size}-1.log")
-    ref_ids, ref_vecs = command.read_output(one_out)
-    reference = dict(zip(ref_ids, ref_vecs, strict=True))
-    base.update({"tokens": one["tokens"], "shards": one["shards"], "tokens_per_s_1gpu": one["steady_tokens_per_s"],
-                 "wall_s_1gpu": one["wall_s"], "startup_s_1gpu": one["startup_s"],
-                 "gpu_seconds_1gpu": one["wall_s"], "one_gpu_check": command.compare_outputs(one_out, reference, ids),
-                 "shard_timing_1gpu": one["shard_timing"], "log_1gpu": one["log"]})
-    records = []
-    if late():
-        return [dict(base, skipped="deadline before the N-GPU run")]
-    n_out = out(str(workers))
-    many = command.measure(command.run_args([corpus], n_out, model_dir, shard_size=shard_size,
-                                            extra=_launch_args(devices, workers)),
-                           command.command_env(compile_cache=cache), n_out, logs / f"scale-{size}-{workers}.log")
-    records.append(_record(base, many, one, workers, f"--gpus {workers}" if devices else f"--workers {workers}",
-                           command.compare_outputs(n_out, reference, ids)))
-    # 3. N separate processes ("nodes"), started together
-    if nodes and not late():
-        nodes_out = out("nodes")
-        runs, launched = _start_nodes(corpus, nodes_out, model_dir, shard_size, devices, workers, cache, logs,
-                                      f"scale-{size}-node")
-        ended = max(command.finish(p, log_path) for p, log_path in runs)
-        sep = {**command.timings(nodes_out, launched, ended), "log": command.startup_log(nodes_out, launched),
-               "shard_timing": command.shard_timing(nodes_out)}
-        records.append(_record(base, sep, one, workers, f"{workers} processes, one GPU each (two nodes)",
-                               command.compare_outputs(nodes_out, reference, ids)))
-    # 4. the same, one of them killed once it has committed a shard
-    if kill and not late():
-        records.append(_kill_run(base, corpus, out("kill"), model_dir, shard_size, devices, workers, cache, logs,
-                                 size, lease_s, reference, ids, records[-1]))
-    return records
+        from pipeline.bench.gpu import make_corpus, random_model
+        from pipeline.bench.synthetic import save_embedding_dir
+
+        t0 = time.time()
+        self.state.unlink(missing_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        model = random_model(self.size, "cuda" if self.devices else "cpu",
+                             "bfloat16" if self.devices else "float32")
+        save_embedding_dir(model, self.model_dir, tokenizer_dir=tokenizer_dir)
+        del model
+        if self.devices:
+            torch.cuda.empty_cache()
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tok.model_max_length = 1 << 30
+        texts = make_corpus(tok, self.n_docs + 64, seed=2)
+        pq.write_table(pa.table({"id": self.ids, "text": texts[:self.n_docs]}), self.corpus,
+                       row_group_size=min(self.shard_size or 1024, 1024))
+        warm_corpus = self.workdir / f"warm-{self.size}.parquet"
+        pq.write_table(pa.table({"id": [f"w{i}" for i in range(64)], "text": texts[self.n_docs:]}), warm_corpus)
+        shutil.rmtree(self.cache, ignore_errors=True)
+        base = {"bench": "scaling", "model_size": self.size,
+                "gpu": torch.cuda.get_device_name(0) if self.devices else "cpu", "docs": self.n_docs,
+                "shard_size": self.shard_size or "default (the command's own sizing: bytes of text per shard)",
+                "shard_size_rows": self.shard_size, "date": time.strftime("%Y-%m-%d"),
+                "compile_cache": "warm (filled by a 64-document job first)"}
+        # a small job fills the compile cache (its start-up is the cold one)
+        cold = command.measure(command.run_args([warm_corpus], self.out("warm"), self.model_dir,
+                                                extra=_launch_args(self.devices, 1)),
+                               command.command_env(compile_cache=self.cache), self.out("warm"),
+                               self.logs / f"scale-{self.size}-warm.log")
+        base["startup_s_cold"] = cold["startup_s"]
+        base["prepare_s"] = round(time.time() - t0, 1)
+        if note:
+            base["note_prepare"] = note
+        self.save({"base": base})
+        return base
+
+    def one_gpu(self, base: dict[str, Any], note: str | None) -> dict[str, Any]:
+        """The one-GPU run (its output stays in ``workdir``: the reference of the scaled runs)."""
+        import os
+
+        one_out = self.out("1")
+        one = command.measure(command.run_args([self.corpus], one_out, self.model_dir, shard_size=self.shard_size,
+                                               extra=_launch_args(self.devices, 1)),
+                              command.command_env(compile_cache=self.cache), one_out,
+                              self.logs / f"scale-{self.size}-1.log")
+        ref_ids, ref_vecs = command.read_output(one_out)
+        got = {"tokens": one["tokens"], "shards": one["shards"], "tokens_per_s_1gpu": one["steady_tokens_per_s"],
+               "wall_s_1gpu": one["wall_s"], "startup_s_1gpu": one["startup_s"], "gpu_seconds_1gpu": one["wall_s"],
+               "one_gpu_check": command.compare_outputs(one_out, dict(zip(ref_ids, ref_vecs, strict=True)),
+                                                        self.ids),
+               "shard_timing_1gpu": one["shard_timing"], "log_1gpu": one["log"],
+               "cpus_1gpu": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+        if note:
+            got["note_1gpu"] = note
+        return self.save({"base": base, "one": got})
+
+    def scaled(self, base: dict[str, Any], workers: int, *, lease_s: float, kill: bool, nodes: bool,
+               late) -> list[dict[str, Any]]:
+        """The N-GPU launch, then N separate processes and the kill run, each checked against the one-GPU run."""
+        ref_ids, ref_vecs = command.read_output(self.workdir / f"scale-{self.size}-1")
+        reference = dict(zip(ref_ids, ref_vecs, strict=True))
+        if late():
+            return [dict(base, skipped="deadline before the N-GPU run")]
+        records = []
+        n_out = self.out(str(workers))
+        many = command.measure(command.run_args([self.corpus], n_out, self.model_dir, shard_size=self.shard_size,
+                                                extra=_launch_args(self.devices, workers)),
+                               command.command_env(compile_cache=self.cache), n_out,
+                               self.logs / f"scale-{self.size}-{workers}.log")
+        records.append(_record(base, many, workers,
+                               f"--gpus {workers}" if self.devices else f"--workers {workers}",
+                               command.compare_outputs(n_out, reference, self.ids)))
+        # N separate processes ("nodes"), started together
+        if nodes and not late():
+            nodes_out = self.out("nodes")
+            runs, launched = _start_nodes(self.corpus, nodes_out, self.model_dir, self.shard_size, self.devices,
+                                          workers, self.cache, self.logs, f"scale-{self.size}-node")
+            ended = max(command.finish(p, log_path) for p, log_path in runs)
+            sep = {**command.timings(nodes_out, launched, ended), "log": command.startup_log(nodes_out, launched),
+                   "shard_timing": command.shard_timing(nodes_out)}
+            records.append(_record(base, sep, workers, f"{workers} processes, one GPU each (two nodes)",
+                                   command.compare_outputs(nodes_out, reference, self.ids)))
+        # the same, one of them killed once it has committed a shard
+        if kill and not late():
+            records.append(_kill_run(base, self.corpus, self.out("kill"), self.model_dir, self.shard_size,
+                                     self.devices, workers, self.cache, self.logs, self.size, lease_s, reference,
+                                     self.ids, records[-1]))
+        return records
 
 
-def _record(base: dict[str, Any], many: dict[str, Any], one: dict[str, Any], n: int, launch: str,
+def _record(base: dict[str, Any], many: dict[str, Any], n: int, launch: str,
             check: dict[str, Any]) -> dict[str, Any]:
     return dict(base, gpus=n, launch=launch, tokens_per_s=many["steady_tokens_per_s"], wall_s=many["wall_s"],
                 startup_s=many["startup_s"], tail_s=many["tail_s"], workers_seen=many["workers"],
-                scaling_efficiency=round(one["wall_s"] / (n * many["wall_s"]), 3),
-                steady_scaling_efficiency=round(many["steady_tokens_per_s"] / (n * one["steady_tokens_per_s"]), 3),
+                scaling_efficiency=round(base["wall_s_1gpu"] / (n * many["wall_s"]), 3),
+                steady_scaling_efficiency=round(many["steady_tokens_per_s"] / (n * base["tokens_per_s_1gpu"]), 3),
                 check=check, shard_timing=many["shard_timing"], log=many["log"])
 
 

@@ -75,11 +75,19 @@ def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | Non
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(), default=None, help="Qwen tokenizer folder.")
 @click.option("--tiktoken", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--budget-seconds", type=float, default=None, help="Start no further run after this many seconds.")
+@click.option("--phase", type=click.Choice(["all", "prepare", "one", "many"]), default="all", show_default=True,
+              help="Run one part (prepare: model, corpus, compile cache; one: the one-GPU run; many: the rest, "
+                   "against it), so that a long job fits several calls sharing --workdir.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where models, corpora, outputs and the phases' state go, kept (default: a temporary folder).")
+@click.option("--note", default=None, help="How this call ran (what else shared the machine), kept in the records.")
 @click.option("--out", "out_path", type=click.Path(), default="bench-scale.json", show_default=True)
 def bench_scale(sizes: tuple[str, ...], docs_spec: tuple[str, ...], shard_spec: tuple[str, ...], gpus: int,
                 lease_seconds: int, node_sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | None,
-                budget_seconds: float | None, out_path: str) -> None:
+                budget_seconds: float | None, phase: str, workdir: str | None, note: str | None,
+                out_path: str) -> None:
     """The real command on one GPU against several (start-up counted), N separate processes, and one killed."""
+    import contextlib
     import json
     import tempfile
     import time
@@ -96,15 +104,22 @@ def bench_scale(sizes: tuple[str, ...], docs_spec: tuple[str, ...], shard_spec: 
     def extra_runs(size: str) -> bool:
         return not node_sizes or size in node_sizes
     records: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        work = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for size in sizes:
-            records += scale.scaling(size, tokenizer_dir=tokenizer_dir, n_docs=docs[size], shard_size=shards[size],
-                                     workdir=Path(tmp), logs=out.parent / "logs", devices=devices,
-                                     workers=2 if gpus == 0 else gpus, lease_s=lease_seconds,
-                                     kill=extra_runs(size), nodes=extra_runs(size),
-                                     deadline=start + budget_seconds if budget_seconds else None)
+            try:
+                records += scale.scaling(size, tokenizer_dir=tokenizer_dir, n_docs=docs[size],
+                                         shard_size=shards[size], workdir=work, logs=out.parent / "logs",
+                                         devices=devices, workers=2 if gpus == 0 else gpus, lease_s=lease_seconds,
+                                         kill=extra_runs(size), nodes=extra_runs(size), phase=phase, note=note,
+                                         deadline=start + budget_seconds if budget_seconds else None)
+            except scale.NoOneGpuRun as e:
+                raise click.ClickException(str(e)) from None
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(records, indent=1) + "\n")
+    if phase in ("prepare", "one"):
+        click.echo(f"{phase}: done in {work} ({time.time() - start:.0f}s); the 'many' phase reports")
+        return
     click.echo(scale.table(records))
     click.echo(f"results: {out_path}")
 

@@ -164,6 +164,48 @@ def test_scaling_bench_on_cpu_workers(tmp_path, qwen_tokenizer_dir):
     assert scale.table(records).count("\n") == 3
 
 
+@pytest.mark.slow
+def test_scaling_bench_in_phases_over_one_workdir(tmp_path, qwen_tokenizer_dir):
+    """A job too long for one call of a lent machine: the one-GPU run in one call, the scaled run in the next,
+    over the same work folder; the record is the one a single call makes."""
+    from click.testing import CliRunner
+
+    from pipeline.bench import scale
+    from pipeline.cli.bench import bench_scale
+
+    work = tmp_path / "work"
+    kw = dict(tokenizer_dir=str(qwen_tokenizer_dir), n_docs=48, shard_size=6, workdir=work, logs=tmp_path / "logs",
+              devices=[], workers=2, kill=False, nodes=False)
+    with pytest.raises(scale.NoOneGpuRun, match="run the 'one' phase first"):
+        scale.scaling("tiny", phase="many", **kw)
+    assert scale.scaling("tiny", phase="one", note="alone", **kw) == []
+    state = json.loads((work / "scale-tiny.json").read_text())
+    assert state["one"]["one_gpu_check"]["ids_once"] and state["one"]["note_1gpu"] == "alone"
+    assert state["base"]["startup_s_cold"] > 0 and state["base"]["prepare_s"] > 0
+    # another job in the same folder is not mistaken for this one
+    with pytest.raises(scale.NoOneGpuRun):
+        scale.scaling("tiny", phase="many", **dict(kw, n_docs=47))
+    (rec,) = scale.scaling("tiny", phase="many", **kw)
+    assert rec["gpus"] == 2 and rec["check"]["ids_once"] and rec["check"]["min_cosine_vs_reference"] >= 0.99999
+    assert rec["wall_s_1gpu"] == state["one"]["wall_s_1gpu"] and rec["note_1gpu"] == "alone"
+    assert rec["scaling_efficiency"] == pytest.approx(rec["wall_s_1gpu"] / (2 * rec["wall_s"]), abs=1e-3)
+    assert rec["tokens"] == state["one"]["tokens"] and rec["shards"] == 8
+    # the command: the same refusal, as a clear error
+    got = CliRunner().invoke(bench_scale, ["--size", "tiny", "--docs", "5", "--shard-size", "1", "--gpus", "0",
+                                           "--phase", "many", "--workdir", str(work),
+                                           "--tokenizer", str(qwen_tokenizer_dir),
+                                           "--out", str(tmp_path / "o.json")])
+    assert got.exit_code == 1 and "run the 'one' phase first" in got.output
+
+
+def test_scale_phases_are_the_commands_choices():
+    from pipeline.bench import scale
+    from pipeline.cli.bench import bench_scale
+
+    (phase,) = [p for p in bench_scale.params if p.name == "phase"]
+    assert tuple(phase.type.choices) == scale.PHASES
+
+
 def test_per_size_options_are_parsed_and_checked():
     import click
 
