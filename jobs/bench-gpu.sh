@@ -5,13 +5,20 @@
 #                                       `embed-corpus bench` measures 4B and 0.6B on the first
 #   bash jobs/bench-gpu.sh scale OUT    `embed-corpus bench-scale` on two GPUs (0.6B and 4B; 0.6B also as two
 #                                       separate processes, and with one of them killed)
+#   bash jobs/bench-gpu.sh scale-long OUT [STEP]
+#                                       jobs of ~9 GPU-minutes per size (0.6B 460,000 docs, 4B 92,000), the
+#                                       command's own shard sizing, in steps that each fit a 10-minute call on
+#                                       the same machine (OUT/work is kept between them): prepare, one (the
+#                                       one-GPU runs of both sizes at once, one per GPU, each process pinned to
+#                                       half the cores), many-0.6B, many-4B; no STEP: all four in order
 #
 # Results (JSON records, the printed tables, logs packed in one archive) go to OUT. The sizes below fit a
 # device session of ~30 minutes; pass BENCH_SCALE=2 (or more) in the environment for larger jobs.
 # Needs: the Qwen tokenizer folder in $QWEN_TOKENIZER (or qwen.tiktoken in $QWEN_TIKTOKEN), and for the tests
 # the qwen.tiktoken file (found through a `dashscope` package folder on PYTHONPATH; made here if missing).
 set -uo pipefail
-phase=${1:?single or scale}
+phase=${1:?single, scale or scale-long}
+step=
 out=${2:?output folder}
 mkdir -p "$out/logs"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -47,7 +54,38 @@ scale)
     --docs 0.6B=$((30000 * k)) --docs 4B=$((5400 * k)) --shard-size 0.6B=1000 --shard-size 4B=200 \
     --nodes 0.6B --lease-seconds 15 --budget-seconds 470 --out "$out/scale.json" 2>&1 | tee "$out/scale.txt"
   ;;
+scale-long)
+  step=${3:-all}
+  case "$step" in prepare|one|many-0.6B|many-4B|all) ;; *)
+    echo "unknown step $step (prepare, one, many-0.6B, many-4B)" >&2; exit 2 ;; esac
+  # the tokenizer folder made once, before two processes would make it at the same time
+  $py -c 'import sys; from pipeline.cli.bench import _tokenizer; _tokenizer(sys.argv[1], sys.argv[2] or None)' \
+    "${QWEN_TOKENIZER:-$out/qwen-tokenizer}" "${QWEN_TIKTOKEN:-}"
+  long=(--gpus 2 --nodes none --workdir "$out/work" --shard-size 0.6B=0 --shard-size 4B=0
+        --docs 0.6B=$((460000 * k)) --docs 4B=$((92000 * k)))
+  both() {  # one process per size at once, each on its own GPU and its own half of the cores
+    local n h; n=$(nproc); h=$((n / 2))
+    CUDA_VISIBLE_DEVICES=0 taskset -c 0-$((h - 1)) $py -m pipeline.cli bench-scale --size 0.6B "${tok[@]}" \
+      "${long[@]}" "$@" --out "$out/${1#--phase=}-0.6B.json" > "$out/${1#--phase=}-0.6B.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 taskset -c $h-$((n - 1)) $py -m pipeline.cli bench-scale --size 4B "${tok[@]}" \
+      "${long[@]}" "$@" --out "$out/${1#--phase=}-4B.json" > "$out/${1#--phase=}-4B.txt" 2>&1 &
+    wait
+  }
+  many() {
+    $py -m pipeline.cli bench-scale --size "$1" "${tok[@]}" "${long[@]}" --phase=many \
+      --note "the two-GPU run alone on the host ($(nproc) cores)" --out "$out/scale-long-$1.json" 2>&1 \
+      | tee "$out/scale-long-$1.txt"
+  }
+  case "$step" in
+  prepare|all) both --phase=prepare ;;&
+  one|all) both --phase=one --note "the one-GPU runs of 0.6B and 4B ran at the same time, one per GPU, each \
+pinned to $(($(nproc) / 2)) of the host's $(nproc) cores (taskset): a GPU's share of the host in the two-GPU run" ;;&
+  many-0.6B|all) many 0.6B ;;&
+  many-4B|all) many 4B ;;
+  *) ;;
+  esac
+  ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
 mv "$out"/profile-*.txt "$out/logs/" 2>/dev/null
-tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"
+tar czf "$out/logs-$phase${step:+-$step}.tgz" -C "$out" logs && rm -rf "$out/logs"

@@ -80,7 +80,7 @@ def measure(args: list[str], env: dict[str, str], output: Path, log: Path, timeo
     proc, launched = start(args, env, log)
     ended = finish(proc, log, timeout)
     return {**timings(output, launched, ended), "log": startup_log(output, launched),
-            "shard_timing": shard_timing(output)}
+            "shard_timing": shard_timing(output), "shard_log": shard_log(output, launched)}
 
 
 def timings(output: Path, launched: float, ended: float | None = None) -> dict[str, Any]:
@@ -150,6 +150,29 @@ def shard_timing(output: Path) -> dict[str, float]:
     done, _ = read_markers(output)
     keys = ("wait_s", "read_s", "tokenize_s", "write_wait_s")
     return {k: round(sum(float(m.get(k, 0.0)) for m in done.values()), 2) for k in keys}
+
+
+SHARD_LOG_COLUMNS = ("shard", "worker", "rows", "tokens", "start_s", "seconds", "wait_s", "read_s", "tokenize_s",
+                     "model_s", "write_wait_s")
+
+
+def shard_log(output: Path, launched: float) -> dict[str, Any]:
+    """Every finished shard in the order they started, one row each (``SHARD_LOG_COLUMNS``): which worker (its
+    index in order of first appearance), its size, when it started (seconds since ``launched``), how long it
+    took and where that time went. What the sums of ``shard_timing`` hide: a wait at one place, a slow worker,
+    the end of the job."""
+    from pipeline.job.sink import read_markers
+
+    done, _ = read_markers(output)
+    rows = sorted(done.items(), key=lambda kv: kv[1]["finished_at"] - kv[1]["seconds"])
+    workers: dict[str, int] = {}
+    table = []
+    for sid, m in rows:
+        w = workers.setdefault(str(m.get("worker")), len(workers))
+        start = m["finished_at"] - m["seconds"] - launched
+        table.append([sid, w, m["rows"], m["tokens"], round(start, 2), round(m["seconds"], 2),
+                      *(round(float(m.get(k, 0.0)), 2) for k in SHARD_LOG_COLUMNS[6:])])
+    return {"columns": list(SHARD_LOG_COLUMNS), "rows": table}
 
 
 def kill_hard(proc: subprocess.Popen) -> None:

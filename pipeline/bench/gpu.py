@@ -198,7 +198,8 @@ LABELS = {
                                        "shorter), run_shards_default shards; its steady rate",
     "run_shard_timing_warm": "sums over the run's shards (done-markers): wait_s the model idle waiting for the "
                              "next shard's rows and tokens, read_s and tokenize_s the prefetch thread's work, "
-                             "write_wait_s waiting for the previous part's write; _default, _cold likewise",
+                             "write_wait_s waiting for the previous part's write; _default, _cold likewise; "
+                             "run_shard_log_default: the same per shard (command.SHARD_LOG_COLUMNS)",
     "run_whole_tokens_per_s": "the real command, tokens over its whole wall time from process start to exit, for "
                               "run_docs documents (warm compile cache); _cold: empty compile cache",
     "startup_s_warm": "the real command, process start to its first shard's start (imports, planning, model load "
@@ -253,7 +254,8 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
               compile: bool = True, st_docs: int | None = None, long_docs: int = 0, device: str = "cuda",
               dtype: str | None = None, profile: Path | None = None, levers: bool = False,
               reference_docs: int = 32, repeats: int = 3, run_command: bool = True,
-              run_shard_size: int | None = None, ab: bool = True, logs: Path | None = None) -> dict[str, Any]:
+              run_shard_size: int | None = None, ab: bool = True, logs: Path | None = None,
+              split: tuple[int, ...] = ()) -> dict[str, Any]:
     """One model size, every figure from this one process. Returns the record (keys explained in ``LABELS``).
 
     Repeated ``repeats`` times, interleaved: the card's ceiling, the model alone, the pipeline (``run_job``),
@@ -386,6 +388,8 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
         rec["long_share_of_ceiling"] = round(
             rec["long_tokens_per_s"] * needed_flops(cfg_model, long_enc.lengths) / int(long_enc.lengths.sum())
             / (rec["ceiling_tflops"] * 1e12), 3)
+    if split:
+        rec["split"] = paths.split_cost(emb, enc, texts, device, split, cfg.sort_window)
     if profile is not None:
         paths.profile_kernels(emb, enc, profile / f"profile-{size}.txt")
     others: dict[str, np.ndarray] = {}
@@ -453,7 +457,7 @@ def _measure_command(size: str, model_dir: Path, src: Path, workdir: Path, shard
             out.update(run_tokens_per_s_default_shards=got["steady_tokens_per_s"], run_shards_default=got["shards"],
                        startup_s_default=got["startup_s"], run_wall_s_default=got["wall_s"],
                        run_tail_s_default=got["tail_s"], run_check_default=check,
-                       run_shard_timing_default=got["shard_timing"])
+                       run_shard_timing_default=got["shard_timing"], run_shard_log_default=got["shard_log"])
             continue
         out[f"run_shard_timing_{label}"] = got["shard_timing"]
         out[f"startup_s_{label}"] = got["startup_s"]
@@ -507,6 +511,9 @@ def table(records: list[dict[str, Any]]) -> str:
             lines.append(f"  8K-32K docs {_pm(r, 'long_tokens_per_s')} tok/s ({r['long_share_of_ceiling']:.1%})")
         if "ab" in r:
             lines.append(f"  same repeat, model alone: {r['ab']}")
+        if "split" in r:
+            lines.append(f"  model alone, one call {r['split']['one_call_tokens_per_s']:,} tok/s; per shard: "
+                         f"{r['split']['ratios_to_one_call']}")
         lines.append(f"  recompiles in the timed region: {r.get('recompiles_in_timed_region')}")
         for name, lever in r.get("levers", {}).items():
             if isinstance(lever, dict):
@@ -524,7 +531,7 @@ def main(sizes: list[str], tokenizer_dir: str, docs: dict[str, int], batch_token
          out: Path, compile: bool = True, long_docs: int = 0, st_docs: dict[str, int] | None = None,
          profile: bool = False, levers: bool = False, reference_docs: int = 32, device: str = "cuda",
          repeats: int = 3, run_command: bool = True, run_shard_size: int | None = None, ab: bool = True,
-         logs: Path | None = None) -> list[dict[str, Any]]:
+         logs: Path | None = None, split: tuple[int, ...] = ()) -> list[dict[str, Any]]:
     """Every size in turn, in this process; the records file is rewritten after each size (all records of
     this run, nothing merged from elsewhere)."""
     import tempfile
@@ -537,7 +544,7 @@ def main(sizes: list[str], tokenizer_dir: str, docs: dict[str, int], batch_token
                             st_docs=(st_docs or {}).get(size), profile=out.parent if profile else None,
                             levers=levers, reference_docs=reference_docs, device=device, repeats=repeats,
                             run_command=run_command, run_shard_size=run_shard_size, ab=ab,
-                            logs=logs or out.parent / "logs")
+                            logs=logs or out.parent / "logs", split=split)
             records.append(rec)
             log.warning("%s", json.dumps(rec))
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,50 @@ def ab(emb, enc, device: str, tokens: int, default_rate: float) -> dict[str, Any
     return out
 
 
+def split_cost(emb, enc, texts: list[str], device: str, shard_docs: tuple[int, ...], window: int) -> dict[str, Any]:
+    """What cutting a job into shards costs the model alone, same process, same tokens: one call over every
+    sequence (the bench's model-alone figure) against one call per shard of N documents (what the runner makes,
+    each ending with a copy of its vectors to the host), and the same calls while the next shard is tokenized in
+    a thread (the runner's prefetch, which shares the interpreter with the thread that launches the kernels).
+
+    Returns:
+        tokens/s of each way and its ratio to the one call.
+    """
+    import threading
+
+    from pipeline.model.tokens import Encoded
+
+    n = len(enc)
+    tokens = int(enc.lengths.sum())
+
+    def part(a: int, b: int) -> Encoded:
+        lo, hi = int(enc.offsets[a]), int(enc.offsets[b])
+        return Encoded(ids=enc.ids[lo:hi], offsets=enc.offsets[a : b + 1] - lo, doc=enc.doc[a:b] - enc.doc[a],
+                       chunk=enc.chunk[a:b], span=enc.span[a:b], truncated=enc.truncated[a:b])
+
+    seconds, _ = timed(lambda: emb.embed_encoded(enc, window=window), device)
+    out: dict[str, Any] = {"docs": n, "tokens": tokens, "sort_window": window,
+                           "one_call_tokens_per_s": round(tokens / seconds)}
+    for size in shard_docs:
+        parts = [part(a, min(a + size, n)) for a in range(0, n, size)]
+        seconds, _ = timed(lambda parts=parts: [emb.embed_encoded(p, window=window) for p in parts], device)
+        out[f"calls_of_{size}_docs_tokens_per_s"] = round(tokens / seconds)
+
+        def with_tokenizing(parts=parts, size=size) -> None:
+            for i, p in enumerate(parts):
+                worker = threading.Thread(target=emb.tokenizer.encode, args=(texts[(i + 1) * size : (i + 2) * size],))
+                worker.start()
+                emb.embed_encoded(p, window=window)
+                worker.join()
+
+        seconds, _ = timed(with_tokenizing, device)
+        out[f"calls_of_{size}_docs_tokenizing_alongside_tokens_per_s"] = round(tokens / seconds)
+    one = out["one_call_tokens_per_s"]
+    out["ratios_to_one_call"] = {k.removesuffix("_tokens_per_s"): round(v / one, 3) for k, v in out.items()
+                                 if k.startswith("calls_of_")}
+    return out
+
+
 def model_rate(emb, texts: list[str], device: str) -> tuple[int, np.ndarray]:
     """Model-only tokens/s on pre-tokenized ``texts`` and the vectors, after two warm-up batches (a compiled
     forward builds its graph in the first)."""

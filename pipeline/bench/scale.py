@@ -192,7 +192,7 @@ class _Job:
                "wall_s_1gpu": one["wall_s"], "startup_s_1gpu": one["startup_s"], "gpu_seconds_1gpu": one["wall_s"],
                "one_gpu_check": command.compare_outputs(one_out, dict(zip(ref_ids, ref_vecs, strict=True)),
                                                         self.ids),
-               "shard_timing_1gpu": one["shard_timing"], "log_1gpu": one["log"],
+               "shard_timing_1gpu": one["shard_timing"], "shard_log_1gpu": one["shard_log"], "log_1gpu": one["log"],
                "cpus_1gpu": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
         if note:
             got["note_1gpu"] = note
@@ -221,7 +221,8 @@ class _Job:
                                           workers, self.cache, self.logs, f"scale-{self.size}-node")
             ended = max(command.finish(p, log_path) for p, log_path in runs)
             sep = {**command.timings(nodes_out, launched, ended), "log": command.startup_log(nodes_out, launched),
-                   "shard_timing": command.shard_timing(nodes_out)}
+                   "shard_timing": command.shard_timing(nodes_out),
+                   "shard_log": command.shard_log(nodes_out, launched)}
             records.append(_record(base, sep, workers, f"{workers} processes, one GPU each (two nodes)",
                                    command.compare_outputs(nodes_out, reference, self.ids)))
         # the same, one of them killed once it has committed a shard
@@ -238,7 +239,7 @@ def _record(base: dict[str, Any], many: dict[str, Any], n: int, launch: str,
                 startup_s=many["startup_s"], tail_s=many["tail_s"], workers_seen=many["workers"],
                 scaling_efficiency=round(base["wall_s_1gpu"] / (n * many["wall_s"]), 3),
                 steady_scaling_efficiency=round(many["steady_tokens_per_s"] / (n * base["tokens_per_s_1gpu"]), 3),
-                check=check, shard_timing=many["shard_timing"], log=many["log"])
+                check=check, shard_timing=many["shard_timing"], shard_log=many["shard_log"], log=many["log"])
 
 
 def _start_nodes(corpus: Path, output: Path, model_dir: Path, shard_size: int, devices: list[str], n: int,

@@ -29,6 +29,9 @@ import click
               help="Also time the model alone waiting on the device after each batch, and at half the budget.")
 @click.option("--profile", is_flag=True, help="Also write a kernel-time table per size next to --out.")
 @click.option("--levers", is_flag=True, help="Also measure the model alone padded, packed eager and compiled.")
+@click.option("--split", "split_docs", type=int, multiple=True,
+              help="Also measure the model alone in one call per N documents (a shard's worth), with and without "
+                   "the next one tokenized alongside, against one call. Repeatable.")
 @click.option("--batch-tokens", type=int, default=None,
               help="Packed tokens per forward (default: the pipeline's default for the model).")
 @click.option("--long-docs", type=int, default=0, help="Also measure this many documents of 8K-32K tokens.")
@@ -39,8 +42,8 @@ import click
 @click.option("--out", "out_path", type=click.Path(), default="bench.json", show_default=True)
 def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | None, docs_spec: tuple[str, ...],
           st_spec: tuple[str, ...], repeats: int, run_command: bool, run_shard_size: int | None, ab: bool,
-          profile: bool, levers: bool, batch_tokens: int | None, long_docs: int, compile: bool, reference_docs: int,
-          device: str, out_path: str) -> None:
+          profile: bool, levers: bool, split_docs: tuple[int, ...], batch_tokens: int | None, long_docs: int,
+          compile: bool, reference_docs: int, device: str, out_path: str) -> None:
     """GPU throughput: the pipeline vs the sentence-transformers policy, on random Qwen3 weights."""
     from pathlib import Path
 
@@ -54,7 +57,7 @@ def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | Non
     records = bench_mod.main(list(sizes), tokenizer_dir, n_docs, budget, Path(out_path), compile=compile,
                              long_docs=long_docs, st_docs=n_st, profile=profile, levers=levers,
                              reference_docs=reference_docs, device=device, repeats=repeats, run_command=run_command,
-                             run_shard_size=run_shard_size, ab=ab)
+                             run_shard_size=run_shard_size, ab=ab, split=split_docs)
     click.echo(bench_mod.table(records))
     click.echo(f"results: {out_path}")
 

@@ -80,7 +80,7 @@ def test_command_timings_from_done_markers(tmp_path):
 def test_bench_record_on_the_tiny_shape(tmp_path, qwen_tokenizer_dir):
     rec = gpu.run_bench("tiny", tokenizer_dir=str(qwen_tokenizer_dir), n_docs=24, batch_tokens=None,
                         workdir=tmp_path / "work", st_docs=8, device="cpu", repeats=3, reference_docs=4,
-                        run_shard_size=8, logs=tmp_path / "logs")
+                        run_shard_size=8, logs=tmp_path / "logs", split=(8,))
     for key in ("model_size", "gpu", "docs", "tokens", "batch_tokens", "batch_tokens_is_default", "flops_per_token",
                 "flops_per_token_all_positions", "ceiling_tflops", "ceiling_tokens_per_s", "model_tokens_per_s",
                 "tokens_per_s", "st_policy_tokens_per_s", "ratio_vs_sentence_transformers", "share_of_ceiling",
@@ -128,6 +128,10 @@ def test_bench_record_on_the_tiny_shape(tmp_path, qwen_tokenizer_dir):
     assert set(timing) == {"wait_s", "read_s", "tokenize_s", "write_wait_s"} and timing["tokenize_s"] > 0
     assert rec["vs_float32_reference"]["pipeline"]["min"] >= 0.99999  # float32 on CPU: the same computation
     assert (tmp_path / "logs" / "run-tiny-warm.log").exists()
+    split = rec["split"]  # the model alone in one call per 8 documents, with and without tokenizing alongside
+    assert split["docs"] == 24 and split["tokens"] == rec["tokens"] and split["one_call_tokens_per_s"] > 0
+    assert set(split["ratios_to_one_call"]) == {"calls_of_8_docs", "calls_of_8_docs_tokenizing_alongside"}
+    assert rec["run_shard_log_default"]["columns"][0] == "shard" and rec["run_shard_log_default"]["rows"]
     assert gpu.table([rec]).count("\n") >= 3
 
 
@@ -190,6 +194,13 @@ def test_scaling_bench_in_phases_over_one_workdir(tmp_path, qwen_tokenizer_dir):
     assert rec["wall_s_1gpu"] == state["one"]["wall_s_1gpu"] and rec["note_1gpu"] == "alone"
     assert rec["scaling_efficiency"] == pytest.approx(rec["wall_s_1gpu"] / (2 * rec["wall_s"]), abs=1e-3)
     assert rec["tokens"] == state["one"]["tokens"] and rec["shards"] == 8
+    # each shard's own timing: which worker, when, where its time went
+    log = rec["shard_log"]
+    assert log["columns"][:2] == ["shard", "worker"] and len(log["rows"]) == 8
+    assert sorted(r[0] for r in log["rows"]) == list(range(8)) and {r[1] for r in log["rows"]} <= {0, 1}
+    starts = [r[log["columns"].index("start_s")] for r in log["rows"]]
+    assert starts == sorted(starts) and 0 < starts[0] < rec["wall_s"]
+    assert sum(r[2] for r in log["rows"]) == 48 and len(rec["shard_log_1gpu"]["rows"]) == 8
     # the command: the same refusal, as a clear error
     got = CliRunner().invoke(bench_scale, ["--size", "tiny", "--docs", "5", "--shard-size", "1", "--gpus", "0",
                                            "--phase", "many", "--workdir", str(work),
