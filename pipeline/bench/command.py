@@ -13,9 +13,11 @@ from the shards' done-markers (each has ``finished_at`` and the shard's ``second
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -76,11 +78,78 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float | None = None) -> f
 
 def measure(args: list[str], env: dict[str, str], output: Path, log: Path, timeout: float | None = None
             ) -> dict[str, Any]:
-    """Run one command to the end and return ``timings``."""
-    proc, launched = start(args, env, log)
-    ended = finish(proc, log, timeout)
+    """Run one command to the end and return ``timings``, its logs and the GPUs' clocks while it ran."""
+    with GpuClocks() as clocks:
+        proc, launched = start(args, env, log)
+        ended = finish(proc, log, timeout)
     return {**timings(output, launched, ended), "log": startup_log(output, launched),
-            "shard_timing": shard_timing(output), "shard_log": shard_log(output, launched)}
+            "shard_timing": shard_timing(output), "shard_log": shard_log(output, launched),
+            "gpu_clocks": clocks.summary()}
+
+
+class GpuClocks:
+    """Every GPU's SM clock, power draw and temperature, sampled by ``nvidia-smi`` once a ``interval_ms`` while
+    the block runs: whether a long run held its clocks (a rate measured in a burst of seconds and one over ten
+    minutes compare only if it did). Where there is no ``nvidia-smi`` it records nothing (``summary()`` is None).
+    """
+
+    QUERY = "index,clocks.sm,power.draw,temperature.gpu"
+
+    def __init__(self, interval_ms: int = 1000, binary: str = "nvidia-smi") -> None:
+        self.binary = shutil.which(binary)
+        self.interval_ms = interval_ms
+        self._proc: subprocess.Popen | None = None
+        self._out = None
+        self._text = ""
+
+    def __enter__(self) -> GpuClocks:
+        if self.binary:
+            self._out = tempfile.TemporaryFile()
+            self._proc = subprocess.Popen([self.binary, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
+                                           "-lms", str(self.interval_ms)],
+                                          stdout=self._out, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None or self._out is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._out.seek(0)
+        self._text += self._out.read().decode(errors="replace")
+        self._out.close()
+        self._proc = self._out = None
+
+    def summary(self) -> dict[str, Any] | None:
+        """Per GPU index: samples, SM clock (MHz: median, min, max, and the medians of the first and the last
+        minute), power (W: median, max), temperature (C: max)."""
+        by_gpu: dict[str, list[tuple[float, float, float]]] = {}
+        for line in self._text.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) != 4:
+                continue
+            try:
+                by_gpu.setdefault(parts[0], []).append((float(parts[1]), float(parts[2]), float(parts[3])))
+            except ValueError:  # "[N/A]" or a header
+                continue
+        if not by_gpu:
+            return None
+        minute = max(1, round(60_000 / self.interval_ms))
+        out: dict[str, Any] = {}
+        for gpu, rows in sorted(by_gpu.items()):
+            a = np.asarray(rows)
+            clock = a[:, 0]
+            out[gpu] = {"samples": len(a), "sm_clock_mhz": {
+                "median": float(np.median(clock)), "min": float(clock.min()), "max": float(clock.max()),
+                "first_minute_median": float(np.median(clock[:minute])),
+                "last_minute_median": float(np.median(clock[-minute:]))},
+                "power_w": {"median": round(float(np.median(a[:, 1])), 1), "max": round(float(a[:, 1].max()), 1)},
+                "temperature_c_max": float(a[:, 2].max())}
+        return out
 
 
 def timings(output: Path, launched: float, ended: float | None = None) -> dict[str, Any]:
@@ -153,7 +222,7 @@ def shard_timing(output: Path) -> dict[str, float]:
 
 
 SHARD_LOG_COLUMNS = ("shard", "worker", "rows", "tokens", "start_s", "seconds", "wait_s", "read_s", "tokenize_s",
-                     "model_s", "write_wait_s")
+                     "model_s", "assemble_s", "write_wait_s")
 
 
 def shard_log(output: Path, launched: float) -> dict[str, Any]:

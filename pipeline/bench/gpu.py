@@ -189,13 +189,17 @@ LABELS = {
     "model_tokens_per_s": "model alone: the pipeline's forward on pre-tokenized documents, in the bench process, "
                           "after the compiled warm-up (median of the repeats)",
     "tokens_per_s": "pipeline in the bench process (run_job: Parquet in, tokenizer, batching, forward, Parquet "
-                    "out) with the model already loaded and warmed up: steady state (median of the repeats)",
+                    "out) with the model already loaded and warmed up, tokens over run_job's whole time: planning, "
+                    "the first shard read and tokenized before the GPU starts, and the last write and the commit "
+                    "are in it (median of the repeats); split: the model alone per shard's worth of documents",
     "run_tokens_per_s": "the real command (embed-corpus run in a subprocess, model folder on disk, Parquet in), "
                         "steady state: tokens over the span from the first shard's start to the last shard's end "
                         "(warm compile cache)",
     "run_tokens_per_s_default_shards": "the real command again (warm cache) without --shard-size: the shard "
                                        "sizing a user gets (about a minute of work per shard, the last ones "
                                        "shorter), run_shards_default shards; its steady rate",
+    "gpu_clocks_model_alone": "nvidia-smi once a second while the model alone ran (every repeat): SM clock, "
+                              "power, temperature per GPU; run_gpu_clocks_*: the same while each command ran",
     "run_shard_timing_warm": "sums over the run's shards (done-markers): wait_s the model idle waiting for the "
                              "next shard's rows and tokens, read_s and tokenize_s the prefetch thread's work, "
                              "write_wait_s waiting for the previous part's write; _default, _cold likewise; "
@@ -344,9 +348,11 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
     vec_model = vec_st = None
     _peak_gib(device, reset=True)
     graphs_before = _graphs()
+    model_clocks = command.GpuClocks()
     for r in range(repeats):
         runs["ceiling_tflops"].append(gemm_tflops(device))
-        seconds, vecs = timed(lambda: emb.embed_encoded(enc), device)
+        with model_clocks:
+            seconds, vecs = timed(lambda: emb.embed_encoded(enc), device)
         runs["model_tokens_per_s"].append(rec["tokens"] / seconds)
         vec_model = vecs if vec_model is None else vec_model
         if r == 0:
@@ -369,6 +375,7 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
         if ab and r == repeats // 2 and emb.packed is not None:
             rec["ab"] = paths.ab(emb, enc, device, rec["tokens"], runs["model_tokens_per_s"][-1])
     rec["recompiles_in_timed_region"] = _graphs() - graphs_before if graphs_before >= 0 else None
+    rec["gpu_clocks_model_alone"] = model_clocks.summary()
     for key, values in runs.items():
         if values:
             s = _summary(values)
@@ -457,9 +464,11 @@ def _measure_command(size: str, model_dir: Path, src: Path, workdir: Path, shard
             out.update(run_tokens_per_s_default_shards=got["steady_tokens_per_s"], run_shards_default=got["shards"],
                        startup_s_default=got["startup_s"], run_wall_s_default=got["wall_s"],
                        run_tail_s_default=got["tail_s"], run_check_default=check,
-                       run_shard_timing_default=got["shard_timing"], run_shard_log_default=got["shard_log"])
+                       run_shard_timing_default=got["shard_timing"], run_shard_log_default=got["shard_log"],
+                       run_gpu_clocks_default=got["gpu_clocks"])
             continue
         out[f"run_shard_timing_{label}"] = got["shard_timing"]
+        out[f"run_gpu_clocks_{label}"] = got["gpu_clocks"]
         out[f"startup_s_{label}"] = got["startup_s"]
         out[f"run_wall_s_{label}"] = got["wall_s"]
         out[f"run_steady_s_{label}"] = got["steady_s"]

@@ -193,6 +193,7 @@ class _Job:
                "one_gpu_check": command.compare_outputs(one_out, dict(zip(ref_ids, ref_vecs, strict=True)),
                                                         self.ids),
                "shard_timing_1gpu": one["shard_timing"], "shard_log_1gpu": one["shard_log"], "log_1gpu": one["log"],
+               "gpu_clocks_1gpu": one["gpu_clocks"],
                "cpus_1gpu": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
         if note:
             got["note_1gpu"] = note
@@ -239,7 +240,8 @@ def _record(base: dict[str, Any], many: dict[str, Any], n: int, launch: str,
                 startup_s=many["startup_s"], tail_s=many["tail_s"], workers_seen=many["workers"],
                 scaling_efficiency=round(base["wall_s_1gpu"] / (n * many["wall_s"]), 3),
                 steady_scaling_efficiency=round(many["steady_tokens_per_s"] / (n * base["tokens_per_s_1gpu"]), 3),
-                check=check, shard_timing=many["shard_timing"], shard_log=many["shard_log"], log=many["log"])
+                check=check, shard_timing=many["shard_timing"], shard_log=many["shard_log"], log=many["log"],
+                gpu_clocks=many.get("gpu_clocks"))
 
 
 def _start_nodes(corpus: Path, output: Path, model_dir: Path, shard_size: int, devices: list[str], n: int,

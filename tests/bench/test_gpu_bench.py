@@ -209,6 +209,27 @@ def test_scaling_bench_in_phases_over_one_workdir(tmp_path, qwen_tokenizer_dir):
     assert got.exit_code == 1 and "run the 'one' phase first" in got.output
 
 
+def test_gpu_clocks_are_summarised_per_gpu_and_absent_without_nvidia_smi(tmp_path):
+    """The sampler reads nvidia-smi's CSV lines (two GPUs here, from a stand-in that prints 70 samples each and
+    an unavailable reading), keeps the first and last minute apart, and adds a second block's samples."""
+    fake = tmp_path / "nvidia-smi"
+    lines = [f"{g}, {1980 if i < 60 else 1755}, {650.5 + g}, {40 + i % 5}" for i in range(70) for g in (0, 1)]
+    fake.write_text("#!/bin/sh\ncat <<'EOF'\n" + "\n".join(lines + ["0, [N/A], [N/A], 41"]) + "\nEOF\nexec sleep 30\n")
+    fake.chmod(0o755)
+    clocks = command.GpuClocks(binary=str(fake))
+    for _ in range(2):
+        with clocks:
+            time.sleep(0.3)
+    got = clocks.summary()
+    assert set(got) == {"0", "1"} and got["0"]["samples"] == 140
+    sm = got["1"]["sm_clock_mhz"]
+    assert sm["first_minute_median"] == 1980 and sm["max"] == 1980 and sm["min"] == 1755
+    assert got["1"]["power_w"] == {"median": 651.5, "max": 651.5} and got["0"]["temperature_c_max"] == 44
+    with command.GpuClocks(binary="no-such-nvidia-smi") as none:
+        pass
+    assert none.summary() is None
+
+
 def test_scale_phases_are_the_commands_choices():
     from pipeline.bench import scale
     from pipeline.cli.bench import bench_scale

@@ -419,20 +419,29 @@ def test_the_first_and_last_shards_are_short(workers):
         assert (sizes[-2] <= budget // TAPER_MIN + 100) == (after == 0)  # and its last ones
 
 
-def test_short_shards_keep_row_groups_whole_and_compressed_files_have_no_short_end(tmp_path, minilm_dir):
-    """A short piece never splits a Parquet row group (each shard reads whole row groups); a compressed JSONL
+def test_short_shards_split_only_small_row_groups_and_compressed_files_have_no_short_end(tmp_path, minilm_dir):
+    """A full piece never splits a Parquet row group; a short one (the plan's two ends) ends inside a group only
+    where the group is at most ROW_GROUP_SPLIT times its work (each shard reads the whole group), so that with
+    groups of ~1,000 documents (~6 s of 4B work) the last shards are shorter than a group. A compressed JSONL
     file, which every shard reads from its start, gets short pieces at the plan's start but not at its end."""
     from pipeline.job.config import make_config
-    from pipeline.job.plan import TAPER_MIN, _cut, prepare
+    from pipeline.job.plan import ROW_GROUP_SPLIT, TAPER_MIN, _cut, prepare
     from pipeline.job.sizing import shard_bytes
 
     cost = np.full(10_000, 100, np.int64)
-    groups = [250] * 40
+    groups = [250] * 40  # 25,000 of work per group, more than a full piece
     edges = set(np.cumsum(groups).tolist())
     pieces = _cut(np.arange(10_000), cost, 20_000, groups, False, taper=2)
     assert np.array_equal(np.concatenate(pieces), np.arange(10_000))
-    assert all(int(p[-1]) + 1 in edges for p in pieces)  # 25,000 per group: more than a short piece
-    assert len(pieces) == 40
+    inside = [p for p in pieces[:-1] if int(p[-1]) + 1 not in edges]
+    assert inside and all(25_000 <= ROW_GROUP_SPLIT * 100 * len(p) for p in inside)
+    assert all(int(p[-1]) + 1 in edges for p in pieces if 20_000 <= 100 * len(p) < 40_000)  # full: whole groups
+    assert int(pieces[0][-1]) + 1 in edges  # the first piece's target (625) is too small to split a group
+    # groups of 1,024 documents, a full shard of 7 groups: the last pieces are shorter than a group
+    groups = [1024] * 23 + [448]
+    pieces = _cut(np.arange(24_000), np.ones(24_000, np.int64), 7168, groups, False, taper=2)
+    assert np.array_equal(np.concatenate(pieces), np.arange(24_000))
+    assert max(len(p) for p in pieces[-4:]) < 1024 and min(len(p) for p in pieces[:-1]) >= 7168 // TAPER_MIN
 
     long = " ".join(["copper harbor lantern meadow orbit"] * 60)
     rows = [{"id": f"r{i}", "text": f"{i} {long}"} for i in range(12_000)]
