@@ -117,8 +117,8 @@ class _Job:
             state = json.loads(self.state.read_text())
         except FileNotFoundError:
             return None
-        base = state["base"]
-        if (base["docs"], base["shard_size_rows"]) != (self.n_docs, self.shard_size):
+        base = state.get("base", {})
+        if (base.get("docs"), base.get("shard_size_rows")) != (self.n_docs, self.shard_size):
             return None
         return state
 

