@@ -45,7 +45,7 @@ single)
   if [ "$ngpu" -ge 2 ]; then (CUDA_VISIBLE_DEVICES=1 tests) & tests_pid=$!; fi
   CUDA_VISIBLE_DEVICES=0 $py -m pipeline.cli bench --size 4B --size 0.6B "${tok[@]}" \
     --docs 4B=$((1600 * k)) --docs 0.6B=$((6000 * k)) --st-docs 4B=300 --st-docs 0.6B=800 --long-docs 6 \
-    --repeats 3 --profile --out "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+    --repeats 3 --profile --split 400 --split 1500 --out "$out/bench.json" 2>&1 | tee "$out/bench.txt"
   if [ "$ngpu" -ge 2 ]; then wait "$tests_pid"; else CUDA_VISIBLE_DEVICES=0 tests; fi
   tail -3 "$out/tests.txt"
   ;;
