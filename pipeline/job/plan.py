@@ -408,11 +408,12 @@ def _cut(frow: np.ndarray, cost: np.ndarray, budget: int, row_groups: list[int] 
     pieces, start, acc = [], 0, 0
     edges = set(np.cumsum(row_groups).tolist()) if row_groups else set()
     total = np.cumsum(cost)
-    if row_groups:  # the work of the needed rows of each row group, by row
+    # what reading a row's whole row group costs, in work units: all its rows are read, needed or not (in a
+    # nightly run most are not), at the mean work of a needed row
+    group_cost = np.zeros(len(frow))
+    if row_groups and len(frow):
         group = np.searchsorted(np.cumsum(row_groups), frow, side="right")
-        group_cost = np.bincount(group, weights=cost, minlength=len(row_groups) + 1)[group]
-    else:
-        group_cost = np.zeros(len(frow))
+        group_cost = np.append(np.asarray(row_groups, np.float64), 0.0)[group] * (float(total[-1]) / len(frow))
     end = int(total[-1]) + after if len(total) else after
 
     def target(start: int) -> int:
