@@ -19,6 +19,7 @@
 set -uo pipefail
 phase=${1:?single, scale or scale-long}
 step=
+status=0
 out=${2:?output folder}
 mkdir -p "$out/logs"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -63,18 +64,29 @@ scale-long)
     "${QWEN_TOKENIZER:-$out/qwen-tokenizer}" "${QWEN_TIKTOKEN:-}"
   long=(--gpus 2 --nodes none --workdir "$out/work" --shard-size 0.6B=0 --shard-size 4B=0
         --docs 0.6B=$((460000 * k)) --docs 4B=$((92000 * k)))
-  both() {  # one process per size at once, each on its own GPU and its own half of the cores
-    local n h; n=$(nproc); h=$((n / 2))
-    CUDA_VISIBLE_DEVICES=0 taskset -c 0-$((h - 1)) $py -m pipeline.cli bench-scale --size 0.6B "${tok[@]}" \
+  both() {  # one process per size at once, each on its own GPU and its own half of the allowed cores
+    local halves a b r=0
+    halves=$($py -c 'import os; c = sorted(os.sched_getaffinity(0)); h = len(c) // 2
+print(",".join(map(str, c[:h])), ",".join(map(str, c[h:])))')
+    read -r a b <<< "$halves"
+    CUDA_VISIBLE_DEVICES=0 taskset -c "$a" $py -m pipeline.cli bench-scale --size 0.6B "${tok[@]}" \
       "${long[@]}" "$@" --out "$out/${1#--phase=}-0.6B.json" > "$out/${1#--phase=}-0.6B.txt" 2>&1 &
-    CUDA_VISIBLE_DEVICES=1 taskset -c $h-$((n - 1)) $py -m pipeline.cli bench-scale --size 4B "${tok[@]}" \
+    local p1=$!
+    CUDA_VISIBLE_DEVICES=1 taskset -c "$b" $py -m pipeline.cli bench-scale --size 4B "${tok[@]}" \
       "${long[@]}" "$@" --out "$out/${1#--phase=}-4B.json" > "$out/${1#--phase=}-4B.txt" 2>&1 &
-    wait
+    local p2=$!
+    wait "$p1" || r=$?
+    wait "$p2" || r=$?
+    if [ "$r" -ne 0 ]; then
+      tail -n 20 "$out/${1#--phase=}"-*.txt >&2
+      echo "${1#--phase=} failed (exit $r)" >&2
+      exit "$r"
+    fi
   }
   many() {
     $py -m pipeline.cli bench-scale --size "$1" "${tok[@]}" "${long[@]}" --phase=many \
       --note "the two-GPU run alone on the host ($(nproc) cores)" --out "$out/scale-long-$1.json" 2>&1 \
-      | tee "$out/scale-long-$1.txt"
+      | tee "$out/scale-long-$1.txt" || status=$?
   }
   case "$step" in
   prepare|all) both --phase=prepare ;;&
@@ -89,3 +101,4 @@ pinned to $(($(nproc) / 2)) of the host's $(nproc) cores (taskset): a GPU's shar
 esac
 mv "$out"/profile-*.txt "$out/logs/" 2>/dev/null
 tar czf "$out/logs-$phase${step:+-$step}.tgz" -C "$out" logs && rm -rf "$out/logs"
+exit "$status"

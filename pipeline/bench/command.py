@@ -105,9 +105,13 @@ class GpuClocks:
     def __enter__(self) -> GpuClocks:
         if self.binary:
             self._out = tempfile.TemporaryFile()
-            self._proc = subprocess.Popen([self.binary, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
-                                           "-lms", str(self.interval_ms)],
-                                          stdout=self._out, stderr=subprocess.DEVNULL)
+            try:
+                self._proc = subprocess.Popen([self.binary, f"--query-gpu={self.QUERY}",
+                                               "--format=csv,noheader,nounits", "-lms", str(self.interval_ms)],
+                                              stdout=self._out, stderr=subprocess.DEVNULL)
+            except OSError:  # an optional record: a sampler that cannot start records nothing
+                self._out.close()
+                self._out = None
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -47,7 +47,8 @@ def ab(emb, enc, device: str, tokens: int, default_rate: float) -> dict[str, Any
 
 def split_cost(emb, enc, texts: list[str], device: str, shard_docs: tuple[int, ...], window: int) -> dict[str, Any]:
     """What cutting a job into shards costs the model alone, same process, same tokens: one call over every
-    sequence (the bench's model-alone figure) against one call per shard of N documents (what the runner makes,
+    sequence (sorted in windows of ``window`` documents, as the runner sorts) against one call per shard of N
+    documents (what the runner makes,
     each ending with a copy of its vectors to the host), and the same calls while the next shard is tokenized in
     a thread (the runner's prefetch, which shares the interpreter with the thread that launches the kernels).
 

@@ -87,7 +87,8 @@ def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, work
             raise NoOneGpuRun(f"{job.state}: no one-GPU run of this job ({size}, {n_docs} docs, shard size "
                                f"{shard_size}); run the 'one' phase first with the same --workdir")
     else:
-        state = state if phase != "all" and state is not None else {"base": job.prepare(tokenizer_dir, note)}
+        if phase in ("all", "prepare") or state is None:
+            state = {"base": job.prepare(tokenizer_dir, note)}
         if phase in ("all", "one"):
             state = job.one_gpu(state["base"], note)
         if phase != "all":
@@ -120,6 +121,8 @@ class _Job:
         base = state.get("base", {})
         if (base.get("docs"), base.get("shard_size_rows")) != (self.n_docs, self.shard_size):
             return None
+        if (base.get("gpu") == "cpu") != (not self.devices) or not (self.model_dir.is_dir() and self.corpus.exists()):
+            return None  # prepared for the other kind of device, or its files are gone
         return state
 
     def save(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +185,7 @@ class _Job:
         """The one-GPU run (its output stays in ``workdir``: the reference of the scaled runs)."""
         import os
 
+        self.save({"base": base})  # an earlier one-GPU run is gone with its output: a failed run leaves none
         one_out = self.out("1")
         one = command.measure(command.run_args([self.corpus], one_out, self.model_dir, shard_size=self.shard_size,
                                                extra=_launch_args(self.devices, 1)),

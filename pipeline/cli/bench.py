@@ -99,6 +99,8 @@ def bench_scale(sizes: tuple[str, ...], docs_spec: tuple[str, ...], shard_spec: 
     from pipeline.bench import scale
 
     start = time.time()
+    if phase != "all" and not workdir:
+        raise click.UsageError(f"--phase {phase} needs --workdir (the phases share it)")
     tokenizer_dir = _tokenizer(tokenizer_dir, tiktoken)
     docs, shards = _per_size(docs_spec, sizes, "--docs"), _per_size(shard_spec, sizes, "--shard-size")
     devices = [str(i) for i in range(gpus)]

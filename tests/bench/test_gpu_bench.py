@@ -207,6 +207,14 @@ def test_scaling_bench_in_phases_over_one_workdir(tmp_path, qwen_tokenizer_dir):
                                            "--tokenizer", str(qwen_tokenizer_dir),
                                            "--out", str(tmp_path / "o.json")])
     assert got.exit_code == 1 and "run the 'one' phase first" in got.output
+    # a phase without a work folder would do its work in a temporary one that the next phase never sees
+    got = CliRunner().invoke(bench_scale, ["--size", "tiny", "--docs", "5", "--shard-size", "1", "--gpus", "0",
+                                           "--phase", "one", "--tokenizer", str(qwen_tokenizer_dir)])
+    assert got.exit_code == 2 and "--phase one needs --workdir" in got.output
+    # preparing again forgets the one-GPU run (its output may be gone): the many phase refuses until one runs
+    assert scale.scaling("tiny", phase="prepare", **kw) == []
+    with pytest.raises(scale.NoOneGpuRun):
+        scale.scaling("tiny", phase="many", **kw)
 
 
 def test_gpu_clocks_are_summarised_per_gpu_and_absent_without_nvidia_smi(tmp_path):
