@@ -285,7 +285,8 @@ class Embedder:
         """Work out pooling, framing and prompts for a model already in memory (on ``device``, in eval mode).
 
         ``path`` is where its sentence-transformers files (pooling, prompts, max length) are looked up;
-        ``packed_options`` go to ``PackedDecoder`` (``kernel``, ``fp32_residual``, ``all_dims_dynamic``).
+        ``packed_options`` go to ``PackedDecoder`` (``kernel``, ``fp32_residual``, ``all_dims_dynamic``,
+        ``earlier_tiles``).
         """
         from pipeline.model.packed import PackedDecoder, supports_packing
 

@@ -25,6 +25,8 @@ pack) makes the graph every pack uses, and compiled kernels are kept on disk bet
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import logging
 import os
@@ -193,10 +195,13 @@ class PackedDecoder:
         fp32_residual: keep the residual stream in float32 (see the module docstring).
         all_dims_dynamic: compile every dimension as dynamic, not only the tokens' (measured slower; kept
             for the benchmark's lever table).
+        earlier_tiles: run the attention kernel with the tiles used before 2026-12-01 (one query head per
+            program, 64-row tiles in the last layer too; kept for the benchmark's A/B, ``bench.paths.CHANGES``,
+            which uses ``variant``).
     """
 
     def __init__(self, model, *, compile: bool = False, kernel: str = "auto", fp32_residual: bool = True,
-                 all_dims_dynamic: bool = False) -> None:
+                 all_dims_dynamic: bool = False, earlier_tiles: bool = False) -> None:
         cfg = model.config
         self.model = model
         self.n_q = cfg.num_attention_heads
@@ -236,9 +241,7 @@ class PackedDecoder:
             need = {"triton": "CUDA, Triton and bf16/fp16 weights", "varlen": "CUDA and torch >= 2.10"}[kernel]
             raise ValueError(f"the {kernel} attention kernel needs {need}")
         self.kernel = kernel
-        params = inspect.signature(_varlen()).parameters if can["varlen"] else {}
-        self._varlen_gqa = "enable_gqa" in params
-        self._varlen_window = "window_size" in params  # torch >= 2.11; 2.10 takes is_causal
+        self._set_tiles(earlier_tiles)
         fns = {"pre": _pre_attention, "post": _post_attention, "pre_pad": _pre_attention_padded,
                "post_pad": _post_attention_padded}
         self.compiled = bool(compile and on_cuda)
@@ -252,6 +255,18 @@ class PackedDecoder:
         self.pre, self.post, self.pre_pad, self.post_pad = fns["pre"], fns["post"], fns["pre_pad"], fns["post_pad"]
         log.info("packed forward: %s attention%s%s", self.kernel, ", compiled" if self.compiled else "",
                  ", float32 residual" if fp32_residual else "")
+
+    def _set_tiles(self, earlier: bool) -> None:
+        group = self.n_q // self.n_kv
+        self._tiles = attention.tiles(group, fold=1 if earlier else None)
+        self._last_tiles = self._tiles if earlier else attention.tiles(group, last=True)
+
+    def variant(self, *, earlier_tiles: bool = False) -> PackedDecoder:
+        """This decoder with other attention tiles, sharing its fused weights and compiled graphs (an A/B in one
+        process without a second copy of the weights)."""
+        other = copy.copy(self)
+        other._set_tiles(earlier_tiles)
+        return other
 
     def warmup(self, lengths: tuple[int, ...] = (200, 61, 1)) -> float:
         """Run one small pack through the forward, so that the compiled graphs and the attention kernel are built
@@ -278,25 +293,22 @@ class PackedDecoder:
         if self.kernel == "sdpa":
             return padded_layout(lengths)
         if self.kernel == "triton":
-            return attention.block_table(lengths), attention.block_table(np.ones(len(lengths), dtype=np.int64))
+            ones = np.ones(len(lengths), dtype=np.int64)  # the last layer: one query, one block per sequence
+            return (attention.block_table(lengths, self._tiles["block_m"]),
+                    attention.block_table(ones, self._last_tiles["block_m"]))
         return ()
 
     # -------------------------------------------------------------------------------------------- attention
 
-    def _attention(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, blocks=None) -> torch.Tensor:
+    def _attention(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, blocks=None, last: bool = False
+                   ) -> torch.Tensor:
         """Causal attention within each sequence: q (Tq, n_q, D), k/v (Tk, n_kv, D) -> (Tq, n_q, D). With fewer
         queries than keys (``max_q == 1``: one per sequence), each query is its sequence's last position."""
         if self.kernel == "triton":
-            return attention.causal_packed(q, k, v, cu_q, cu_k, blocks, self.scale)
-        kwargs: dict = {"scale": self.scale}
-        causal = max_q != 1  # one query per sequence: its last position sees every key, no mask
-        if self._varlen_window:
-            kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
-        else:
-            kwargs["is_causal"] = causal
-        if self._varlen_gqa:
-            kwargs["enable_gqa"] = True
-        return _varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+            # the tiles ``blocks`` was made for (host_layout): the last layer's, or the causal layers'
+            return attention.causal_packed(q, k, v, cu_q, cu_k, blocks, self.scale,
+                                           **(self._last_tiles if last else self._tiles))
+        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, self.scale)
 
     # ---------------------------------------------------------------------------------------------- forward
 
@@ -343,7 +355,7 @@ class PackedDecoder:
                            self.n_q, self.n_kv, self.head_dim, self.eps)
         # the last layer only at each sequence's last position: one query per sequence, over all its keys
         cu_last = torch.arange(n + 1, device=cu.device, dtype=cu.dtype)
-        a = self._attention(q[last].contiguous(), k, v, cu_last, cu, 1, max_len, last_blocks)
+        a = self._attention(q[last].contiguous(), k, v, cu_last, cu, 1, max_len, last_blocks, last=True)
         h = _post_attention(x[last], a.reshape(n, -1), final.o, final.ln2, final.gate_up, final.down, self.eps)
         return m.norm(h)
 
@@ -373,6 +385,26 @@ class PackedDecoder:
         x_last = x[(torch.cumsum(lengths, 0) - 1)]
         h = _post_attention(x_last, a.reshape(n, -1), final.o, final.ln2, final.gate_up, final.down, self.eps)
         return m.norm(h)
+
+
+def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """``torch.nn.attention.varlen.varlen_attn``, causal (``max_q == 1``: one query per sequence, its last
+    position, which sees every key: no mask), grouped kv heads, through whichever signature this torch has."""
+    params = _varlen_params()
+    kwargs: dict = {"scale": scale}
+    causal = max_q != 1
+    if "window_size" in params:  # torch >= 2.11; 2.10 takes is_causal
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return _varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    return frozenset(inspect.signature(_varlen()).parameters)
 
 
 def _varlen():
