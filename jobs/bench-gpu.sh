@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The GPU session's measurements in one command each, on a machine with one or two NVIDIA GPUs.
 #
-#   bash jobs/bench-gpu.sh single OUT   GPU tests on the second GPU (or after the bench on one GPU) while
-#                                       `embed-corpus bench` measures 4B and 0.6B on the first
+#   bash jobs/bench-gpu.sh single OUT [SIZE]
+#                                       `embed-corpus bench` of 4B and 0.6B (or SIZE alone) on the first GPU
+#   bash jobs/bench-gpu.sh tests OUT    the GPU tests of the packed forward and the attention kernel
+#   bash jobs/bench-gpu.sh attention OUT
+#                                       `embed-corpus bench-attention` (tile choices of the attention kernel,
+#                                       0.6B and 4B shapes), then `bench --no-run --profile` of both sizes
 #   bash jobs/bench-gpu.sh scale OUT    `embed-corpus bench-scale` on two GPUs (0.6B and 4B; 0.6B also as two
 #                                       separate processes, and with one of them killed)
 #   bash jobs/bench-gpu.sh scale-long OUT [STEP]
@@ -17,7 +21,7 @@
 # Needs: the Qwen tokenizer folder in $QWEN_TOKENIZER (or qwen.tiktoken in $QWEN_TIKTOKEN), and for the tests
 # the qwen.tiktoken file (found through a `dashscope` package folder on PYTHONPATH; made here if missing).
 set -uo pipefail
-phase=${1:?single, scale or scale-long}
+phase=${1:?single, tests, attention, scale or scale-long}
 step=
 status=0
 out=${2:?output folder}
@@ -33,22 +37,31 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > 
 
 case "$phase" in
 single)
-  tests() {
-    if [ -n "${QWEN_TIKTOKEN:-}" ] && ! $py -c 'import dashscope' 2>/dev/null; then
-      mkdir -p /tmp/ds/dashscope/resources && touch /tmp/ds/dashscope/__init__.py
-      cp "$QWEN_TIKTOKEN" /tmp/ds/dashscope/resources/qwen.tiktoken
-      export PYTHONPATH="$PYTHONPATH:/tmp/ds"
-    fi
-    $py -m pytest -q -rs -p no:cacheprovider tests/model/test_packed.py tests/model/test_attention.py \
-      -o addopts="" > "$out/tests.txt" 2>&1
-    echo "tests exit $?" >> "$out/tests.txt"
-  }
-  if [ "$ngpu" -ge 2 ]; then (CUDA_VISIBLE_DEVICES=1 tests) & tests_pid=$!; fi
-  CUDA_VISIBLE_DEVICES=0 $py -m pipeline.cli bench --size 4B --size 0.6B "${tok[@]}" \
+  sizes=(${3:-4B 0.6B})
+  args=()
+  for s in "${sizes[@]}"; do args+=(--size "$s"); done
+  CUDA_VISIBLE_DEVICES=0 $py -m pipeline.cli bench "${args[@]}" "${tok[@]}" \
     --docs 4B=$((1600 * k)) --docs 0.6B=$((6000 * k)) --st-docs 4B=300 --st-docs 0.6B=800 --long-docs 6 \
-    --repeats 3 --profile --split 400 --split 1500 --out "$out/bench.json" 2>&1 | tee "$out/bench.txt"
-  if [ "$ngpu" -ge 2 ]; then wait "$tests_pid"; else CUDA_VISIBLE_DEVICES=0 tests; fi
+    --repeats 3 --profile --split 400 --split 1500 --out "$out/bench${3:+-$3}.json" 2>&1 \
+    | tee "$out/bench${3:+-$3}.txt" || status=$?
+  ;;
+tests)
+  if [ -n "${QWEN_TIKTOKEN:-}" ] && ! $py -c 'import dashscope' 2>/dev/null; then
+    mkdir -p /tmp/ds/dashscope/resources && touch /tmp/ds/dashscope/__init__.py
+    cp "$QWEN_TIKTOKEN" /tmp/ds/dashscope/resources/qwen.tiktoken
+    export PYTHONPATH="$PYTHONPATH:/tmp/ds"
+  fi
+  $py -m pytest -q -rs -p no:cacheprovider tests/model/test_packed.py tests/model/test_attention.py \
+    tests/bench/test_attention_bench.py -o addopts="" > "$out/tests.txt" 2>&1 || status=$?
+  echo "tests exit $status" >> "$out/tests.txt"
   tail -3 "$out/tests.txt"
+  ;;
+attention)
+  $py -m pipeline.cli bench-attention --size 0.6B --size 4B --docs 6000 --out "$out/attention.json" 2>&1 \
+    | tee "$out/attention.txt" || status=$?
+  $py -m pipeline.cli bench --size 0.6B --size 4B "${tok[@]}" --docs 4B=$((1600 * k)) --docs 0.6B=$((6000 * k)) \
+    --st-docs 0 --repeats 2 --no-run --no-ab --profile --out "$out/bench.json" 2>&1 | tee "$out/bench.txt" \
+    || status=$?
   ;;
 scale)
   $py -m pipeline.cli bench-scale --size 0.6B --size 4B "${tok[@]}" --gpus 2 \
@@ -99,6 +112,6 @@ pinned to $(($(nproc) / 2)) of the host's $(nproc) cores (taskset): a GPU's shar
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
-mv "$out"/profile-*.txt "$out/logs/" 2>/dev/null
+mv "$out"/profile-*.txt "$out"/profile-*.json "$out/logs/" 2>/dev/null
 tar czf "$out/logs-$phase${step:+-$step}.tgz" -C "$out" logs && rm -rf "$out/logs"
 exit "$status"

@@ -248,6 +248,28 @@ def shard_log(output: Path, launched: float) -> dict[str, Any]:
     return {"columns": list(SHARD_LOG_COLUMNS), "rows": table}
 
 
+def after_first_shard(log: dict[str, Any]) -> int | None:
+    """Tokens/s of each worker from the end of its first shard to the end of its last (the tokens of the
+    shards in between and after), summed over workers: the steady rate without the first shard, which carries
+    the process's first pass over real packs (5-9% slower than later passes on an H200, measured:
+    ``data/benchmarks/h200-probe-model-alone-2026-12-01.txt``); None unless every worker ran two shards or more
+    (a worker's single shard has no rate after its first, and leaving it out would understate the sum)."""
+    cols = {name: i for i, name in enumerate(log["columns"])}
+    by_worker: dict[int, list[list]] = {}
+    for row in log["rows"]:
+        by_worker.setdefault(row[cols["worker"]], []).append(row)
+    total = 0.0
+    for rows in by_worker.values():
+        rows.sort(key=lambda r: r[cols["start_s"]])
+        if len(rows) < 2:
+            return None
+        first_end = rows[0][cols["start_s"]] + rows[0][cols["seconds"]]
+        last_end = max(r[cols["start_s"]] + r[cols["seconds"]] for r in rows)
+        if last_end > first_end:
+            total += sum(r[cols["tokens"]] for r in rows[1:]) / (last_end - first_end)
+    return round(total) if total else None
+
+
 def kill_hard(proc: subprocess.Popen) -> None:
     """``kill -9`` the process (a worker lost with its node)."""
     os.kill(proc.pid, signal.SIGKILL)

@@ -195,6 +195,9 @@ LABELS = {
     "run_tokens_per_s": "the real command (embed-corpus run in a subprocess, model folder on disk, Parquet in), "
                         "steady state: tokens over the span from the first shard's start to the last shard's end "
                         "(warm compile cache)",
+    "run_tokens_per_s_after_first_shard": "the same runs' steady rate from the end of each worker's first shard "
+                                          "(command.after_first_shard: the first pass over real packs of a "
+                                          "process is slower); _default_shards likewise",
     "run_tokens_per_s_default_shards": "the real command again (warm cache) without --shard-size: the shard "
                                        "sizing a user gets (about a minute of work per shard, the last ones "
                                        "shorter), run_shards_default shards; its steady rate",
@@ -375,6 +378,9 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
         if ab and r == repeats // 2 and emb.packed is not None:
             rec["ab"] = paths.ab(emb, enc, device, rec["tokens"], runs["model_tokens_per_s"][-1])
     rec["recompiles_in_timed_region"] = _graphs() - graphs_before if graphs_before >= 0 else None
+    if ab and emb.packed is not None and emb.packed.kernel == "triton":
+        half = np.arange(max(1, len(enc.lengths) // 2))
+        rec["changes"] = paths.changes_ab(model, tokenizer_dir, emb, enc.subset(half), device, max(repeats, 3))
     rec["gpu_clocks_model_alone"] = model_clocks.summary()
     for key, values in runs.items():
         if values:
@@ -398,7 +404,7 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
     if split:
         rec["split"] = paths.split_cost(emb, enc, texts, device, split, cfg.sort_window)
     if profile is not None:
-        paths.profile_kernels(emb, enc, profile / f"profile-{size}.txt")
+        rec["profile"] = paths.profile_kernels(emb, enc, profile / f"profile-{size}.txt")
     others: dict[str, np.ndarray] = {}
     if levers:
         rec["levers"], others = paths.levers(model, tokenizer_dir, texts[:n_st or n_docs], emb.batch_tokens, device,
@@ -426,6 +432,10 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
         rec["run_over_pipeline"] = round(rec["run_tokens_per_s"] / rec["tokens_per_s"], 3)
         rec["run_over_model_default_shards"] = round(rec["run_tokens_per_s_default_shards"]
                                                      / rec["model_tokens_per_s"], 3)
+        for key in ("", "_default_shards"):
+            rate = rec.get(f"run_tokens_per_s_after_first_shard{key}")
+            if rate:
+                rec[f"run_after_first_shard_over_model{key}"] = round(rate / rec["model_tokens_per_s"], 3)
         rec["compile_cache_default"] = str(compile_cache_dir())
     del model
     if device.startswith("cuda"):
@@ -465,8 +475,11 @@ def _measure_command(size: str, model_dir: Path, src: Path, workdir: Path, shard
                        startup_s_default=got["startup_s"], run_wall_s_default=got["wall_s"],
                        run_tail_s_default=got["tail_s"], run_check_default=check,
                        run_shard_timing_default=got["shard_timing"], run_shard_log_default=got["shard_log"],
-                       run_gpu_clocks_default=got["gpu_clocks"])
+                       run_gpu_clocks_default=got["gpu_clocks"],
+                       run_tokens_per_s_after_first_shard_default_shards=command.after_first_shard(got["shard_log"]))
             continue
+        if label == "warm":
+            out["run_tokens_per_s_after_first_shard"] = command.after_first_shard(got["shard_log"])
         out[f"run_shard_timing_{label}"] = got["shard_timing"]
         out[f"run_gpu_clocks_{label}"] = got["gpu_clocks"]
         out[f"startup_s_{label}"] = got["startup_s"]
@@ -516,6 +529,13 @@ def table(records: list[dict[str, Any]]) -> str:
                 f"  embed-corpus run, default shard sizing ({r['run_shards_default']} shards): steady "
                 f"{r['run_tokens_per_s_default_shards']:,} tok/s ({r['run_over_model_default_shards']} of model "
                 f"alone), {r['run_wall_s_default']} s in all; ids once {r['run_check_default']['ids_once']}")
+            if r.get("run_after_first_shard_over_model_default_shards"):
+                lines.append(
+                    f"  embed-corpus run, after each worker's first shard: "
+                    f"{r.get('run_tokens_per_s_after_first_shard') or '-'} tok/s "
+                    f"({r.get('run_after_first_shard_over_model', '-')}), default shard sizing "
+                    f"{r['run_tokens_per_s_after_first_shard_default_shards']:,} tok/s "
+                    f"({r['run_after_first_shard_over_model_default_shards']} of model alone)")
         if "long_tokens_per_s" in r:
             lines.append(f"  8K-32K docs {_pm(r, 'long_tokens_per_s')} tok/s ({r['long_share_of_ceiling']:.1%})")
         if "ab" in r:

@@ -45,6 +45,52 @@ def ab(emb, enc, device: str, tokens: int, default_rate: float) -> dict[str, Any
     return out
 
 
+# the default without each change of the packed forward since 2026-12-01 (``PackedDecoder.variant`` options).
+# Measured and dropped that day: the residual add of each layer's MLP moved into the next layer's norm pass
+# (0.988x, 0.6B; data/benchmarks/h200-0.6b-residual-add-in-norm-pass-2026-12-01.json).
+CHANGES = {
+    "attention_tiles_before_2026_12_01": {"earlier_tiles": True},
+}
+
+
+def changes_ab(model, tokenizer_dir: str, default, enc, device: str, repeats: int) -> dict[str, Any]:
+    """What each recent change of the packed forward contributes: the model-alone rate of the default and of the
+    default without it (``CHANGES``: variants of the default's decoder, sharing its weights and compiled
+    graphs), on the same tokens, repeats interleaved (drift hits every variant alike); medians, each variant's
+    ratio to the default (``default_speedup``: above 1, the change helps), and its smallest cosine to the
+    default's vectors."""
+    import statistics
+
+    from transformers import AutoTokenizer
+
+    from pipeline.model.encoder import Embedder
+
+    variants = {"default": default}
+    for name, options in CHANGES.items():
+        emb = Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model="random",
+                                   path=tokenizer_dir, device=device, batch_tokens=default.batch_tokens,
+                                   attention="padded", compile=False, max_length=8192)
+        emb.packed = default.packed.variant(**options)
+        variants[name] = emb
+    tokens = int(enc.lengths.sum())
+    vectors = {}
+    for name, emb in variants.items():  # warm, and the vectors kept for the comparison
+        vectors[name] = emb.embed_encoded(enc)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, emb in variants.items():
+            seconds, _ = timed(lambda e=emb: e.embed_encoded(enc), device)
+            rates[name].append(tokens / seconds)
+    base = statistics.median(rates["default"])
+    out: dict[str, Any] = {"tokens": tokens, "repeats": repeats}
+    for name, runs in rates.items():
+        out[name] = {"tokens_per_s": round(statistics.median(runs)), "runs": [round(r) for r in runs]}
+        if name != "default":
+            out[name]["default_speedup"] = round(base / statistics.median(runs), 4)
+            out[name]["min_cosine_vs_default"] = round(float((vectors[name] * vectors["default"]).sum(1).min()), 6)
+    return out
+
+
 def split_cost(emb, enc, texts: list[str], device: str, shard_docs: tuple[int, ...], window: int) -> dict[str, Any]:
     """What cutting a job into shards costs the model alone, same process, same tokens: one call over every
     sequence (sorted in windows of ``window`` documents, as the runner sorts) against one call per shard of N
@@ -188,19 +234,71 @@ def float32_reference(model, enc, n: int, candidates: dict[str, np.ndarray]) -> 
     return out
 
 
-def profile_kernels(emb, enc, path: Path, batches: int = 4) -> None:
-    """Kernel time of a few packed batches (torch.profiler), written as a table."""
+# kernel names -> what they do (first match wins); the rest is "other"
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("causal_fwd", "flash", "fmha", "attn")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
+    ("norm_rotary", ("rsqrt",)),
+    ("silu_mul", ("silu",)),
+    ("copy_memset", ("memset", "memcpy", "copy")),
+)
+NOT_KERNELS = ("command buffer full",)  # a host-side stall the profiler lists among device events
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def kernel_shares(kernels: list[tuple[str, float]]) -> dict[str, Any]:
+    """Device time per kind of kernel: ``kernels`` as (name, microseconds); host-side entries left out."""
+    totals: dict[str, float] = {}
+    for name, us in kernels:
+        if name.lower() in NOT_KERNELS:
+            continue
+        totals[kernel_kind(name)] = totals.get(kernel_kind(name), 0.0) + us
+    whole = sum(totals.values())
+    return {"kernel_ms": round(whole / 1e3, 3),
+            "shares": {k: round(v / whole, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])} if whole
+            else {}}
+
+
+def spread_batches(n: int, k: int) -> np.ndarray:
+    """``k`` batch numbers spread evenly over ``n`` (the plan runs longest first: the first ones are not typical)."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(np.int64))
+
+
+def profile_kernels(emb, enc, path: Path, batches: int = 8) -> dict[str, Any]:
+    """Kernel time of a few packed batches spread over the plan (torch.profiler), written as a table, with the
+    device time per kind of kernel (``kernel_shares``) returned and written next to it as JSON.
+
+    The plan cuts the longest sequences first, so its first batches are the most attention-heavy of the run; the
+    batches profiled are taken evenly from the whole plan, and their token-weighted mean length is reported with
+    the corpus's for comparison."""
+    import json
+
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from pipeline.model.tokens import Encoded
-
-    idx = np.concatenate(emb.plan_batches(enc.lengths)[:batches])
-    offsets = np.zeros(len(idx) + 1, dtype=np.int64)
-    np.cumsum(enc.lengths[idx], out=offsets[1:])
-    sub = Encoded(np.concatenate([enc.sequence(int(i)) for i in idx]), offsets, np.arange(len(idx)),
-                  enc.chunk[idx], enc.span[idx], enc.truncated[idx])
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    plan = emb.plan_batches(enc.lengths)
+    chosen = spread_batches(len(plan), batches)
+    idx = np.concatenate([plan[i] for i in chosen])
+    sub = enc.subset(idx)
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         emb.embed_encoded(sub)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+    def weighted(lengths: np.ndarray) -> float:
+        lengths = lengths.astype(np.float64)
+        return round(float((lengths**2).sum() / lengths.sum()), 1)
+
+    out = {"batches": len(chosen), "of_batches": len(plan), "tokens": int(sub.offsets[-1]),
+           "token_weighted_mean_length": weighted(enc.lengths[idx]),
+           "corpus_token_weighted_mean_length": weighted(enc.lengths), **kernel_shares(kernels)}
+    path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    return out

@@ -26,7 +26,8 @@ import click
 @click.option("--run-shard-size", type=int, default=None,
               help="Rows per shard of the pipeline and command runs (default: a quarter of --docs).")
 @click.option("--ab/--no-ab", default=True, show_default=True,
-              help="Also time the model alone waiting on the device after each batch, and at half the budget.")
+              help="Also time the model alone waiting on the device after each batch, and at half the budget; and "
+                   "the default against each recent change undone (bench.paths.CHANGES).")
 @click.option("--profile", is_flag=True, help="Also write a kernel-time table per size next to --out.")
 @click.option("--levers", is_flag=True, help="Also measure the model alone padded, packed eager and compiled.")
 @click.option("--split", "split_docs", type=int, multiple=True,
@@ -59,6 +60,30 @@ def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | Non
                              reference_docs=reference_docs, device=device, repeats=repeats, run_command=run_command,
                              run_shard_size=run_shard_size, ab=ab, split=split_docs)
     click.echo(bench_mod.table(records))
+    click.echo(f"results: {out_path}")
+
+
+@click.command("bench-attention")
+@click.option("--size", "sizes", multiple=True, default=("0.6B", "4B"), show_default=True,
+              type=click.Choice(["0.6B", "4B", "8B"]), help="Qwen3 attention shapes to measure. Repeatable.")
+@click.option("--docs", type=int, default=4000, show_default=True, help="Documents drawn per size.")
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--out", "out_path", type=click.Path(), default="bench-attention.json", show_default=True)
+def bench_attention(sizes: tuple[str, ...], docs: int, repeats: int, out_path: str) -> None:
+    """The packed-attention kernel's tile choices on this GPU, against the default, on the bench's packs."""
+    from pathlib import Path
+
+    from pipeline.bench import kernels
+    from pipeline.bench.synthetic import QWEN3_SHAPES
+    from pipeline.model.encoder import default_batch_tokens
+
+    records = []
+    for size in sizes:
+        budget = default_batch_tokens("packed", "cuda", QWEN3_SHAPES[size]["hidden_size"])
+        rec = kernels.sweep(size, docs, budget, repeats=repeats)
+        records.append(rec)
+        click.echo(kernels.table(rec))
+        Path(out_path).write_text(json.dumps(records, indent=1) + "\n")
     click.echo(f"results: {out_path}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.bench import bench, bench_job, bench_scale
+from pipeline.cli.bench import bench, bench_attention, bench_job, bench_scale
 from pipeline.cli.common import Group
 from pipeline.cli.index import eval_cmd, index, search
 from pipeline.cli.run import run, status
@@ -20,6 +20,6 @@ def main() -> None:
     configure_logging()
 
 
-for command in (run, status, index, search, bench, bench_job, bench_scale, slurm, serve):
+for command in (run, status, index, search, bench, bench_attention, bench_job, bench_scale, slurm, serve):
     main.add_command(command)
 main.add_command(eval_cmd, "eval")

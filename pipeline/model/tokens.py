@@ -52,6 +52,7 @@ class Encoded:
     span: np.ndarray
     truncated: np.ndarray
     texts: list[str] | None = None  # the framed text of each sequence, for backends that send text
+
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets).astype(np.int64)
@@ -61,6 +62,16 @@ class Encoded:
 
     def sequence(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    def subset(self, idx: np.ndarray) -> Encoded:
+        """The sequences ``idx``, in that order, as sequences ``0..len(idx)-1`` of their own (``doc`` renumbered
+        likewise; texts dropped)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(self.lengths[idx], out=offsets[1:])
+        ids = np.concatenate([self.sequence(int(i)) for i in idx]) if len(idx) else self.ids[:0]
+        return Encoded(ids, offsets, np.arange(len(idx), dtype=np.int64), self.chunk[idx], self.span[idx],
+                       self.truncated[idx])
 
 
 class TextTokenizer:

@@ -76,11 +76,30 @@ def test_command_timings_from_done_markers(tmp_path):
     assert got["tail_s"] == 1.5 and got["shards"] == 3 and got["docs"] == 30 and got["workers"] == 2
 
 
+def test_rate_after_each_workers_first_shard():
+    cols = list(command.SHARD_LOG_COLUMNS)
+
+    def row(shard, worker, tokens, start, seconds):
+        r = dict.fromkeys(cols, 0.0) | {"shard": shard, "worker": worker, "tokens": tokens, "start_s": start,
+                                        "seconds": seconds}
+        return [r[c] for c in cols]
+    # worker 0: first shard ends at 12; then 300 + 100 tokens until 16 -> 100/s; worker 1: 200 tokens in 12 -> 14
+    rows = [row(0, 0, 1000, 10.0, 2.0), row(1, 1, 500, 10.5, 1.5), row(2, 0, 300, 11.9, 3.0),
+            row(3, 1, 200, 12.0, 2.0), row(4, 0, 100, 15.0, 1.0)]
+    assert command.after_first_shard({"columns": cols, "rows": rows}) == 100 + 100
+    assert command.after_first_shard({"columns": cols, "rows": rows[:2]}) is None  # one shard per worker
+    assert command.after_first_shard({"columns": cols, "rows": rows[:3]}) is None  # worker 1: one shard
+    assert command.after_first_shard({"columns": cols, "rows": [rows[0], rows[2], rows[4]]}) == 100
+
+
 @pytest.mark.slow
 def test_bench_record_on_the_tiny_shape(tmp_path, qwen_tokenizer_dir):
     rec = gpu.run_bench("tiny", tokenizer_dir=str(qwen_tokenizer_dir), n_docs=24, batch_tokens=None,
                         workdir=tmp_path / "work", st_docs=8, device="cpu", repeats=3, reference_docs=4,
-                        run_shard_size=8, logs=tmp_path / "logs", split=(8,))
+                        run_shard_size=8, logs=tmp_path / "logs", split=(8,), profile=tmp_path)
+    # the profile: batches from across the plan (CPU: no device kernels to share out)
+    assert rec["profile"]["batches"] == min(8, rec["profile"]["of_batches"]) and rec["profile"]["tokens"] > 0
+    assert (tmp_path / "profile-tiny.txt").exists() and (tmp_path / "profile-tiny.json").exists()
     for key in ("model_size", "gpu", "docs", "tokens", "batch_tokens", "batch_tokens_is_default", "flops_per_token",
                 "flops_per_token_all_positions", "ceiling_tflops", "ceiling_tokens_per_s", "model_tokens_per_s",
                 "tokens_per_s", "st_policy_tokens_per_s", "ratio_vs_sentence_transformers", "share_of_ceiling",
@@ -132,6 +151,9 @@ def test_bench_record_on_the_tiny_shape(tmp_path, qwen_tokenizer_dir):
     assert split["docs"] == 24 and split["tokens"] == rec["tokens"] and split["one_call_tokens_per_s"] > 0
     assert set(split["ratios_to_one_call"]) == {"calls_of_8_docs", "calls_of_8_docs_tokenizing_alongside"}
     assert rec["run_shard_log_default"]["columns"][0] == "shard" and rec["run_shard_log_default"]["rows"]
+    # three shards of the warm run: a rate after the first; one shard with the default sizing: none
+    assert rec["run_tokens_per_s_after_first_shard"] > 0
+    assert rec["run_tokens_per_s_after_first_shard_default_shards"] is None
     assert gpu.table([rec]).count("\n") >= 3
 
 

@@ -1,0 +1,68 @@
+"""Probe (GPU): why is the bench's model-alone rate below a fresh process's repeated passes?
+
+One process with empty compile caches of its own, one embedder, the bench's corpus; the compiled warm-up on a
+small pack (the default) or a full one (``full``: Inductor settles some launch settings on a kernel's first
+call); then passes of the model alone in this order: three plain, two with the nvidia-smi clock sampler running
+(as the bench runs them), one plain, two plain after a run_job (the pipeline in this process, as the bench
+interleaves it). Prints each pass's tokens/s.
+
+    python3 jobs/probe_model_alone.py SIZE TOKENIZER_DIR DOCS WORKDIR [small|full]
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-")
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from pipeline.bench.command import GpuClocks  # noqa: E402
+from pipeline.bench.gpu import make_corpus, random_model  # noqa: E402
+from pipeline.bench.paths import timed  # noqa: E402
+from pipeline.job.config import make_config  # noqa: E402
+from pipeline.job.runner import run_job  # noqa: E402
+from pipeline.model.encoder import Embedder  # noqa: E402
+
+size, tokdir, n_docs, work = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+warm = sys.argv[5] if len(sys.argv) > 5 else "small"
+tok = AutoTokenizer.from_pretrained(tokdir)
+tok.model_max_length = 1 << 30
+texts = make_corpus(tok, n_docs)
+model = random_model(size, "cuda", "bfloat16")
+emb = Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokdir), model=f"random:{size}", path=tokdir,
+                           device="cuda", compile=True, max_length=8192)
+enc = emb.tokenizer.encode(texts)
+t0 = time.perf_counter()
+emb.packed.warmup() if warm == "small" else emb.packed.warmup(tuple(np.full(emb.batch_tokens // 512, 512).tolist()))
+tokens = int(enc.lengths.sum())
+out = {"size": size, "warm": warm, "warmup_s": round(time.perf_counter() - t0, 1), "tokens": tokens}
+
+
+def rate() -> int:
+    return round(tokens / timed(lambda: emb.embed_encoded(enc), "cuda")[0])
+
+
+out["plain"] = [rate() for _ in range(3)]
+with GpuClocks() as clocks:
+    out["with_nvidia_smi_sampler"] = [rate() for _ in range(2)]
+out["clocks"] = clocks.summary()
+out["plain_after_sampler"] = [rate()]
+work.mkdir(parents=True, exist_ok=True)
+src = work / "corpus.parquet"
+pq.write_table(pa.table({"id": [f"d{i}" for i in range(n_docs)], "text": texts}), src, row_group_size=256)
+cfg = make_config({"input": (str(src),), "output": str(work / "out"), "model": f"random:{size}",
+                   "batch_tokens": emb.batch_tokens, "shard_size": max(64, n_docs // 4), "quiet": True,
+                   "max_length": 8192, "device": "cuda"})
+t0 = time.perf_counter()
+run_job(cfg, overwrite=True, embedder=emb)
+out["run_job_s"] = round(time.perf_counter() - t0, 2)
+out["plain_after_run_job"] = [rate() for _ in range(2)]
+print(json.dumps(out))
