@@ -132,6 +132,12 @@ def all_positions_flops(config, lengths: np.ndarray) -> float:
     return flops_per_token(config) * float(np.asarray(lengths).sum()) + attention_flops(config, lengths)
 
 
+def lognormal_lengths(rng: np.random.Generator, n: int, *, median: int = 256, sigma: float = 1.0, lo: int = 8,
+                      hi: int = 8192) -> np.ndarray:
+    """Token lengths drawn lognormal(log median, sigma), rounded and clipped to [lo, hi] (int64)."""
+    return np.clip(np.round(rng.lognormal(math.log(median), sigma, n)), lo, hi).astype(np.int64)
+
+
 def make_corpus(tokenizer, n_docs: int, *, median: int = 256, sigma: float = 1.0, lo: int = 8, hi: int = 8192,
                 seed: int = 0, source: Path | None = None) -> list[str]:
     """Documents of real text whose token lengths follow a clipped lognormal distribution.
@@ -154,7 +160,7 @@ def make_corpus(tokenizer, n_docs: int, *, median: int = 256, sigma: float = 1.0
     stream = np.concatenate(
         [np.asarray(ids, dtype=np.int64) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     )
-    lengths = np.clip(np.round(rng.lognormal(math.log(median), sigma, n_docs)), lo, hi).astype(np.int64)
+    lengths = lognormal_lengths(rng, n_docs, median=median, sigma=sigma, lo=lo, hi=hi)
     starts = rng.integers(0, max(1, len(stream) - hi), n_docs)
     return tokenizer.batch_decode([stream[s : s + n].tolist() for s, n in zip(starts, lengths, strict=True)])
 
@@ -236,15 +242,8 @@ def _summary(values: list[float]) -> dict[str, Any]:
 def long_embedder(model, emb, tokenizer_dir: str, device: str):
     """An embedder for documents up to 32K tokens that runs ``emb``'s forward (its compiled graphs and its one set
     of fused weights, so peak memory stays the pipeline's), with a budget of at least 32K tokens."""
-    from transformers import AutoTokenizer
-
-    from pipeline.model.encoder import Embedder
-
-    long = Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model=emb.info.model,
-                                path=tokenizer_dir, device=device, attention="padded", compile=False,
-                                batch_tokens=max(emb.batch_tokens, 32768), max_length=32768)
-    long.packed = emb.packed
-    return long
+    return paths.embedder_on(model, emb.packed, tokenizer_dir, device, batch_tokens=max(emb.batch_tokens, 32768),
+                             max_length=32768, name=emb.info.model)
 
 
 def _graphs() -> int:

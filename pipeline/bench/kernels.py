@@ -12,7 +12,6 @@ last layer (one query per sequence, its last position) is measured on its own.
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any
 
@@ -33,12 +32,6 @@ LAST_CANDIDATES: tuple[tuple[int, int, int, int, int], ...] = (
 )
 
 
-def corpus_lengths(n_docs: int, seed: int = 0, median: int = 256, sigma: float = 1.0, lo: int = 8,
-                   hi: int = 8192) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(np.round(rng.lognormal(math.log(median), sigma, n_docs)), lo, hi).astype(np.int64)
-
-
 def causal_flops(lengths: np.ndarray, heads: int, head_dim: int) -> float:
     """Matrix-product FLOPs of causal attention: ``L (L + 1) / 2`` visible pairs per sequence and head, each
     ``2 D`` for the scores and ``2 D`` for the weighted values."""
@@ -49,24 +42,6 @@ def causal_flops(lengths: np.ndarray, heads: int, head_dim: int) -> float:
 def _valid(cfg: tuple[int, ...], group: int) -> bool:
     block_m, block_n, fold, _, _ = cfg
     return group % fold == 0 and block_m * fold >= 16 and block_n >= 16
-
-
-def _seconds(fn, device: str) -> float:
-    """Seconds of device time ``fn()`` takes (CUDA events on a GPU; wall time elsewhere)."""
-    import time
-
-    import torch
-
-    if not device.startswith("cuda"):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
 
 
 def sweep(size: str, n_docs: int, batch_tokens: int, *, repeats: int = 5, device: str = "cuda", seed: int = 0,
@@ -80,6 +55,8 @@ def sweep(size: str, n_docs: int, batch_tokens: int, *, repeats: int = 5, device
     """
     import torch
 
+    from pipeline.bench.gpu import lognormal_lengths
+    from pipeline.bench.paths import timed, token_weighted_mean
     from pipeline.bench.synthetic import QWEN3_SHAPES
     from pipeline.model import attention
     from pipeline.model.batching import token_budget_batches
@@ -88,7 +65,7 @@ def sweep(size: str, n_docs: int, batch_tokens: int, *, repeats: int = 5, device
     shape = QWEN3_SHAPES[size]
     hq, hkv, d = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
     group = hq // hkv
-    lengths = corpus_lengths(n_docs, seed, hi=max_length)
+    lengths = lognormal_lengths(np.random.default_rng(seed), n_docs, hi=max_length)
     packs = [lengths[b] for b in token_budget_batches(lengths, batch_tokens, cost="packed")]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     longest = max(int(p.sum()) for p in packs)
@@ -136,7 +113,7 @@ def sweep(size: str, n_docs: int, batch_tokens: int, *, repeats: int = 5, device
         for _ in range(repeats):
             for cfg in configs:
                 if "error" not in results[cfg]:
-                    results[cfg]["times"].append(_seconds(lambda c=cfg: run_all(c, items[c[0]]), device))
+                    results[cfg]["times"].append(timed(lambda c=cfg: run_all(c, items[c[0]]), device)[0])
         first = results[configs[0]]
         base = statistics.median(first["times"]) if "error" not in first else None
         out: dict[str, Any] = {}
@@ -154,7 +131,7 @@ def sweep(size: str, n_docs: int, batch_tokens: int, *, repeats: int = 5, device
     rec: dict[str, Any] = {
         "size": size, "heads": hq, "kv_heads": hkv, "head_dim": d, "docs": n_docs, "packs": len(packs),
         "batch_tokens": batch_tokens, "tokens": int(all_lengths.sum()),
-        "token_weighted_mean_length": round(float((all_lengths**2).sum() / all_lengths.sum()), 1),
+        "token_weighted_mean_length": token_weighted_mean(all_lengths),
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else device,
         "triton": getattr(attention.triton, "__version__", None),
         "default": attention.tiles(group), "default_last_layer": attention.tiles(group, last=True),
@@ -171,7 +148,7 @@ def sweep(size: str, n_docs: int, batch_tokens: int, *, repeats: int = 5, device
                 varlen_attention(*item, scale)
         try:
             fa2()
-            times = [_seconds(fa2, device) for _ in range(repeats)]
+            times = [timed(fa2, device)[0] for _ in range(repeats)]
             rec["torch_varlen_fa2_tflops"] = round(flops / statistics.median(times) / 1e12, 1)
         except Exception as exc:  # noqa: BLE001
             rec["torch_varlen_fa2_error"] = repr(exc)[:200]

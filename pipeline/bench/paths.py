@@ -26,6 +26,27 @@ def timed(fn, device: str) -> tuple[float, Any]:
     return time.perf_counter() - t0, value
 
 
+def token_weighted_mean(lengths: np.ndarray) -> float:
+    """Mean sequence length as a token sees it (sum L^2 / sum L): what attention's cost per token follows."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    return round(float((lengths**2).sum() / lengths.sum()), 1)
+
+
+def embedder_on(model, packed, tokenizer_dir: str, device: str, *, batch_tokens: int, max_length: int,
+                name: str = "random"):
+    """An embedder of ``model`` that runs the packed forward ``packed`` (its fused weights and compiled graphs:
+    no second copy), with its own token budget and length limit."""
+    from transformers import AutoTokenizer
+
+    from pipeline.model.encoder import Embedder
+
+    emb = Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model=name, path=tokenizer_dir,
+                               device=device, attention="padded", compile=False, batch_tokens=batch_tokens,
+                               max_length=max_length)
+    emb.packed = packed
+    return emb
+
+
 def ab(emb, enc, device: str, tokens: int, default_rate: float) -> dict[str, Any]:
     """Model-alone rate of two older choices against the default's rate measured just before, same process."""
     out: dict[str, Any] = {"default_tokens_per_s": round(default_rate)}
@@ -61,17 +82,10 @@ def changes_ab(model, tokenizer_dir: str, default, enc, device: str, repeats: in
     default's vectors."""
     import statistics
 
-    from transformers import AutoTokenizer
-
-    from pipeline.model.encoder import Embedder
-
     variants = {"default": default}
     for name, options in CHANGES.items():
-        emb = Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokenizer_dir), model="random",
-                                   path=tokenizer_dir, device=device, batch_tokens=default.batch_tokens,
-                                   attention="padded", compile=False, max_length=8192)
-        emb.packed = default.packed.variant(**options)
-        variants[name] = emb
+        variants[name] = embedder_on(model, default.packed.variant(**options), tokenizer_dir, device,
+                                     batch_tokens=default.batch_tokens, max_length=8192)
     tokens = int(enc.lengths.sum())
     vectors = {}
     for name, emb in variants.items():  # warm, and the vectors kept for the comparison
@@ -293,12 +307,8 @@ def profile_kernels(emb, enc, path: Path, batches: int = 8) -> dict[str, Any]:
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
     kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
 
-    def weighted(lengths: np.ndarray) -> float:
-        lengths = lengths.astype(np.float64)
-        return round(float((lengths**2).sum() / lengths.sum()), 1)
-
     out = {"batches": len(chosen), "of_batches": len(plan), "tokens": int(sub.offsets[-1]),
-           "token_weighted_mean_length": weighted(enc.lengths[idx]),
-           "corpus_token_weighted_mean_length": weighted(enc.lengths), **kernel_shares(kernels)}
+           "token_weighted_mean_length": token_weighted_mean(enc.lengths[idx]),
+           "corpus_token_weighted_mean_length": token_weighted_mean(enc.lengths), **kernel_shares(kernels)}
     path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     return out
