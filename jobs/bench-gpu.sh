@@ -51,7 +51,7 @@ tests)
     cp "$QWEN_TIKTOKEN" /tmp/ds/dashscope/resources/qwen.tiktoken
     export PYTHONPATH="$PYTHONPATH:/tmp/ds"
   fi
-  $py -m pytest -q -rs -p no:cacheprovider tests/model/test_packed.py tests/model/test_attention.py \
+  $py -m pytest -q -rs -p no:cacheprovider tests/model/test_packed.py tests/model/test_attention.py tests/model/test_rotary.py \
     tests/bench/test_attention_bench.py -o addopts="" > "$out/tests.txt" 2>&1 || status=$?
   echo "tests exit $status" >> "$out/tests.txt"
   tail -3 "$out/tests.txt"

@@ -71,6 +71,7 @@ def ab(emb, enc, device: str, tokens: int, default_rate: float) -> dict[str, Any
 # (0.988x, 0.6B; data/benchmarks/h200-0.6b-residual-add-in-norm-pass-2026-12-01.json).
 CHANGES = {
     "attention_tiles_before_2026_12_01": {"earlier_tiles": True},
+    "qk_norm_rope_in_the_compiled_graph": {"compiled_rope": True},
 }
 
 
@@ -252,7 +253,7 @@ def float32_reference(model, enc, n: int, candidates: dict[str, np.ndarray]) -> 
 KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("causal_fwd", "flash", "fmha", "attn")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
-    ("norm_rotary", ("rsqrt",)),
+    ("norm_rotary", ("rsqrt", "norm_rope")),
     ("silu_mul", ("silu",)),
     ("copy_memset", ("memset", "memcpy", "copy")),
 )

@@ -16,7 +16,9 @@ rounding:
   to the float32 model's than a bf16 residual stream leaves them;
 - with ``compile=True``, the work around attention (norms, projections, rope, MLP) is compiled by
   ``torch.compile`` with a dynamic token dimension (one graph for every pack length); attention runs
-  eagerly between, so each pack's own lengths go to the kernel without recompiling.
+  eagerly between, so each pack's own lengths go to the kernel without recompiling. With the Triton attention
+  kernel, the q/k norms and rope are a Triton kernel of their own too (``rotary.py``), in place in the
+  projection's output.
 
 Start-up: the token dimension is marked dynamic before the first call, so one compilation (``warmup``, a small
 pack) makes the graph every pack uses, and compiled kernels are kept on disk between runs in
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import attention
+from pipeline.model import attention, rotary
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,11 @@ def _pre_attention(x, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, n_q: int, n_kv: 
     return _rotate(q, c, s), _rotate(k, c, s), v
 
 
+def _project_qkv(x, ln_w, qkv_w, qkv_b, eps: float):
+    """Norm and fused q/k/v projection: x (T, H) -> (T, (n_q + 2 n_kv) D), for ``rotary.qk_norm_rope_``."""
+    return F.linear(_rms(x, ln_w, eps), qkv_w, qkv_b)
+
+
 def _pre_attention_padded(x, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, gather, batch: int, length: int,
                           n_q: int, n_kv: int, head_dim: int, eps: float):
     """``_pre_attention``, then laid out as right-padded (B, heads, L, D) batches for SDPA. Padding rows copy
@@ -153,6 +160,7 @@ class _Layer:
     qkv_b: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # (2, D): q_norm's weight then k_norm's, for the rope kernel
     o: torch.Tensor
     ln2: torch.Tensor
     gate_up: torch.Tensor
@@ -198,10 +206,12 @@ class PackedDecoder:
         earlier_tiles: run the attention kernel with the tiles used before 2026-12-01 (one query head per
             program, 64-row tiles in the last layer too; kept for the benchmark's A/B, ``bench.paths.CHANGES``,
             which uses ``variant``).
+        compiled_rope: with the Triton kernel, run the q/k norms and rope in the compiled graph (Inductor's
+            kernel, the path before ``rotary.qk_norm_rope_``; kept for the same A/B).
     """
 
     def __init__(self, model, *, compile: bool = False, kernel: str = "auto", fp32_residual: bool = True,
-                 all_dims_dynamic: bool = False, earlier_tiles: bool = False) -> None:
+                 all_dims_dynamic: bool = False, earlier_tiles: bool = False, compiled_rope: bool = False) -> None:
         cfg = model.config
         self.model = model
         self.n_q = cfg.num_attention_heads
@@ -220,6 +230,7 @@ class PackedDecoder:
                 qkv_b=_fuse(att.q_proj, att.k_proj, att.v_proj, name="bias"),
                 q_norm=att.q_norm.weight if hasattr(att, "q_norm") else None,
                 k_norm=att.k_norm.weight if hasattr(att, "k_norm") else None,
+                qk_norm=torch.stack([att.q_norm.weight, att.k_norm.weight]) if hasattr(att, "q_norm") else None,
                 o=att.o_proj.weight,
                 ln2=layer.post_attention_layernorm.weight,
                 gate_up=_fuse(mlp.gate_proj, mlp.up_proj),
@@ -242,8 +253,10 @@ class PackedDecoder:
             raise ValueError(f"the {kernel} attention kernel needs {need}")
         self.kernel = kernel
         self._set_tiles(earlier_tiles)
-        fns = {"pre": _pre_attention, "post": _post_attention, "pre_pad": _pre_attention_padded,
-               "post_pad": _post_attention_padded}
+        # q/k norms and rope by the project's kernel wherever its attention kernel runs (same requirements)
+        self.rope_kernel = kernel == "triton" and rotary.supports_head_dim(self.head_dim) and not compiled_rope
+        fns = {"pre": _pre_attention, "project": _project_qkv, "post": _post_attention,
+               "pre_pad": _pre_attention_padded, "post_pad": _post_attention_padded}
         self.compiled = bool(compile and on_cuda)
         if self.compiled:
             # One graph serves every pack length (packs need no padding to fixed sizes): the token dimension is
@@ -252,20 +265,22 @@ class PackedDecoder:
             # generated kernels know no hidden size, and on an H200 the model ran 6% (4B) and 10% (0.6B) slower.
             use_compile_cache()
             fns = {k: torch.compile(f, dynamic=True if all_dims_dynamic else None) for k, f in fns.items()}
-        self.pre, self.post, self.pre_pad, self.post_pad = fns["pre"], fns["post"], fns["pre_pad"], fns["post_pad"]
-        log.info("packed forward: %s attention%s%s", self.kernel, ", compiled" if self.compiled else "",
-                 ", float32 residual" if fp32_residual else "")
+        self.pre, self.project, self.post = fns["pre"], fns["project"], fns["post"]
+        self.pre_pad, self.post_pad = fns["pre_pad"], fns["post_pad"]
+        log.info("packed forward: %s attention%s%s%s", self.kernel, ", q/k rope kernel" if self.rope_kernel else "",
+                 ", compiled" if self.compiled else "", ", float32 residual" if fp32_residual else "")
 
     def _set_tiles(self, earlier: bool) -> None:
         group = self.n_q // self.n_kv
         self._tiles = attention.tiles(group, fold=1 if earlier else None)
         self._last_tiles = self._tiles if earlier else attention.tiles(group, last=True)
 
-    def variant(self, *, earlier_tiles: bool = False) -> PackedDecoder:
-        """This decoder with other attention tiles, sharing its fused weights and compiled graphs (an A/B in one
-        process without a second copy of the weights)."""
+    def variant(self, *, earlier_tiles: bool = False, compiled_rope: bool = False) -> PackedDecoder:
+        """This decoder with other attention tiles or without the rope kernel, sharing its fused weights and
+        compiled graphs (an A/B in one process without a second copy of the weights)."""
         other = copy.copy(self)
         other._set_tiles(earlier_tiles)
+        other.rope_kernel = self.rope_kernel and not compiled_rope
         return other
 
     def warmup(self, lengths: tuple[int, ...] = (200, 61, 1)) -> float:
@@ -310,6 +325,14 @@ class PackedDecoder:
                                            **(self._last_tiles if last else self._tiles))
         return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, self.scale)
 
+    def _heads(self, x, ly: _Layer, cos, sin):
+        """q (T, n_q, D), k and v (T, n_kv, D) of a layer: normed, projected, q/k normed and rotated."""
+        if self.rope_kernel:
+            qkv = self.project(x, ly.ln1, ly.qkv, ly.qkv_b, self.eps)
+            return rotary.qk_norm_rope_(qkv, ly.qk_norm, cos, sin, self.n_q, self.n_kv, self.head_dim, self.eps)
+        return self.pre(x, ly.ln1, ly.qkv, ly.qkv_b, ly.q_norm, ly.k_norm, cos, sin, self.n_q, self.n_kv,
+                        self.head_dim, self.eps)
+
     # ---------------------------------------------------------------------------------------------- forward
 
     @torch.inference_mode()
@@ -344,15 +367,13 @@ class PackedDecoder:
         if self.compiled:
             _dynamic_tokens(x, cos, sin)
         for ly in body:
-            q, k, v = self.pre(x, ly.ln1, ly.qkv, ly.qkv_b, ly.q_norm, ly.k_norm, cos, sin,
-                               self.n_q, self.n_kv, self.head_dim, self.eps)
+            q, k, v = self._heads(x, ly, cos, sin)
             a = self._attention(q, k, v, cu, cu, max_len, max_len, blocks)
             a = a.reshape(a.shape[0], -1)
             if self.compiled:
                 _dynamic_tokens(a)
             x = self.post(x, a, ly.o, ly.ln2, ly.gate_up, ly.down, self.eps)
-        q, k, v = self.pre(x, final.ln1, final.qkv, final.qkv_b, final.q_norm, final.k_norm, cos, sin,
-                           self.n_q, self.n_kv, self.head_dim, self.eps)
+        q, k, v = self._heads(x, final, cos, sin)
         # the last layer only at each sequence's last position: one query per sequence, over all its keys
         cu_last = torch.arange(n + 1, device=cu.device, dtype=cu.dtype)
         a = self._attention(q[last].contiguous(), k, v, cu_last, cu, 1, max_len, last_blocks, last=True)

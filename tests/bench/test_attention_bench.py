@@ -50,7 +50,7 @@ def test_kernel_time_is_shared_by_kind_without_host_stalls():
     from pipeline.bench.paths import kernel_shares
 
     got = kernel_shares([("_causal_fwd", 300.0), ("nvjet_sm90_tst_256x160", 500.0), ("Command Buffer Full", 900.0),
-                         ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", 100.0),
+                         ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", 60.0), ("_qk_norm_rope", 40.0),
                          ("triton_poi_fused_mul_silu_split_1", 50.0), ("triton_poi_fused_add_2", 50.0)])
     assert got == {"kernel_ms": 1.0, "shares": {"matmul": 0.5, "attention": 0.3, "norm_rotary": 0.1,
                                                 "silu_mul": 0.05, "other": 0.05}}
