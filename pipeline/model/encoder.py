@@ -185,6 +185,7 @@ class Embedder:
         self.packed = packed
         # The benchmark's lever for what waiting on the device after every batch costs (the old behaviour).
         self.sync_each_batch = False
+        self._staging = HostStaging()
 
     @property
     def attention(self) -> str:
@@ -360,9 +361,9 @@ class Embedder:
 
             positions, cu = pack_arrays(lengths)
             ids = np.concatenate([enc.sequence(int(i)) for i in idx]).astype(np.int64)
-            layout = tuple(_to_device(a, dev) for a in self.packed.host_layout(lengths))
-            out = self.packed.forward(_to_device(ids, dev), _to_device(positions, dev), _to_device(cu, dev),
-                                      int(lengths.max()), layout)
+            ids_d, positions_d, cu_d, *layout = self._staging.send(dev, ids, positions, cu,
+                                                                   *self.packed.host_layout(lengths))
+            out = self.packed.forward(ids_d, positions_d, cu_d, int(lengths.max()), tuple(layout))
             return out.float()
         longest = int(lengths.max())
         ids = np.full((len(idx), longest), self.pad_id, dtype=np.int64)
@@ -371,9 +372,9 @@ class Embedder:
             seq = enc.sequence(int(i))
             ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
-        attention = _to_device(mask, dev)
-        hidden = self.model(input_ids=_to_device(ids, dev), attention_mask=attention).last_hidden_state
-        return pool(hidden, attention, torch.from_numpy(lengths).to(dev), self.info.pooling)
+        ids_d, attention, lengths_d = self._staging.send(dev, ids, mask, lengths.astype(np.int64))
+        hidden = self.model(input_ids=ids_d, attention_mask=attention).last_hidden_state
+        return pool(hidden, attention, lengths_d, self.info.pooling)
 
     def _forward_safe(self, enc: Encoded, idx: np.ndarray) -> list[tuple[np.ndarray, Any]]:
         """Forward a batch; on out-of-memory split it in halves and retry (a single sequence that does not fit
@@ -418,8 +419,8 @@ class Embedder:
         with torch.inference_mode():
             for batch in self.plan_batches(enc.lengths, window):
                 for idx, pooled in self._forward_safe(enc, batch):
-                    # not torch.from_numpy(idx).to(dev): a copy from pageable memory waits for the device
-                    out[_to_device(idx, dev)] = finish(pooled, self.info.dims, self.info.normalize)
+                    (rows,) = self._staging.send(dev, idx.astype(np.int64))
+                    out[rows] = finish(pooled, self.info.dims, self.info.normalize)
                 if self.sync_each_batch and dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 if on_batch is not None:
@@ -439,14 +440,55 @@ class Embedder:
         return vecs[np.flatnonzero(enc.chunk == 0)]
 
 
-def _to_device(array: np.ndarray, dev):
-    """Host array -> device tensor; through pinned memory and an asynchronous copy on CUDA."""
-    import torch
+class HostStaging:
+    """Host arrays to the device in one asynchronous copy from pinned memory the embedder keeps.
 
-    t = torch.from_numpy(array)
-    if dev.type == "cuda":
-        return t.pin_memory().to(dev, non_blocking=True)
-    return t
+    A pack's inputs (token ids, positions, cumulative lengths, the attention kernel's block tables, the rows its
+    vectors go to) are packed into one pinned buffer and sent in one copy, without waiting on the device: a copy
+    from pageable memory (``torch.from_numpy(a).to(dev)``) waits for the device, and pinning each array on its own
+    (``a.pin_memory()``) allocates pinned memory for every new size until torch's pinned-memory cache holds them
+    all (``cudaHostAlloc``, slow). ``SLOTS`` buffers are used in turn; a buffer is written again only after its
+    last copy has finished (an event), which on one stream is long done: the host runs at most a pack or two ahead.
+    """
+
+    SLOTS = 4
+    ALIGN = 256  # each array starts on this many bytes, as a fresh device allocation would
+
+    def __init__(self) -> None:
+        self._buffers: list = [None] * self.SLOTS
+        self._events: list = [None] * self.SLOTS
+        self._turn = 0
+
+    def send(self, dev, *arrays: np.ndarray) -> list:
+        """Device tensors with the contents, dtypes and shapes of ``arrays`` (views of one device buffer on CUDA;
+        elsewhere the arrays themselves as tensors)."""
+        import torch
+
+        arrays = tuple(np.ascontiguousarray(a) for a in arrays)
+        if dev.type != "cuda":
+            return [torch.from_numpy(a) for a in arrays]
+        starts, total = [], 0
+        for a in arrays:
+            starts.append(total)
+            total += -(-a.nbytes // self.ALIGN) * self.ALIGN
+        slot = self._turn % self.SLOTS
+        self._turn += 1
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()
+        host = self._buffers[slot]
+        if host is None or host.numel() < total:  # grown by powers of two: a few allocations per slot, ever
+            host = torch.empty(1 << max(total - 1, 1 << 16).bit_length(), dtype=torch.uint8, pin_memory=True)
+            self._buffers[slot] = host
+        staged = host.numpy()
+        for a, start in zip(arrays, starts, strict=True):
+            staged[start : start + a.nbytes] = a.reshape(-1).view(np.uint8)
+        on_device = torch.empty(total, dtype=torch.uint8, device=dev)
+        on_device.copy_(host[:total], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._events[slot] = event
+        return [on_device[start : start + a.nbytes].view(torch.from_numpy(a[:0].reshape(-1)).dtype).view(a.shape)
+                for a, start in zip(arrays, starts, strict=True)]
 
 
 def pool(hidden, mask, lengths, mode: str):

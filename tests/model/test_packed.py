@@ -103,6 +103,29 @@ def test_packed_equals_padded_bf16_on_gpu(tiny_qwen3_dir, kernel, fp32_residual)
     assert cos.min() >= 0.999, cos
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_staging_sends_each_array_as_it_is_through_reused_buffers(device):
+    """A pack's arrays arrive with their dtypes, shapes and contents, also when the buffers are used again while
+    earlier packs' tensors are still alive, and when a larger pack makes a buffer grow."""
+    from pipeline.model.encoder import HostStaging
+
+    staging, dev = HostStaging(), torch.device(device)
+    rng = np.random.default_rng(0)
+    kept = []
+    for turn in range(3 * HostStaging.SLOTS):
+        n = 10 + turn * 20_000  # past the first buffer size after a few turns
+        arrays = (rng.integers(0, 1 << 40, n), rng.integers(0, 99, (2, n // 7 + 1)).astype(np.int32),
+                  np.zeros(0, dtype=np.int64), rng.random((3, 5)) < 0.5, np.arange(n + 1, dtype=np.int32)[::2])
+        sent = staging.send(dev, *arrays)
+        kept.append((arrays, sent))
+    for arrays, sent in kept:
+        for a, t in zip(arrays, sent, strict=True):
+            assert t.device.type == device and t.shape == a.shape and np.array_equal(t.cpu().numpy(), a)
+    if device == "cuda":
+        assert sent[0].data_ptr() % HostStaging.ALIGN == 0 and sent[1].data_ptr() % HostStaging.ALIGN == 0
+
+
 def test_auto_kernel_is_the_fastest_this_machine_runs(tiny_qwen3_dir):
     from pipeline.model import attention
 
