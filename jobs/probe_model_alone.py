@@ -4,9 +4,12 @@ One process with empty compile caches of its own, one embedder, the bench's corp
 small pack (the default) or a full one (``full``: Inductor settles some launch settings on a kernel's first
 call); then passes of the model alone in this order: three plain, two with the nvidia-smi clock sampler running
 (as the bench runs them), one plain, two plain after a run_job (the pipeline in this process, as the bench
-interleaves it). Prints each pass's tokens/s.
+interleaves it). Prints each pass's tokens/s. With ``passes`` last: four plain passes only, each with the
+caching allocator's device allocations (cudaMalloc calls) during it, and the allocator and module-loading
+settings of the environment (``PYTORCH_CUDA_ALLOC_CONF``, ``CUDA_MODULE_LOADING``): is the first pass slow
+because memory or kernels are fetched then?
 
-    python3 jobs/probe_model_alone.py SIZE TOKENIZER_DIR DOCS WORKDIR [small|full]
+    python3 jobs/probe_model_alone.py SIZE TOKENIZER_DIR DOCS WORKDIR [small|full] [passes]
 """
 
 import json
@@ -33,6 +36,7 @@ from pipeline.model.encoder import Embedder  # noqa: E402
 
 size, tokdir, n_docs, work = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 warm = sys.argv[5] if len(sys.argv) > 5 else "small"
+passes_only = sys.argv[6:] == ["passes"]
 tok = AutoTokenizer.from_pretrained(tokdir)
 tok.model_max_length = 1 << 30
 texts = make_corpus(tok, n_docs)
@@ -50,6 +54,19 @@ def rate() -> int:
     return round(tokens / timed(lambda: emb.embed_encoded(enc), "cuda")[0])
 
 
+if passes_only:
+    import torch
+
+    out["env"] = {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_MODULE_LOADING")}
+    out["passes"] = []
+    for _ in range(4):
+        before = torch.cuda.memory_stats()["num_device_alloc"]
+        r = rate()
+        allocs = torch.cuda.memory_stats()["num_device_alloc"] - before
+        out["passes"].append({"tokens_per_s": r, "device_allocs": allocs,
+                              "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)})
+    print(json.dumps(out))
+    sys.exit(0)
 out["plain"] = [rate() for _ in range(3)]
 with GpuClocks() as clocks:
     out["with_nvidia_smi_sampler"] = [rate() for _ in range(2)]
