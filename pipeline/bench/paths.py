@@ -75,17 +75,16 @@ CHANGES = {
 }
 
 
-def changes_ab(model, tokenizer_dir: str, default, enc, device: str, repeats: int,
-               changes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def changes_ab(model, tokenizer_dir: str, default, enc, device: str, repeats: int) -> dict[str, Any]:
     """What each recent change of the packed forward contributes: the model-alone rate of the default and of the
     default without it (``CHANGES``: variants of the default's decoder, sharing its weights and compiled
-    graphs; ``changes`` instead, to try others), on the same tokens, repeats interleaved (drift hits every variant
-    alike); medians, each variant's ratio to the default (``default_speedup``: above 1, the change helps), and
-    its smallest cosine to the default's vectors."""
+    graphs), on the same tokens, repeats interleaved (drift hits every variant alike); medians, each variant's
+    ratio to the default (``default_speedup``: above 1, the change helps), and its smallest cosine to the
+    default's vectors."""
     import statistics
 
     variants = {"default": default}
-    for name, options in (CHANGES if changes is None else changes).items():
+    for name, options in CHANGES.items():
         variants[name] = embedder_on(model, default.packed.variant(**options), tokenizer_dir, device,
                                      batch_tokens=default.batch_tokens, max_length=8192)
     tokens = int(enc.lengths.sum())

@@ -153,27 +153,6 @@ def _post_attention(x, attn, o_w, ln_w, gate_up_w, down_w, eps: float):
     return h + F.linear(F.silu(gate) * up, down_w)
 
 
-@torch.library.custom_op("embed_corpus::add_linear_f32", mutates_args=())
-def add_linear_f32(acc: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``acc + a @ w.T`` in one matrix product writing float32 (``addmm``'s ``out_dtype``, CUDA): ``a`` and ``w``
-    bf16/fp16, ``acc`` float32. An opaque op for torch.compile (torch 2.11's tracing of ``addmm(out_dtype=)``
-    fails; later versions trace it)."""
-    return torch.addmm(acc, a, w.t(), out_dtype=torch.float32)
-
-
-@add_linear_f32.register_fake
-def _(acc, a, w):
-    return torch.empty_like(acc)
-
-
-def _post_attention_gemm_residual(x, attn, o_w, ln_w, gate_up_w, down_w, eps: float):
-    """``_post_attention`` with each residual add in its matrix product's epilogue (float32 output: the
-    projection's output is added to the float32 stream unrounded, with no pass of its own). CUDA only."""
-    h = add_linear_f32(x, attn, o_w)
-    gate, up = F.linear(_rms(h, ln_w, eps), gate_up_w).chunk(2, dim=-1)
-    return add_linear_f32(h, F.silu(gate) * up, down_w)
-
-
 @dataclass
 class _Layer:
     ln1: torch.Tensor
@@ -229,13 +208,10 @@ class PackedDecoder:
             which uses ``variant``).
         compiled_rope: with the Triton kernel, run the q/k norms and rope in the compiled graph (Inductor's
             kernel, the path before ``rotary.qk_norm_rope_``; kept for the same A/B).
-        gemm_residual: add each layer's output projections to the float32 residual stream in the matrix
-            product (``_post_attention_gemm_residual``; CUDA with ``fp32_residual`` only).
     """
 
     def __init__(self, model, *, compile: bool = False, kernel: str = "auto", fp32_residual: bool = True,
-                 all_dims_dynamic: bool = False, earlier_tiles: bool = False, compiled_rope: bool = False,
-                 gemm_residual: bool = False) -> None:
+                 all_dims_dynamic: bool = False, earlier_tiles: bool = False, compiled_rope: bool = False) -> None:
         cfg = model.config
         self.model = model
         self.n_q = cfg.num_attention_heads
@@ -280,8 +256,7 @@ class PackedDecoder:
         # q/k norms and rope by the project's kernel wherever its attention kernel runs (same requirements)
         self.rope_kernel = kernel == "triton" and rotary.supports_head_dim(self.head_dim) and not compiled_rope
         fns = {"pre": _pre_attention, "project": _project_qkv, "post": _post_attention,
-               "post_gemm": _post_attention_gemm_residual, "pre_pad": _pre_attention_padded,
-               "post_pad": _post_attention_padded}
+               "pre_pad": _pre_attention_padded, "post_pad": _post_attention_padded}
         self.compiled = bool(compile and on_cuda)
         if self.compiled:
             # One graph serves every pack length (packs need no padding to fixed sizes): the token dimension is
@@ -291,8 +266,6 @@ class PackedDecoder:
             use_compile_cache()
             fns = {k: torch.compile(f, dynamic=True if all_dims_dynamic else None) for k, f in fns.items()}
         self.pre, self.project, self.post = fns["pre"], fns["project"], fns["post"]
-        self._post_gemm = fns["post_gemm"]
-        self._set_gemm_residual(gemm_residual)
         self.pre_pad, self.post_pad = fns["pre_pad"], fns["post_pad"]
         log.info("packed forward: %s attention%s%s%s", self.kernel, ", q/k rope kernel" if self.rope_kernel else "",
                  ", compiled" if self.compiled else "", ", float32 residual" if fp32_residual else "")
@@ -302,20 +275,12 @@ class PackedDecoder:
         self._tiles = attention.tiles(group, fold=1 if earlier else None)
         self._last_tiles = self._tiles if earlier else attention.tiles(group, last=True)
 
-    def _set_gemm_residual(self, on: bool) -> None:
-        if on and not (self.device.type == "cuda" and self.fp32_residual and self.kernel != "sdpa"):
-            raise ValueError("gemm_residual needs CUDA, the packed kernels and the float32 residual stream")
-        self.gemm_residual = on
-
-    def variant(self, *, earlier_tiles: bool = False, compiled_rope: bool = False,
-                gemm_residual: bool = False) -> PackedDecoder:
-        """This decoder with other attention tiles, without the rope kernel or with the residual adds in the
-        matrix products, sharing its fused weights and compiled graphs (an A/B in one process without a second
-        copy of the weights)."""
+    def variant(self, *, earlier_tiles: bool = False, compiled_rope: bool = False) -> PackedDecoder:
+        """This decoder with other attention tiles or without the rope kernel, sharing its fused weights and
+        compiled graphs (an A/B in one process without a second copy of the weights)."""
         other = copy.copy(self)
         other._set_tiles(earlier_tiles)
         other.rope_kernel = self.rope_kernel and not compiled_rope
-        other._set_gemm_residual(gemm_residual)
         return other
 
     def warmup(self, lengths: tuple[int, ...] = (200, 61, 1)) -> float:
@@ -407,14 +372,12 @@ class PackedDecoder:
             a = a.reshape(a.shape[0], -1)
             if self.compiled:
                 _dynamic_tokens(a)
-            x = (self._post_gemm if self.gemm_residual else self.post)(x, a, ly.o, ly.ln2, ly.gate_up, ly.down,
-                                                                         self.eps)
+            x = self.post(x, a, ly.o, ly.ln2, ly.gate_up, ly.down, self.eps)
         q, k, v = self._heads(x, final, cos, sin)
         # the last layer only at each sequence's last position: one query per sequence, over all its keys
         cu_last = torch.arange(n + 1, device=cu.device, dtype=cu.dtype)
         a = self._attention(q[last].contiguous(), k, v, cu_last, cu, 1, max_len, last_blocks, last=True)
-        last_post = _post_attention_gemm_residual if self.gemm_residual else _post_attention
-        h = last_post(x[last], a.reshape(n, -1), final.o, final.ln2, final.gate_up, final.down, self.eps)
+        h = _post_attention(x[last], a.reshape(n, -1), final.o, final.ln2, final.gate_up, final.down, self.eps)
         return m.norm(h)
 
     def _forward_padded(self, ids, positions, layout, n: int, length: int) -> torch.Tensor:

@@ -126,25 +126,6 @@ def test_staging_sends_each_array_as_it_is_through_reused_buffers(device):
         assert sent[0].data_ptr() % HostStaging.ALIGN == 0 and sent[1].data_ptr() % HostStaging.ALIGN == 0
 
 
-def test_residual_add_in_the_matrix_product_equals_the_default(tiny_qwen3_dir):
-    """The decoder variant that adds each layer's output projections to the float32 stream inside the matrix
-    product (CUDA) gives the default's vectors; elsewhere it is refused, not silently ignored."""
-    cpu = Embedder.load(str(tiny_qwen3_dir), device="cpu", attention="packed")
-    with pytest.raises(ValueError, match="gemm_residual needs CUDA"):
-        cpu.packed.variant(gemm_residual=True)
-    if not torch.cuda.is_available():
-        return
-    from pipeline.bench.paths import embedder_on
-
-    emb = Embedder.load(str(tiny_qwen3_dir), device="cuda", attention="packed", compute_dtype="bfloat16",
-                        compile=False)
-    other = embedder_on(emb.model, emb.packed.variant(gemm_residual=True), str(tiny_qwen3_dir), "cuda",
-                        batch_tokens=emb.batch_tokens, max_length=emb.info.max_length)
-    assert other.packed.gemm_residual and not emb.packed.gemm_residual
-    cos = (emb.embed_texts(TEXTS) * other.embed_texts(TEXTS)).sum(1)
-    assert cos.min() >= 0.999, cos
-
-
 def test_auto_kernel_is_the_fastest_this_machine_runs(tiny_qwen3_dir):
     from pipeline.model import attention
 
