@@ -485,7 +485,7 @@ class HostStaging:
         on_device = torch.empty(total, dtype=torch.uint8, device=dev)
         on_device.copy_(host[:total], non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(dev))  # the copy's stream: dev's, not the current device's
         self._events[slot] = event
         return [on_device[start : start + a.nbytes].view(torch.from_numpy(a[:0].reshape(-1)).dtype).view(a.shape)
                 for a, start in zip(arrays, starts, strict=True)]

@@ -354,6 +354,13 @@ class PackedDecoder:
             if len(layout) != 3:
                 raise ValueError("the sdpa kernel needs the padded layout of the pack (host_layout)")
             return self._forward_padded(ids, positions, layout, len(cu) - 1, max_len)
+        if self.device.type == "cuda":
+            # Triton launches its kernels on the current device: make it the model's (``--device cuda:1``)
+            with torch.cuda.device(self.device):
+                return self._forward_packed(ids, positions, cu, max_len, layout)
+        return self._forward_packed(ids, positions, cu, max_len, layout)
+
+    def _forward_packed(self, ids, positions, cu, max_len: int, layout) -> torch.Tensor:
         blocks, last_blocks = layout if self.kernel == "triton" else (None, None)
         m = self.model
         x = m.embed_tokens(ids)
