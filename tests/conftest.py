@@ -39,6 +39,16 @@ def _offline_and_seeded() -> None:
 # --- Qwen3 stand-ins ------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def triton_kernels() -> None:
+    """Skip unless the project's Triton kernels can run: compiled on a GPU, or in Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    from pipeline.model import attention
+
+    if not (torch.cuda.is_available() or attention.interpreted()):
+        pytest.skip("no GPU and Triton's interpreter is off (TRITON_INTERPRET was not set before triton loaded)")
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Qwen3 tokenizer that appends ``<|endoftext|>`` (151643) to every text (recent tokenizer files)."""

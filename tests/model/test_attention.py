@@ -24,11 +24,9 @@ DEVICE, DTYPE, TOLERANCE = ("cuda", torch.bfloat16, 3e-2) if CUDA else ("cpu", t
 
 
 @pytest.fixture
-def attention():
+def attention(triton_kernels):
     from pipeline.model import attention as module
 
-    if not (CUDA or module.interpreted()):
-        pytest.skip("no GPU and Triton's interpreter is off (TRITON_INTERPRET was not set before triton loaded)")
     return module
 
 

@@ -17,12 +17,9 @@ DEVICE, DTYPE, TOLERANCE = ("cuda", torch.bfloat16, 2e-2) if CUDA else ("cpu", t
 
 
 @pytest.fixture
-def rotary():
-    from pipeline.model import attention
+def rotary(triton_kernels):
     from pipeline.model import rotary as module
 
-    if not (CUDA or attention.interpreted()):
-        pytest.skip("no GPU and Triton's interpreter is off (TRITON_INTERPRET was not set before triton loaded)")
     return module
 
 
