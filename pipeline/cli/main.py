@@ -23,8 +23,9 @@ def main() -> None:
     # Before anything touches CUDA (workers inherit it): torch's allocator maps more memory into the segments it
     # has instead of caching a block per tensor size, and every pack has sizes of its own; the 0.6B model held
     # 4.1 GiB instead of 8.9 on an H200, at the same speed (data/benchmarks/h200-probe-model-alone-2026-12-01.txt).
-    # A user's own setting wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # A user's own setting wins, under either of torch's names for it.
+    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 for command in (run, status, index, search, bench, bench_attention, bench_job, bench_scale, slurm, serve):

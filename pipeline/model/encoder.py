@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -449,6 +450,7 @@ class HostStaging:
     (``a.pin_memory()``) allocates pinned memory for every new size until torch's pinned-memory cache holds them
     all (``cudaHostAlloc``, slow). ``SLOTS`` buffers are used in turn; a buffer is written again only after its
     last copy has finished (an event), which on one stream is long done: the host runs at most a pack or two ahead.
+    Calls from several threads take turns (a lock), so no buffer is filled by two at once.
     """
 
     SLOTS = 4
@@ -458,36 +460,38 @@ class HostStaging:
         self._buffers: list = [None] * self.SLOTS
         self._events: list = [None] * self.SLOTS
         self._turn = 0
+        self._lock = threading.Lock()
 
     def send(self, dev, *arrays: np.ndarray) -> list:
         """Device tensors with the contents, dtypes and shapes of ``arrays`` (views of one device buffer on CUDA;
         elsewhere the arrays themselves as tensors)."""
         import torch
 
-        arrays = tuple(np.ascontiguousarray(a) for a in arrays)
+        arrays = tuple(np.require(a, requirements="C") for a in arrays)  # 0-d arrays stay 0-d
         if dev.type != "cuda":
             return [torch.from_numpy(a) for a in arrays]
         starts, total = [], 0
         for a in arrays:
             starts.append(total)
             total += -(-a.nbytes // self.ALIGN) * self.ALIGN
-        slot = self._turn % self.SLOTS
-        self._turn += 1
-        if self._events[slot] is not None:
-            self._events[slot].synchronize()
-        host = self._buffers[slot]
-        if host is None or host.numel() < total:  # grown by powers of two: a few allocations per slot, ever
-            host = torch.empty(1 << max(total - 1, 1 << 16).bit_length(), dtype=torch.uint8, pin_memory=True)
-            self._buffers[slot] = host
-        staged = host.numpy()
-        for a, start in zip(arrays, starts, strict=True):
-            staged[start : start + a.nbytes] = a.reshape(-1).view(np.uint8)
-        on_device = torch.empty(total, dtype=torch.uint8, device=dev)
-        on_device.copy_(host[:total], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(dev))  # the copy's stream: dev's, not the current device's
-        self._events[slot] = event
-        return [on_device[start : start + a.nbytes].view(torch.from_numpy(a[:0].reshape(-1)).dtype).view(a.shape)
+        with self._lock:
+            slot = self._turn % self.SLOTS
+            self._turn += 1
+            if self._events[slot] is not None:
+                self._events[slot].synchronize()
+            host = self._buffers[slot]
+            if host is None or host.numel() < total:  # grown by powers of two: a few allocations per slot, ever
+                host = torch.empty(1 << max(total - 1, 1 << 16).bit_length(), dtype=torch.uint8, pin_memory=True)
+                self._buffers[slot] = host
+            staged = host.numpy()
+            for a, start in zip(arrays, starts, strict=True):
+                staged[start : start + a.nbytes] = a.reshape(-1).view(np.uint8)
+            on_device = torch.empty(total, dtype=torch.uint8, device=dev)
+            on_device.copy_(host[:total], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(dev))  # the copy's stream: dev's, not the current device's
+            self._events[slot] = event
+        return [on_device[start : start + a.nbytes].view(torch.from_numpy(np.empty(0, a.dtype)).dtype).view(a.shape)
                 for a, start in zip(arrays, starts, strict=True)]
 
 

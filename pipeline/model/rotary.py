@@ -39,8 +39,9 @@ if triton is not None:
         lo = tl.load(at, mask=live, other=0.0).to(tl.float32)
         hi = tl.load(at + HALF, mask=live, other=0.0).to(tl.float32)
         if NORM:
-            # as transformers' Qwen3RMSNorm: statistics in float32, normalised value rounded to the stream's
-            # dtype, then scaled by the weight (query heads: W's first row, key heads: its second)
+            # Qwen3RMSNorm's steps: statistics in float32, the normalised value rounded to the stream's dtype,
+            # then scaled by the weight (query heads: W's first row, key heads: its second); the scaling and the
+            # rotation stay in float32 and are rounded once, at the store (transformers rounds after each step)
             rstd = tl.rsqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / (2 * HALF) + eps)
             w = W + (head >= N_Q).to(tl.int32) * (2 * HALF) + cols
             w_lo = tl.load(w).to(tl.float32)[None, :]

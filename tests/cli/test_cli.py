@@ -86,6 +86,22 @@ def test_help():
     assert "--json" in run_ok("status", "--help").output
 
 
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, "expandable_segments:True"),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, "max_split_size_mb:512"),
+    ({"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"}, None),  # torch's newer name: left to it alone
+])
+def test_allocator_setting_defaults_to_expandable_segments_unless_the_user_set_one(monkeypatch, env, expected):
+    import os
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    run_ok("status", "--help")  # the group's set-up runs before any sub-command
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected
+
+
 def test_console_script_entry_point():
     exe = shutil.which("embed-corpus", path=str(Path(sys.executable).parent))
     if exe is None:
