@@ -7,9 +7,11 @@ call); then passes of the model alone in this order: three plain, two with the n
 interleaves it). Prints each pass's tokens/s. With ``passes`` last: four plain passes only, each with the
 caching allocator's device allocations (cudaMalloc calls) during it, and the allocator and module-loading
 settings of the environment (``PYTORCH_CUDA_ALLOC_CONF``, ``CUDA_MODULE_LOADING``): is the first pass slow
-because memory or kernels are fetched then?
+because memory or kernels are fetched then? With ``packs`` last: three passes, each pack's device time between
+CUDA events recorded as it is queued (no waiting in between), and the SM clock once a second: are all of the
+first pass's packs slower, or a few (a stall), and does the clock differ?
 
-    python3 jobs/probe_model_alone.py SIZE TOKENIZER_DIR DOCS WORKDIR [small|full] [passes]
+    python3 jobs/probe_model_alone.py SIZE TOKENIZER_DIR DOCS WORKDIR [small|full] [passes|packs]
 """
 
 import json
@@ -36,7 +38,7 @@ from pipeline.model.encoder import Embedder  # noqa: E402
 
 size, tokdir, n_docs, work = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 warm = sys.argv[5] if len(sys.argv) > 5 else "small"
-passes_only = sys.argv[6:] == ["passes"]
+mode = sys.argv[6] if len(sys.argv) > 6 else "all"
 tok = AutoTokenizer.from_pretrained(tokdir)
 tok.model_max_length = 1 << 30
 texts = make_corpus(tok, n_docs)
@@ -54,7 +56,30 @@ def rate() -> int:
     return round(tokens / timed(lambda: emb.embed_encoded(enc), "cuda")[0])
 
 
-if passes_only:
+if mode == "packs":
+    import torch
+
+    out["passes"] = []
+    for _ in range(3):
+        events, sizes = [torch.cuda.Event(enable_timing=True)], []
+        events[0].record()
+
+        def mark(batch, events=events, sizes=sizes) -> None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            events.append(event)
+            sizes.append(int(enc.lengths[batch].sum()))
+
+        with GpuClocks() as clocks:
+            seconds, _ = timed(lambda: emb.embed_encoded(enc, on_batch=mark), "cuda")
+        ms = [a.elapsed_time(b) for a, b in zip(events, events[1:], strict=False)]
+        out["passes"].append({"tokens_per_s": round(tokens / seconds), "pack_tokens": sizes,
+                              "pack_ms": [round(m, 3) for m in ms], "clocks": clocks.summary()})
+    first, later = (np.asarray(p["pack_ms"]) for p in out["passes"][:2])
+    out["first_over_second_per_pack"] = np.round(first / later, 3).tolist()
+    print(json.dumps(out))
+    sys.exit(0)
+if mode == "passes":
     import torch
 
     out["env"] = {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_MODULE_LOADING")}
