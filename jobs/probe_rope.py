@@ -19,17 +19,9 @@ from triton.testing import do_bench
 from pipeline.bench.gpu import lognormal_lengths
 from pipeline.bench.synthetic import qwen3_config
 from pipeline.model import rotary
-from pipeline.model.packed import _pre_attention, _project_qkv, _rms, _rotate, pack_arrays
+from pipeline.model.packed import _pre_attention, _project_qkv, _qk_norm_rotate, pack_arrays
 
 TOKENS = {"0.6B": 64_000, "4B": 30_000}
-
-
-def qk_part(qkv, qn_w, kn_w, cos, sin, n_q: int, n_kv: int, d: int, eps: float):
-    """The q/k part of ``_pre_attention`` alone, for Inductor to compile by itself."""
-    q, k, _ = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
-    q, k = _rms(q.view(-1, n_q, d), qn_w, eps), _rms(k.view(-1, n_kv, d), kn_w, eps)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return _rotate(q, c, s), _rotate(k, c, s)
 
 
 def probe(size: str) -> dict:
@@ -55,7 +47,7 @@ def probe(size: str) -> dict:
         torch._dynamo.maybe_mark_dynamic(z, 0)
     pre = torch.compile(_pre_attention)
     project = torch.compile(_project_qkv)
-    part = torch.compile(qk_part)
+    part = torch.compile(_qk_norm_rotate)
     qkv0 = project(x, ln, w, None, eps)
     torch._dynamo.maybe_mark_dynamic(qkv0, 0)
 

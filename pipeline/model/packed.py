@@ -107,10 +107,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def _pre_attention(x, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, n_q: int, n_kv: int, head_dim: int, eps: float):
-    """Norm, fused q/k/v projection, per-head q/k norms and rope. x (T, H) -> q (T, n_q, D), k/v (T, n_kv, D)."""
-    h = _rms(x, ln_w, eps)
-    qkv = F.linear(h, qkv_w, qkv_b)
+def _project_qkv(x, ln_w, qkv_w, qkv_b, eps: float):
+    """Norm and fused q/k/v projection: x (T, H) -> (T, (n_q + 2 n_kv) D), for ``rotary.qk_norm_rope_``."""
+    return F.linear(_rms(x, ln_w, eps), qkv_w, qkv_b)
+
+
+def _qk_norm_rotate(qkv, qn_w, kn_w, cos, sin, n_q: int, n_kv: int, head_dim: int, eps: float):
+    """Per-head q/k norms and rope in torch (what ``rotary.qk_norm_rope_`` does as one kernel): qkv (T, ...) ->
+    q (T, n_q, D), k/v (T, n_kv, D)."""
     q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.view(-1, n_q, head_dim)
     k = k.view(-1, n_kv, head_dim)
@@ -122,9 +126,9 @@ def _pre_attention(x, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, n_q: int, n_kv: 
     return _rotate(q, c, s), _rotate(k, c, s), v
 
 
-def _project_qkv(x, ln_w, qkv_w, qkv_b, eps: float):
-    """Norm and fused q/k/v projection: x (T, H) -> (T, (n_q + 2 n_kv) D), for ``rotary.qk_norm_rope_``."""
-    return F.linear(_rms(x, ln_w, eps), qkv_w, qkv_b)
+def _pre_attention(x, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, n_q: int, n_kv: int, head_dim: int, eps: float):
+    """Norm, fused q/k/v projection, per-head q/k norms and rope. x (T, H) -> q (T, n_q, D), k/v (T, n_kv, D)."""
+    return _qk_norm_rotate(_project_qkv(x, ln_w, qkv_w, qkv_b, eps), qn_w, kn_w, cos, sin, n_q, n_kv, head_dim, eps)
 
 
 def _pre_attention_padded(x, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, gather, batch: int, length: int,
@@ -254,7 +258,7 @@ class PackedDecoder:
         self.kernel = kernel
         self._set_tiles(earlier_tiles)
         # q/k norms and rope by the project's kernel wherever its attention kernel runs (same requirements)
-        self.rope_kernel = kernel == "triton" and rotary.supports_head_dim(self.head_dim) and not compiled_rope
+        self.rope_kernel = kernel == "triton" and not compiled_rope
         fns = {"pre": _pre_attention, "project": _project_qkv, "post": _post_attention,
                "pre_pad": _pre_attention_padded, "post_pad": _post_attention_padded}
         self.compiled = bool(compile and on_cuda)

@@ -58,11 +58,6 @@ if triton is not None:
         tl.store(at + HALF, (hi * cos_hi + lo * sin_hi).to(QKV.dtype.element_ty), mask=live)
 
 
-def available() -> bool:
-    """Whether the kernel can run (Triton importable; on CUDA, or in Triton's CPU interpreter)."""
-    return triton is not None
-
-
 def supports_head_dim(d: int) -> bool:
     """Head sizes the kernel takes: even powers of two from 16 (each half is one block of columns)."""
     return 16 <= d <= 512 and d & (d - 1) == 0
