@@ -9,10 +9,9 @@ caching allocator's device allocations (cudaMalloc calls) during it, and the all
 settings of the environment (``PYTORCH_CUDA_ALLOC_CONF``, ``CUDA_MODULE_LOADING``): is the first pass slow
 because memory or kernels are fetched then? With ``packs`` last: three passes, each pack's device time between
 CUDA events recorded as it is queued (no waiting in between), and the SM clock once a second: are all of the
-first pass's packs slower, or a few (a stall), and does the clock differ? A seventh argument sets the packs'
-rounding (``PackedDecoder.pack_multiple``; 1: none, as before 2026-12-01).
+first pass's packs slower, or a few (a stall), and does the clock differ?
 
-    python3 jobs/probe_model_alone.py SIZE TOKENIZER_DIR DOCS WORKDIR [small|full] [passes|packs] [MULTIPLE]
+    python3 jobs/probe_model_alone.py SIZE TOKENIZER_DIR DOCS WORKDIR [small|full] [passes|packs]
 """
 
 import json
@@ -40,21 +39,17 @@ from pipeline.model.encoder import Embedder  # noqa: E402
 size, tokdir, n_docs, work = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 warm = sys.argv[5] if len(sys.argv) > 5 else "small"
 mode = sys.argv[6] if len(sys.argv) > 6 else "all"
-multiple = int(sys.argv[7]) if len(sys.argv) > 7 else None
 tok = AutoTokenizer.from_pretrained(tokdir)
 tok.model_max_length = 1 << 30
 texts = make_corpus(tok, n_docs)
 model = random_model(size, "cuda", "bfloat16")
 emb = Embedder.from_loaded(model, AutoTokenizer.from_pretrained(tokdir), model=f"random:{size}", path=tokdir,
                            device="cuda", compile=True, max_length=8192)
-if multiple is not None:
-    emb.packed.pack_multiple = multiple
 enc = emb.tokenizer.encode(texts)
 t0 = time.perf_counter()
 emb.packed.warmup() if warm == "small" else emb.packed.warmup(tuple(np.full(emb.batch_tokens // 512, 512).tolist()))
 tokens = int(enc.lengths.sum())
-out = {"size": size, "pack_multiple": emb.packed.pack_multiple, "warm": warm,
-       "warmup_s": round(time.perf_counter() - t0, 1), "tokens": tokens}
+out = {"size": size, "warm": warm, "warmup_s": round(time.perf_counter() - t0, 1), "tokens": tokens}
 
 
 def rate() -> int:

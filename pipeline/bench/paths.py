@@ -72,9 +72,6 @@ def ab(emb, enc, device: str, tokens: int, default_rate: float) -> dict[str, Any
 CHANGES = {
     "attention_tiles_before_2026_12_01": {"earlier_tiles": True},
     "qk_norm_rope_in_the_compiled_graph": {"compiled_rope": True},
-    # what rounding packs with filler sequences costs once every shape has been seen (its gain is in a fresh
-    # process's first pass, which this A/B, on warm shapes, cannot show: jobs/probe_model_alone.py ... packs)
-    "packs_not_rounded": {"pack_multiple": 1},
 }
 
 

@@ -358,18 +358,14 @@ class Embedder:
         dev = torch.device(self.device)
         lengths = enc.lengths[idx]
         if self.packed is not None:
-            from pipeline.model.packed import filler_lengths, pack_arrays
+            from pipeline.model.packed import pack_arrays
 
-            # filler sequences (of pad tokens) round the pack to a shape the matrix products have seen before
-            fill = filler_lengths(lengths, self.packed.pack_multiple)
-            seqs = [enc.sequence(int(i)) for i in idx] + [np.full(int(fill.sum()), self.pad_id)]
-            lengths = np.concatenate([lengths, fill])
             positions, cu = pack_arrays(lengths)
-            ids = np.concatenate(seqs).astype(np.int64)
+            ids = np.concatenate([enc.sequence(int(i)) for i in idx]).astype(np.int64)
             ids_d, positions_d, cu_d, *layout = self._staging.send(dev, ids, positions, cu,
                                                                    *self.packed.host_layout(lengths))
             out = self.packed.forward(ids_d, positions_d, cu_d, int(lengths.max()), tuple(layout))
-            return out[: len(idx)].float()
+            return out.float()
         longest = int(lengths.max())
         ids = np.full((len(idx), longest), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(idx), longest), dtype=np.int64)

@@ -20,12 +20,6 @@ rounding:
   kernel, the q/k norms and rope are a Triton kernel of their own too (``rotary.py``), in place in the
   projection's output.
 
-On CUDA a pack is rounded up with filler sequences (``filler_lengths``) to a multiple of ``PACK_MULTIPLE`` tokens
-and ``SEQ_MULTIPLE`` sequences, so the matrix products see a few shapes over a run instead of a new one every pack:
-cuBLAS chooses its algorithm once per shape, and that choice (~0.1-0.2 ms of host time per product, measured on an
-H200) for every pack's new token count kept the host behind the device through the whole first pass over a
-corpus (jobs/probe_first_pass.py). Fillers are sequences of their own, so they change no other sequence's result.
-
 Start-up: the token dimension is marked dynamic before the first call, so one compilation (``warmup``, a small
 pack) makes the graph every pack uses, and compiled kernels are kept on disk between runs in
 ``compile_cache_dir()`` (shared by every worker that sees the same folder).
@@ -51,8 +45,6 @@ from pipeline.model import attention, rotary
 log = logging.getLogger(__name__)
 
 PACKED_TYPES = {"qwen3", "qwen2"}
-PACK_MULTIPLE = 256  # tokens of a pack on CUDA, rounded up to a multiple of this (0.2% of a 64K pack on average)
-SEQ_MULTIPLE = 16  # sequences of a pack (the last layer's products have one row per sequence)
 
 
 def compile_cache_dir() -> Path:
@@ -220,13 +212,10 @@ class PackedDecoder:
             which uses ``variant``).
         compiled_rope: with the Triton kernel, run the q/k norms and rope in the compiled graph (Inductor's
             kernel, the path before ``rotary.qk_norm_rope_``; kept for the same A/B).
-        pack_multiple: tokens a pack is rounded up to a multiple of, with filler sequences (``filler_lengths``,
-            applied by the caller that builds packs); default ``PACK_MULTIPLE`` on CUDA, 1 (none) elsewhere.
     """
 
     def __init__(self, model, *, compile: bool = False, kernel: str = "auto", fp32_residual: bool = True,
-                 all_dims_dynamic: bool = False, earlier_tiles: bool = False, compiled_rope: bool = False,
-                 pack_multiple: int | None = None) -> None:
+                 all_dims_dynamic: bool = False, earlier_tiles: bool = False, compiled_rope: bool = False) -> None:
         cfg = model.config
         self.model = model
         self.n_q = cfg.num_attention_heads
@@ -236,9 +225,6 @@ class PackedDecoder:
         self.scale = self.head_dim**-0.5
         self.device = next(model.parameters()).device
         self.fp32_residual = fp32_residual
-        if pack_multiple is None:
-            pack_multiple = PACK_MULTIPLE if self.device.type == "cuda" else 1
-        self.pack_multiple = pack_multiple
         self.layers = []
         for layer in model.layers:
             att, mlp = layer.self_attn, layer.mlp
@@ -293,15 +279,12 @@ class PackedDecoder:
         self._tiles = attention.tiles(group, fold=1 if earlier else None)
         self._last_tiles = self._tiles if earlier else attention.tiles(group, last=True)
 
-    def variant(self, *, earlier_tiles: bool = False, compiled_rope: bool = False, pack_multiple: int | None = None
-                ) -> PackedDecoder:
-        """This decoder with other attention tiles, without the rope kernel or with other pack rounding, sharing
-        its fused weights and compiled graphs (an A/B in one process without a second copy of the weights)."""
+    def variant(self, *, earlier_tiles: bool = False, compiled_rope: bool = False) -> PackedDecoder:
+        """This decoder with other attention tiles or without the rope kernel, sharing its fused weights and
+        compiled graphs (an A/B in one process without a second copy of the weights)."""
         other = copy.copy(self)
         other._set_tiles(earlier_tiles)
         other.rope_kernel = self.rope_kernel and not compiled_rope
-        if pack_multiple is not None:
-            other.pack_multiple = pack_multiple
         return other
 
     def warmup(self, lengths: tuple[int, ...] = (200, 61, 1)) -> float:
@@ -479,26 +462,6 @@ def padded_layout(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     gather = np.where(key_mask, starts[:, None] + pos, starts[:, None]).reshape(-1)
     scatter = (np.arange(n, dtype=np.int64)[:, None] * longest + pos)[key_mask]
     return gather, scatter, key_mask
-
-
-def filler_lengths(lengths: np.ndarray, tokens: int, seqs: int = SEQ_MULTIPLE) -> np.ndarray:
-    """Lengths of the filler sequences that bring a pack of sequences ``lengths`` to a multiple of ``tokens``
-    tokens and ``seqs`` sequences (none if ``tokens <= 1``): at least one filler whenever a multiple is
-    missed, each at least one token long, the last one taking the tokens that remain."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if tokens <= 1:
-        return np.zeros(0, dtype=np.int64)
-    count = -len(lengths) % seqs
-    total = int(lengths.sum())
-    short = -total % tokens
-    if count == 0 and short == 0:
-        return np.zeros(0, dtype=np.int64)
-    count = count or seqs
-    while short < count:  # every filler needs a token
-        short += tokens
-    fill = np.ones(count, dtype=np.int64)
-    fill[-1] += short - count
-    return fill
 
 
 def pack_arrays(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

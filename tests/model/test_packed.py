@@ -8,7 +8,7 @@ import torch
 from helpers import assert_ids_once, assert_same_vectors, read_vectors, run_ok, write_jsonl
 
 from pipeline.model.encoder import Embedder
-from pipeline.model.packed import filler_lengths, pack_arrays, padded_layout
+from pipeline.model.packed import pack_arrays, padded_layout
 
 TEXTS = [
     "Hello world",
@@ -37,36 +37,6 @@ def test_padded_layout_round_trips_every_packed_row():
     # a real padded slot reads exactly the packed row it is scattered back to
     assert gather[scatter].tolist() == list(range(total))
     assert (gather >= 0).all() and (gather < total).all()
-
-
-def test_filler_lengths_round_tokens_and_sequences_up():
-    rng = np.random.default_rng(0)
-    for _ in range(2000):
-        lengths = rng.integers(1, 900, rng.integers(1, 60))
-        tokens, seqs = int(rng.choice([2, 16, 64, 256])), int(rng.choice([1, 4, 16]))
-        fill = filler_lengths(lengths, tokens, seqs)
-        total, count = int(lengths.sum() + fill.sum()), len(lengths) + len(fill)
-        assert total % tokens == 0 and count % seqs == 0, (lengths, tokens, seqs, fill)
-        assert (fill >= 1).all() and len(fill) <= seqs
-        assert fill.sum() < tokens + seqs  # never a whole extra multiple more than the fillers need
-        if lengths.sum() % tokens == 0 and len(lengths) % seqs == 0:
-            assert len(fill) == 0
-    assert len(filler_lengths(np.array([3, 5]), 1)) == 0  # rounding off
-
-
-def test_filled_packs_give_the_same_vectors(tiny_qwen3_dir, embedders):
-    """Filler sequences round each pack up (here to 64 tokens, 16 sequences) and change no real vector."""
-    _, packed = embedders
-    filled = Embedder.load(str(tiny_qwen3_dir), device="cpu", attention="packed", batch_tokens=2048,
-                           packed_options={"pack_multiple": 64})
-    assert packed.packed.pack_multiple == 1 and filled.packed.pack_multiple == 64  # CPU default: no fillers
-    seen = []
-    forward = filled.packed.forward
-    filled.packed.forward = lambda ids, positions, cu, *a: seen.append(cu.tolist()) or forward(ids, positions, cu, *a)
-    a, b = packed.embed_texts(TEXTS * 3), filled.embed_texts(TEXTS * 3)
-    assert seen and all(cu[-1] % 64 == 0 and (len(cu) - 1) % 16 == 0 for cu in seen)
-    assert sum(len(cu) - 1 for cu in seen) > len(TEXTS) * 3  # fillers were packed and dropped again
-    assert (a * b).sum(1).min() >= 0.99999
 
 
 @pytest.fixture(scope="module")
