@@ -192,7 +192,7 @@ def merge_in_memory(trained, run_paths: Sequence[str | Path]):
     return trained
 
 
-def merge_on_disk(index, sources: Sequence[Any], lists_path: Path) -> int:
+def merge_on_disk(index, sources: Sequence[Any], lists_path: Path, drop=None) -> int:
     """Merge inverted lists into a new on-disk lists file and make it ``index``'s lists (replacing the ones it has,
     which may be among the sources).
 
@@ -216,12 +216,53 @@ def merge_on_disk(index, sources: Sequence[Any], lists_path: Path) -> int:
             ptrs.push_back(src)
     lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists_path))
     with quiet_stdout():
-        ntotal = lists.merge_from_multiple(ptrs.data(), ptrs.size(), False)
+        if drop:  # entries at positions ``drop`` (a params.Filter) left out while merging: never ``remove_ids`` on
+            # on-disk lists (faiss's OnDiskInvertedLists::resize corrupts a list shrunk to half its capacity)
+            ntotal = _merge_filtered(lists, [ptrs.at(i) for i in range(ptrs.size())], drop, int(ivf.code_size))
+        else:
+            ntotal = lists.merge_from_multiple(ptrs.data(), ptrs.size(), False)
     ivf.replace_invlists(lists, True)
     lists.this.disown()
     ivf.ntotal = index.ntotal = ntotal
     del keep
     return int(ntotal)
+
+
+def _merge_filtered(lists, sources: Sequence[Any], drop, code_size: int) -> int:
+    """Fill the empty on-disk ``lists`` with the entries of ``sources`` whose ids ``drop`` does not leave out, one
+    list at a time, each list allocated once at its final size (no resize)."""
+    import faiss
+
+    nlist = lists.nlist
+
+    def entries(src, j: int):
+        n = src.list_size(j)
+        if not n:
+            return None
+        ids = faiss.rev_swig_ptr(src.get_ids(j), n).copy()
+        keep = ~drop.removed(ids)
+        codes = faiss.rev_swig_ptr(src.get_codes(j), n * code_size).copy().reshape(n, code_size)
+        return np.ascontiguousarray(ids[keep]), np.ascontiguousarray(codes[keep])
+
+    sizes = np.zeros(nlist, dtype=np.uint64)
+    for j in range(nlist):
+        for src in sources:
+            n = src.list_size(j)
+            if n:
+                sizes[j] += int((~drop.removed(faiss.rev_swig_ptr(src.get_ids(j), n))).sum())
+    total = int(sizes.sum())
+    lists.update_totsize(max(total, 1) * (8 + code_size))
+    lists.set_all_lists_sizes(faiss.swig_ptr(sizes))
+    for j in range(nlist):
+        at = 0
+        for src in sources:
+            got = entries(src, j)
+            if got is None or not len(got[0]):
+                continue
+            ids, codes = got
+            lists.update_entries(j, at, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            at += len(ids)
+    return total
 
 
 def gpu_resources(gpu: bool) -> tuple[Any, str]:

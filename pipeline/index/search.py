@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import PipelineError
 from pipeline.index.files import index_dir, load_index, read_info, search_filter
 from pipeline.index.params import search as filtered_search
+from pipeline.job.versions import live_version
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ class TextSource:
 
     def _chunk_text(self, text: str, start: int, end: int) -> str:
         """The tokens ``[start, end)`` of a chunked document, decoded (the whole text without a tokenizer)."""
-        prompt_ids = self.tokenizer(self.doc_prompt, add_special_tokens=False)["input_ids"] if self.doc_prompt else []
-        ids = self.tokenizer(self.doc_prompt + text, add_special_tokens=False)["input_ids"][len(prompt_ids):]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # spans index the text's own tokens
         return self.tokenizer.decode(ids[start:end])
 
 
@@ -170,6 +170,7 @@ class Searcher:
         # mapped, not read: start-up does not grow with its size, and only the pages a query touches are read.
         self.index, _ = load_index(self.out, self.info, mmap=True)
         # vectors of removed parts, and of parts that vanished since the last update, are never returned
+        self._version = live_version(self.out)
         self.filter, self.live_parts, self.live_starts = search_filter(self.out, self.info)
         vanished = len(self.info["parts"]) - len(self.live_parts)
         if vanished:
@@ -191,6 +192,16 @@ class Searcher:
         self.texts = TextSource(self.out, self.job, getattr(self.embedder.tokenizer, "tokenizer", None))
         self.metric = self.info["metric"]
 
+    def follow_live_version(self) -> None:
+        """If a run committed a new version since this searcher looked, leave out the indexed parts that version no
+        longer has and read texts through it (one readlink per call): a server or a stdin search loop that
+        outlives a nightly run never returns what the run deleted. Parts it added wait for the index update."""
+        now = live_version(self.out)
+        if now != self._version:
+            self.filter, self.live_parts, self.live_starts = search_filter(self.out, self.info)
+            self.texts = TextSource(self.out, self.job, self.texts.tokenizer)
+            self._version = now
+
     def embed(self, queries: Sequence[str]) -> np.ndarray:
         """float32 (len(queries), dims) query vectors, as the job would embed them.
 
@@ -205,6 +216,7 @@ class Searcher:
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores float32 (nq, k), positions int64 (nq, k))``; larger scores are closer; -1 = no result."""
+        self.follow_live_version()
         dist, pos = filtered_search(self.index, vectors, k, self.info.get("search_params"), self.filter)
         return (dist if self.metric == "ip" else -dist), pos
 

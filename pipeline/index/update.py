@@ -173,11 +173,9 @@ def _update(out: Path, target_recall: float | None, recall_k: int | None, max_me
         runs, added = add_runs(scratch, new, new_starts, batch, run_rows,
                                lambda r: folder / f".tmp-{gen}-run-{r}.faiss")
         old_lists = faiss.extract_index_ivf(index).invlists
-        merge_on_disk(index, [old_lists, *runs], lists_tmp)
+        merge_on_disk(index, [old_lists, *runs], lists_tmp, drop=gone if gone else None)
         for r in runs:
             r.unlink(missing_ok=True)
-        if gone:
-            index.remove_ids(_members(gone))
     else:
         if ivf is not None and gone:
             index.remove_ids(_members(gone))

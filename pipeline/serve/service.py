@@ -362,9 +362,11 @@ class Service:
     def search(self, req: dict[str, Any], vectors: np.ndarray) -> dict[str, Any]:
         """Search with query vectors already embedded (by the worker), through ``Searcher.search`` itself so
         results are those of ``embed-corpus search``."""
-        searcher = copy.copy(self.searcher)  # shares the index, id map and text source
-        searcher.embed = lambda _queries: vectors  # the vectors came through the batcher
         with self._search_lock:  # the text source's cache and the reranker are not thread-safe
+            # a run committed since: leave out what it deleted, on the shared searcher, before the copy
+            self.searcher.follow_live_version()
+            searcher = copy.copy(self.searcher)  # shares the index, id map and text source
+            searcher.embed = lambda _queries: vectors  # the vectors came through the batcher
             entries = searcher.search(req["queries"], req["k"], reranker=self.reranker if req["rerank"] else None,
                                       rerank_top=req["rerank_top"], with_text=req["with_text"])
         self.metrics.add(search_queries=len(entries))

@@ -1,0 +1,97 @@
+"""Index and search cases that gave wrong results with exit 0: an on-disk IVF index updated after most of a list
+was removed, and a searcher that outlives a commit which deleted documents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.bench.index import clustered_vectors, write_vector_output
+from pipeline.index.files import index_dir, load_index, read_info, search_filter
+from pipeline.index.params import search
+from pipeline.index.store import build_index
+from pipeline.index.update import update_index
+from pipeline.job.versions import publish
+
+
+def _list_contents(index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, raw float32 vectors) of every entry of an IVF-Flat index's inverted lists."""
+    ivf = faiss.extract_index_ivf(index)
+    ids, codes = [], []
+    for lst in range(ivf.nlist):
+        size = ivf.invlists.list_size(lst)
+        if not size:
+            continue
+        ids.append(faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size).copy())
+        raw = faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), size * ivf.code_size).copy()
+        codes.append(raw.view(np.float32).reshape(size, ivf.d))
+    return np.concatenate(ids), np.concatenate(codes)
+
+
+def test_update_removing_most_of_an_on_disk_list_keeps_ids_and_vectors_right(tmp_path: Path) -> None:
+    """An incremental run drops half of the parts (e.g. deleted input files); `index update` removes them from an
+    IVF index whose lists are on disk. Every live vector must still be in the lists exactly once, under its own
+    position, and a search for a live vector must return its own id."""
+    x = clustered_vectors(2000, 16, seed=3)
+    write_vector_output(tmp_path, x, shard_size=500)
+    build_index(tmp_path, factory="IVF8,Flat", lists="disk", recall_queries=50, query_side=0)
+    publish(tmp_path, [], drop=[0, 1])  # parts 0 and 1 vanish (positions 0..999)
+    info = update_index(tmp_path, recall_queries=50, query_side=0)
+    assert info["on_disk"] and info["live"] == 1000 and info["removed"][0]["applied"]
+
+    index, info = load_index(tmp_path, read_info(tmp_path))
+    ids, vectors = _list_contents(index)
+    live = np.arange(1000, 2000)
+    # every live position exactly once, nothing else
+    np.testing.assert_array_equal(np.sort(ids), live)
+    # the vector stored under each id is that position's vector
+    np.testing.assert_array_equal(vectors, x[ids])
+    # and through the search path: each live vector finds its own document first
+    filt, _, _ = search_filter(tmp_path, info)
+    _, pos = search(index, x[1000:1100], 1, {"nprobe": 8}, filt)
+    id_map = pq.read_table(index_dir(tmp_path) / info["files"]["ids"]).column("id").to_pylist()
+    assert [id_map[p] if 0 <= p < len(id_map) else p for p in pos[:, 0]] == [f"v{i}" for i in range(1000, 1100)]
+
+
+class _FakeQueryEmbedder:
+    """Stands in for the job's query embedder: query ``"vN"`` embeds to the corpus vector of document ``vN``."""
+
+    def __init__(self, x: np.ndarray, model: str) -> None:
+        from types import SimpleNamespace
+
+        self.x = x
+        self.info = SimpleNamespace(dims=x.shape[1], model=model)
+        self.tokenizer = None
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return np.ascontiguousarray(self.x[[int(t[1:]) for t in texts]])
+
+
+def test_a_long_running_searcher_never_returns_a_part_that_vanished_after_it_started(tmp_path: Path) -> None:
+    """`embed-corpus serve OUTPUT` (and `search OUTPUT` reading queries on stdin) keep one Searcher for their whole
+    life. A nightly run that deletes documents commits a new version meanwhile: their vectors must not be
+    returned any more ("search and eval never return a vector of a vanished part, even before the update"), as a
+    Searcher started after the commit does not return them."""
+    import json
+
+    from pipeline.index.search import Searcher
+
+    x = clustered_vectors(4000, 16, seed=5)
+    write_vector_output(tmp_path, x, shard_size=1000)
+    (tmp_path / "job.json").write_text(json.dumps({"config": {"model": "fake-model"},
+                                                   "model": {"dims": 16, "prompt": ""}}))
+    build_index(tmp_path, factory="Flat", recall_queries=50, query_side=0)
+    embedder = _FakeQueryEmbedder(x, "fake-model")
+    server = Searcher(tmp_path, embedder=embedder)  # started before the nightly run
+    assert server.search(["v2500"], k=1, with_text=False)[0]["results"][0]["id"] == "v2500"
+
+    publish(tmp_path, [], drop=[2])  # the nightly run deleted the documents of part 2 (v2000..v2999)
+
+    fresh = Searcher(tmp_path, embedder=embedder)
+    assert fresh.search(["v2500"], k=1, with_text=False)[0]["results"][0]["id"] != "v2500"
+    deleted = {f"v{i}" for i in range(2000, 3000)}
+    got = [r["id"] for r in server.search(["v2500"], k=10, with_text=False)[0]["results"]]
+    assert not deleted & set(got), got
