@@ -25,6 +25,7 @@ from pipeline.model.tokens import Encoded, SequenceFormat, TextTokenizer
 log = logging.getLogger(__name__)
 
 QWEN_EOS = "<|endoftext|>"
+ST_MODULES = {"Transformer", "Pooling", "Normalize"}  # sentence-transformers modules computed here
 DECODER_TYPES = {"qwen2", "qwen3", "qwen3_moe", "mistral", "llama", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"}
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384, "packed": 32768}
 # Packed batches of small models (hidden size up to this) get twice the packed budget: the benchmarks of the
@@ -126,7 +127,13 @@ def _st_files(path: str) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
         return None, {}, {}
     pooling = None
     for module in _read_json(root / "modules.json") if (root / "modules.json").exists() else []:
-        if str(module.get("type", "")).endswith("Pooling"):
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        if kind not in ST_MODULES:  # e.g. a Dense projection after pooling: skipping it would write other vectors
+            raise PipelineError(
+                f"{root}: modules.json has a {kind} module ({module.get('path') or module.get('name')}); embed-corpus "
+                f"computes only {', '.join(sorted(ST_MODULES))}, so its vectors would not be this model's"
+            )
+        if kind == "Pooling":
             conf = _read_json(root / module.get("path", "") / "config.json")
             for key, mode in (("pooling_mode_lasttoken", "lasttoken"), ("pooling_mode_mean_tokens", "mean"),
                               ("pooling_mode_cls_token", "cls")):

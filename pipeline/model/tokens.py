@@ -122,11 +122,20 @@ class TextTokenizer:
                     ids.pop()
         return out
 
+    def _cut(self, text: str, cap: int) -> str:
+        """``text[:cap]``, moved back to the start of an end-token string (``<|endoftext|>``) the cut would split:
+        a partial one would keep the end tokens before it from being stripped."""
+        if len(text) <= cap or not (self.fmt.strip_suffix and self.fmt.suffix):
+            return text[:cap]
+        end = self.tokenizer.convert_ids_to_tokens(self.fmt.suffix[-1])
+        j = text.find(end, max(0, cap - len(end) + 1))
+        return text[:j] if 0 <= j < cap else text[:cap]
+
     def _content_ids_capped(self, texts: list[str], limit: int) -> list[list[int]]:
         """Content ids, tokenizing only a prefix of very long texts when that provably gives the same first
         ``limit`` tokens (pre-tokenization is local: a cut changes only the last few tokens)."""
         cap = (limit + 2) * CHARS_PER_TOKEN_BOUND
-        cut = [t[:cap] for t in texts]
+        cut = [self._cut(t, cap) for t in texts]
         ids = self._content_ids(cut)
         redo = [
             i for i, (t, c, x) in enumerate(zip(texts, cut, ids, strict=True)) if len(c) < len(t) and len(x) < limit + 2
@@ -157,7 +166,8 @@ class TextTokenizer:
                 span.append((0, min(len(content), limit)))
                 truncated.append(len(content) > limit)
                 continue
-            body = content[len(self.prompt_ids) :] if self.prompt else content
+            # the text's own tokens: in tokenize(prompt + text) the prompt's last token can join the text's first
+            body = self._content_ids([texts[d]])[0] if self.prompt else content
             starts = range(0, max(1, len(body) - self.chunk_tokens + self.chunk_step), self.chunk_step)
             for c, start in enumerate(starts):
                 end = min(start + self.chunk_tokens, len(body))

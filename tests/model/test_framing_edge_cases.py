@@ -1,0 +1,127 @@
+"""Model-path inputs that gave wrong vectors with exit 0 (each test fails on the code before its fix).
+
+1. A sentence-transformers model whose ``modules.json`` has a ``Dense`` module after pooling (EmbeddingGemma,
+   LaBSE, stella, sentence-t5, ...): the Dense projection is silently skipped, so every vector is the pooled
+   hidden state (wrong values, wrong size) instead of the model's output.
+2. ``--long-docs chunk`` with a document-side prompt (``--instruction``, ``--prompt-name``): the prompt's last
+   token and the document's first word tokenize as ONE token (Qwen BPE: ``":The"``), so cutting
+   ``len(prompt_ids)`` tokens off the front of ``tokenize(prompt + text)`` drops the document's first word from
+   every chunked document.
+3. Truncation of long texts tokenizes a character prefix (``_content_ids_capped``); trailing ``<|endoftext|>``
+   strings are stripped from that prefix only when they sit at its very end, so a long text that ends with
+   them gets many 151643s (and ``truncated=True``) where the same content in a short text gets exactly one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from pipeline.errors import PipelineError
+from pipeline.model.encoder import Embedder, format_instruction
+from pipeline.model.tokens import SequenceFormat, TextTokenizer
+
+ENDOFTEXT_ID = 151643
+
+
+# --- 1. sentence-transformers Dense module ---------------------------------------------------------------------
+
+
+def _minilm_with_dense(src: Path, dst: Path, out_features: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of MiniLM whose pipeline is Transformer -> Pooling(mean) -> Dense(384 -> out, identity) ->
+    Normalize, laid out as sentence-transformers saves it (``2_Dense/config.json`` + ``model.safetensors``)."""
+    from safetensors.torch import save_file
+
+    dst.mkdir()
+    for entry in src.iterdir():
+        target = dst / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target)
+        elif entry.name != "modules.json":
+            os.symlink(entry, target)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, 384, generator=gen) / 20
+    bias = torch.randn(out_features, generator=gen) / 20
+    (dst / "2_Dense").mkdir()
+    (dst / "2_Dense" / "config.json").write_text(json.dumps({
+        "in_features": 384, "out_features": out_features, "bias": True,
+        "activation_function": "torch.nn.modules.linear.Identity"}))
+    save_file({"linear.weight": weight, "linear.bias": bias}, str(dst / "2_Dense" / "model.safetensors"))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+        {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (dst / "modules.json").write_text(json.dumps(modules))
+    return weight, bias
+
+
+def test_sentence_transformers_dense_module_is_not_skipped(tmp_path: Path, minilm_dir: Path) -> None:
+    """What sentence-transformers computes: mean pool -> Dense -> normalise. The pipeline must give those vectors,
+    or refuse the model; it must not write the pooled hidden states as if they were the model's output."""
+    model_dir = tmp_path / "minilm-dense"
+    weight, bias = _minilm_with_dense(minilm_dir, model_dir)
+    texts = ["The quick brown fox jumps over the lazy dog.", "Hello world"]
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    net = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    expected = []
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt", truncation=True, max_length=256)
+            pooled = net(**enc).last_hidden_state[0].mean(0)
+            v = weight @ pooled + bias
+            expected.append((v / v.norm()).numpy())
+    expected = np.stack(expected)
+
+    try:
+        emb = Embedder.load(str(model_dir), device="cpu")
+    except PipelineError:
+        return  # refusing an unsupported module is a correct outcome
+    got = emb.embed_texts(texts)
+    assert got.shape == expected.shape, f"Dense module skipped: {got.shape[1]}-dim vectors, the model makes " \
+                                        f"{expected.shape[1]}"
+    assert np.allclose(got, expected, atol=1e-4)
+
+
+# --- 2. chunking with a document-side prompt drops the first word ---------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", [format_instruction("Retrieve semantically similar text"), "passage: "])
+def test_chunked_document_with_prompt_keeps_its_first_word(qwen_tokenizer_dir: Path, prompt: str) -> None:
+    hf = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir))
+    fmt = SequenceFormat((), (ENDOFTEXT_ID,), 64, strip_suffix=True)
+    tok = TextTokenizer(hf, fmt, prompt=prompt, long_docs="chunk", chunk_tokens=12, chunk_overlap=0)
+    text = "The quick brown fox jumps over the lazy dog. " * 20  # far over max_length: chunked
+    enc = tok.encode([text])
+    assert len(enc) > 1  # premise: the document was chunked
+    first = enc.sequence(0).tolist()
+    assert first[-1] == ENDOFTEXT_ID
+    content = hf.decode(first[len(tok.prompt_ids) : -1])
+    assert content.lstrip().startswith("The quick"), f"chunk 0 embeds {content!r}: the first word is lost"
+    # the chunks together cover the whole document, from its first token
+    assert int(enc.span[0, 0]) == 0
+    body = hf.decode([t for i in range(len(enc)) for t in enc.sequence(i).tolist()[len(tok.prompt_ids) : -1]])
+    assert body.lstrip().startswith("The quick brown fox")
+
+
+# --- 3. trailing <|endoftext|> strings of a long text ------------------------------------------------------------
+
+
+def test_trailing_endoftext_strings_stripped_whatever_the_text_length(qwen_tokenizer_dir: Path) -> None:
+    hf = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir))
+    tok = TextTokenizer(hf, SequenceFormat((), (ENDOFTEXT_ID,), 16, strip_suffix=True))
+    short = tok.encode(["hi" + "<|endoftext|>" * 3])
+    long = tok.encode(["hi" + "<|endoftext|>" * 40])
+    assert short.sequence(0).tolist() == [6023, ENDOFTEXT_ID]
+    assert long.sequence(0).tolist() == short.sequence(0).tolist(), \
+        f"{long.sequence(0).tolist().count(ENDOFTEXT_ID)} end tokens (exactly one expected)"
+    assert not long.truncated[0]
