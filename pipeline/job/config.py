@@ -33,6 +33,10 @@ INDEX_OPTIONS = {"factory", "max_memory", "metric", "target_recall", "recall_k",
                  "query_side"}
 
 
+# Columns of the output (and of the rows a job reads) that a kept column must not replace.
+OUTPUT_COLUMNS = ("id", "embedding", "n_tokens", "truncated", "doc_id", "chunk", "token_start", "token_end")
+
+
 class ConfigError(ValueError):
     """A job file key or flag has an invalid value."""
 
@@ -164,6 +168,11 @@ class JobConfig:
             if unknown:
                 raise ConfigError(f"index: unknown option(s) {', '.join(sorted(unknown))} "
                                   f"(known: {', '.join(sorted(INDEX_OPTIONS))})")
+        reserved = set(OUTPUT_COLUMNS) | {"text", "_row", self.id_field}
+        clash = [name for name in self.keep if name in reserved]
+        if clash:
+            raise ConfigError(f"keep: {', '.join(map(repr, clash))} would replace a column the job makes (the id, the "
+                              f"text or an output column: {', '.join(sorted(reserved))}); rename the input column")
         if self.instruction is not None and self.prompt_name is not None:
             raise ConfigError("instruction and prompt_name: give one of them, not both")
 

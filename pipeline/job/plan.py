@@ -295,16 +295,28 @@ def _check_new_files(infos: list[InputFile], old: Manifest | None, spec: FieldSp
     """What no single row can tell (``records.check_fields``: named fields exist, one id source and type, kept
     column types), decided for files whose content is new, against the files already planned."""
     known = {(pf.file.path, pf.file.digest): pf.file for pf in old.files} if old else {}
+    # a content planned before under another path (renamed, moved, copied) keeps how it was read: its rows stay
+    # in parts written with those types, and its cached scan hashed its kept values as them
+    by_digest = {pf.file.digest: pf.file for pf in old.files} if old else {}
     settled, fresh = {}, []
     for i, info in enumerate(infos):
-        prev = known.get((info.path, info.digest))
+        prev = known.get((info.path, info.digest)) or by_digest.get(info.digest)
         if prev is not None and prev.ids:
             settled[i] = dataclasses.replace(info, ids=prev.ids, kept_schema=prev.kept_schema)
         else:
             fresh.append(i)
     checked = check_fields([infos[i] for i in fresh], list(settled.values()), spec) if fresh else []
     settled.update(zip(fresh, checked, strict=True))
-    return [settled[i] for i in range(len(infos))]
+    result = [settled[i] for i in range(len(infos))]
+    keys: dict[str, str] = {}
+    for info in result:
+        if info.ids == "generated":
+            other = keys.setdefault(info.key, info.path)
+            if other != info.path:
+                raise InputError(f"{other} and {info.path} have no {spec.id_field!r} field and the same name "
+                                 f"{info.key!r}: their generated ids (NAME#ROW) would collide. Give them ids, or "
+                                 "give their common folder as --input")
+    return result
 
 
 def _duplicate_rejects(infos: list[InputFile], spec: FieldSpec, found: list[tuple[np.ndarray, ...]]
