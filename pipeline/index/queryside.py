@@ -110,8 +110,8 @@ def query_side_recall(output: str | Path, index, parts: Sequence[Part], starts: 
     t_embed = time.perf_counter() - t0
     live = sum(p.rows for p in parts)
     kmax = int(min(max(RECALL_KS), live))
-    qs = QuerySet(np.ascontiguousarray(qv, dtype=np.float32), np.full(len(qv), -1, dtype=np.int64))
-    qs.truth = vec.exact_search(parts, qs.vectors, kmax, metric, starts=starts)[1]
+    qs = QuerySet(np.ascontiguousarray(qv, dtype=np.float32), np.full(len(qv), -1, dtype=np.int64), metric=metric)
+    qs.truth_scores, qs.truth = vec.exact_search(parts, qs.vectors, kmax, metric, starts=starts)
     rec = measure(index, qs, kmax, search_params, filt)
     return {"queries": len(texts), **rec, "instruction": prompt, "text_chars": QUERY_CHARS,
             "seconds": {"embed": round(t_embed, 3), "measure": round(time.perf_counter() - t0 - t_embed, 3)},

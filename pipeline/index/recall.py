@@ -1,7 +1,10 @@
 """Index recall: exact neighbours of held-out corpus vectors, recall@1/10/100 of an index, and the tuning of
 ``nprobe`` / ``efSearch`` on one query set, reported on another.
 
-Recall@k is the mean over queries of ``|found top k & exact top k| / k``. The queries are corpus vectors, so a
+Recall@k is the mean over queries of ``|found top k & exact top k| / k``, where a found neighbour as close as the
+exact k-th one counts as found (ties: a corpus with duplicate texts has many vectors at one distance, and any of
+them is a right answer; an index that stores exact vectors reports exact distances to compare, a quantized one
+is held to the exact positions). The queries are corpus vectors, so a
 query's own position is left out of both lists: the exact neighbours are those of the rest of the corpus. Whether
 the query is also left out of the *index* matters only for graph indexes: an IVF or flat index scans its lists
 exhaustively, and its coarse centroids were trained without the queries, so leaving the query's own entry out of
@@ -48,11 +51,15 @@ class QuerySet:
         vectors: float32 (nq, d).
         positions: int64 (nq,).
         truth: exact neighbour positions int64 (nq, k), own position left out; filled by ``recall_block``.
+        truth_scores: their exact scores float32 (nq, k) (``ip``: larger is closer; ``l2``: squared distance).
+        metric: the index's, for the scores (set with them).
     """
 
     vectors: np.ndarray
     positions: np.ndarray
     truth: np.ndarray | None = None
+    truth_scores: np.ndarray | None = None
+    metric: str = "ip"
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -128,32 +135,51 @@ def _ivf_flat_exact(ivf, queries: np.ndarray, k: int, chunk: int = 131072) -> tu
 
 
 def ground_truth(index, parts: Sequence[Part], starts: Sequence[int], queries: np.ndarray, k: int, metric: str,
-                 filt: Filter | None = None, batch_rows: int = 131072) -> np.ndarray:
-    """Positions of the exact top-``k`` of each query among the live vectors, int64 (nq, k) (-1 where fewer).
+                 filt: Filter | None = None, batch_rows: int = 131072) -> tuple[np.ndarray, np.ndarray]:
+    """Scores float32 and positions int64 (nq, k) of the exact top-``k`` of each query among the live vectors
+    (-1 where fewer).
 
     ``parts`` (with their first positions ``starts``) are the live parts; they are scanned unless the index keeps
     exact vectors and holds nothing that ``filt`` leaves out.
     """
     exact = _exact_searcher(index, filt)
     if exact is not None:
-        return exact(queries, k)[1]
-    return vec.exact_search(parts, queries, k, metric, starts=starts, batch_rows=batch_rows)[1]
+        return exact(queries, k)
+    return vec.exact_search(parts, queries, k, metric, starts=starts, batch_rows=batch_rows)
 
 
-def _drop_self(ids: np.ndarray, self_pos: np.ndarray, k: int) -> np.ndarray:
-    """Each row without the query's own position (and without -1), cut to ``k`` (padded with -1)."""
+def _drop_self(ids: np.ndarray, self_pos: np.ndarray, k: int, scores: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each row without the query's own position (and without -1), cut to ``k`` (padded with -1), and the scores
+    of what is kept (NaN padded) if ``scores`` is given."""
     out = np.full((len(ids), k), -1, dtype=np.int64)
+    kept = None if scores is None else np.full((len(ids), k), np.nan, dtype=np.float32)
     for i, row in enumerate(ids):
-        row = row[(row != self_pos[i]) & (row >= 0)][:k]
+        mask = (row != self_pos[i]) & (row >= 0)
+        row = row[mask][:k]
         out[i, : len(row)] = row
-    return out
+        if kept is not None:
+            kept[i, : len(row)] = scores[i][mask][: len(row)]
+    return out, kept
 
 
-def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean over queries of ``|found[:k] & truth[:k]| / |truth[:k]|`` (-1 entries ignored)."""
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int, found_scores: np.ndarray | None = None,
+              truth_scores: np.ndarray | None = None, metric: str = "ip") -> float:
+    """Mean over queries of ``|found[:k] & truth[:k]| / |truth[:k]|`` (-1 entries ignored).
+
+    With the exact scores of both lists, a found position as close as the last of ``truth[:k]`` counts too
+    (within float32 rounding: 1e-5 relative), so that ties among equally close vectors are not misses.
+    """
     f, t = found[:, :k], truth[:, :k]
-    hits = ((f[:, :, None] == t[:, None, :]) & (t[:, None, :] >= 0)).any(axis=2).sum(axis=1)
+    hit = ((f[:, :, None] == t[:, None, :]) & (t[:, None, :] >= 0)).any(axis=2)
     size = (t >= 0).sum(axis=1)
+    if found_scores is not None and truth_scores is not None:
+        last = truth_scores[np.arange(len(t)), np.maximum(size - 1, 0)][:, None]
+        slack = 1e-5 * np.maximum(np.abs(last), 1.0)
+        fs = found_scores[:, :k]
+        tied = fs >= last - slack if metric == "ip" else fs <= last + slack
+        hit |= tied & (f >= 0) & (size[:, None] > 0)
+    hits = np.minimum(hit.sum(axis=1), size)
     valid = size > 0
     return float((hits[valid] / size[valid]).mean()) if valid.any() else 1.0
 
@@ -168,15 +194,19 @@ def measure(index, qs: QuerySet, kmax: int, values: dict[str, Any] | None = None
     assert qs.truth is not None
     out: dict[str, float] = {}
     separate = hasattr(inner_index(index), "hnsw")
+    # the distances the index reports are exact where it stores exact vectors: then ties count as found
+    exact = qs.truth_scores is not None and _exact_searcher(index, None) is not None
 
-    def found(k: int) -> np.ndarray:
-        return _drop_self(search(index, qs.vectors, k + 1, values, filt)[1], qs.positions, k)
+    def found(k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        dist, ids = search(index, qs.vectors, k + 1, values, filt)
+        return _drop_self(ids, qs.positions, k, dist if exact else None)
 
     found_all = None if separate else found(kmax)
     for k in RECALL_KS:
         kk = min(k, kmax)
-        got = found(kk) if separate else found_all[:, :kk]
-        out[f"recall@{k}"] = round(recall_at(got, qs.truth, kk), 6)
+        got, scores = found(kk) if separate else (found_all[0][:, :kk],
+                                                  None if found_all[1] is None else found_all[1][:, :kk])
+        out[f"recall@{k}"] = round(recall_at(got, qs.truth, kk, scores, qs.truth_scores, qs.metric), 6)
     return out
 
 
@@ -260,13 +290,16 @@ def recall_block(index, parts: Sequence[Part], starts: Sequence[int], tune_set: 
     pos = np.concatenate([tune_set.positions, report_set.positions])
     if kmax > 0:
         extra = 0 if absent is None or _exact_searcher(index, filt) is not None else len(absent)
-        ids = ground_truth(index, parts, starts, both, kmax + 1 + extra, metric, filt, batch_rows)
+        scores, ids = ground_truth(index, parts, starts, both, kmax + 1 + extra, metric, filt, batch_rows)
         if extra:
             ids = np.where(np.isin(ids, absent), -1, ids)  # _drop_self skips -1
-        truth = _drop_self(ids, pos, kmax)
+        truth, truth_scores = _drop_self(ids, pos, kmax, scores)
     else:
         truth = np.zeros((len(pos), 0), dtype=np.int64)
+        truth_scores = np.zeros((len(pos), 0), dtype=np.float32)
     tune_set.truth, report_set.truth = truth[: len(tune_set)], truth[len(tune_set):]
+    tune_set.truth_scores, report_set.truth_scores = truth_scores[: len(tune_set)], truth_scores[len(tune_set):]
+    tune_set.metric = report_set.metric = metric
     t1 = time.perf_counter()
     block = tune_and_measure(index, tune_set, report_set, tune, target, recall_k, filt)
     block["recall_queries"] = {"tune": int(len(tune_set)), "report": int(len(report_set))}
