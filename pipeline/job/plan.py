@@ -135,7 +135,7 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
         if old is None and not dry_run:
             _remove_leftovers(out)
         settings = {name: _plain(getattr(cfg, name)) for name in fingerprint_fields()}
-        if old is not None and old.fingerprint != cfg.fingerprint() and _has_vectors(out, old):
+        if old is not None and old.fingerprint != cfg.fingerprint() and has_vectors(out):
             _refuse_settings(out, old, settings, cfg)
         if old is not None and old.fingerprint != cfg.fingerprint():
             log.warning("%s: no vector was written with the earlier settings; planning with the new ones", out)
@@ -155,8 +155,8 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
         return manifest
 
 
-def _has_vectors(out: Path, manifest: Manifest) -> bool:
-    """Whether any vector was written under the manifest's settings (a committed version or a finished shard)."""
+def has_vectors(out: Path) -> bool:
+    """Whether any vector was written to ``out`` (a committed version or a finished shard)."""
     if versions.live_version(out):
         return True
     folder = out / "shards"

@@ -11,16 +11,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ManifestMismatch, PipelineError
 from pipeline.job.config import JobConfig
 from pipeline.model.encoder import Embedder
+from pipeline.model.identity import changed_files, model_files
 from pipeline.util import write_json_atomic
 
 JOB_RECORD = "job.json"
 
 
-def write_job_record(out: Path, cfg: JobConfig, embedder: Embedder) -> None:
-    """``OUTPUT/job.json``: the settings and the resolved model framing, to embed queries the same way."""
+def write_job_record(out: Path, cfg: JobConfig, embedder: Embedder, files: dict[str, str] | None = None) -> None:
+    """``OUTPUT/job.json``: the settings, the resolved model framing and the model's files
+    (``identity.model_files``), to embed queries the same way."""
     import torch
     import transformers
 
@@ -30,10 +32,34 @@ def write_job_record(out: Path, cfg: JobConfig, embedder: Embedder) -> None:
         "fingerprint": cfg.fingerprint(),
         "config": cfg.to_dict(),
         "model": embedder.info.to_dict(),
+        "model_files": files,
         "versions": {"embed-corpus": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "updated_at": time.time(),
     })
+
+
+def check_model_files(out: Path, model: str, files: dict[str, str] | None, has_vectors: bool) -> None:
+    """Refuse to add vectors of a model whose files differ from those the output's vectors were made with.
+
+    Raises:
+        ManifestMismatch: ``job.json`` recorded other files for the model and ``out`` has vectors.
+    """
+    path = Path(out) / JOB_RECORD
+    if files is None or not has_vectors or not path.exists():
+        return
+    before = json.loads(path.read_text()).get("model_files")
+    changed = changed_files(before, files) if before else []
+    if changed:
+        raise ManifestMismatch(
+            f"{out}: the files of model {model!r} changed since its vectors were made ({_names(changed)}): new "
+            "vectors would not be comparable with the ones kept. Restore the model, write to a new --output, or "
+            "add --overwrite to embed everything again with this model."
+        )
+
+
+def _names(changed: list[str]) -> str:
+    return ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
 
 
 def read_job_record(output: str | Path) -> dict[str, Any]:
@@ -72,9 +98,17 @@ def query_embedder(output: str | Path, *, device: str | None = None, batch_token
         )
     instruction = cfg.get("query_instruction")
     prompt_name = "query" if instruction is None and "query" in model.get("prompts", {}) else None
-    return Embedder.load(
+    embedder = Embedder.load(
         cfg["model"], device=device, compute_dtype=cfg.get("compute_dtype", "auto"), pooling=model["pooling"],
         max_length=model["max_length"], dims=cfg.get("dims"), normalize=cfg.get("normalize", True),
         instruction=instruction, prompt_name=prompt_name, batch_tokens=batch_tokens, compile=False,
         trust_remote_code=wanted,
     )
+    recorded, now = job.get("model_files"), model_files(cfg["model"])
+    changed = changed_files(recorded, now) if recorded and now is not None else []
+    if changed:
+        raise PipelineError(
+            f"the files of model {cfg['model']!r} changed since the vectors of {output} were made ({_names(changed)}): "
+            "queries embedded with it would not match them. Restore the model, or run the job again with --overwrite"
+        )
+    return embedder

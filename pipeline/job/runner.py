@@ -34,8 +34,8 @@ from pipeline.job.claims import DEFAULT_LEASE, Claims
 from pipeline.job.config import JobConfig
 from pipeline.job.diff import find
 from pipeline.job.manifest import DUP, EMBED, MANIFEST, REUSE, SAME, Manifest, Shard, load_manifest, read_work
-from pipeline.job.plan import prepare
-from pipeline.job.record import write_job_record
+from pipeline.job.plan import has_vectors, prepare
+from pipeline.job.record import check_model_files, write_job_record
 from pipeline.job.records import FieldSpec, extract, iter_raw
 from pipeline.job.scan import generated_id_hashes, hash128, id_hashes, keep_hashes
 from pipeline.job.sink import (
@@ -52,6 +52,7 @@ from pipeline.job.sink import (
 )
 from pipeline.job.startup import ModelLoad
 from pipeline.model.encoder import Embedder
+from pipeline.model.identity import model_files
 from pipeline.model.tokens import Encoded
 from pipeline.util import attach_log_file, fault_point, locked, process_age
 
@@ -331,7 +332,9 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         if isinstance(embedder, ModelLoad):
             embedder = embedder.result()
         embedder = embedder or load_embedder(cfg)
-        write_job_record(out, cfg, embedder)
+        files = model_files(cfg.model)  # the same name may have other weights than the kept vectors were made with
+        check_model_files(out, cfg.model, files, has_vectors(out))
+        write_job_record(out, cfg, embedder, files)
     spec = FieldSpec.of(cfg)
     cache = PartCache(out)
 

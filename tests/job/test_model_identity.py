@@ -1,0 +1,97 @@
+"""A model name whose files changed between runs: the job refuses to mix its vectors, and the query side refuses
+to embed queries with it (``model/identity.py``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import FAST, invoke, make_docs, run_ok, write_jsonl
+
+from pipeline.errors import PipelineError
+from pipeline.model import identity
+from pipeline.model.identity import changed_files, file_digest, model_files
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _model_copy(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name != "model.safetensors":
+            (dst / entry.name).symlink_to(entry)
+    shutil.copyfile(src / "model.safetensors", dst / "model.safetensors")
+    return dst
+
+
+def _update_weights(model: Path) -> None:
+    """A new revision of the model in place: the word embeddings trained further."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(model / "model.safetensors"))
+    name = next(k for k in weights if "word_embeddings" in k)
+    gen = torch.Generator().manual_seed(0)
+    weights[name] = weights[name] + 0.5 * weights[name].std() * torch.randn(weights[name].shape, generator=gen)
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _run_args(corpus: Path, out: Path, model: Path) -> list[str]:
+    return ["run", "--input", str(corpus), "--output", str(out), "--model", str(model), *FAST]
+
+
+def test_a_model_updated_in_place_is_refused_not_mixed(tmp_path, minilm_dir):
+    """`--model /models/current` whose weights changed between two nightly runs: the rerun kept yesterday's vectors
+    for unchanged documents beside the new model's for the edited one (min cosine 0.959 to a fresh run), exit 0.
+    Now it is refused, naming the file, and nothing is committed; the query side refuses the same way."""
+    from pipeline.job.record import query_embedder
+    from pipeline.job.versions import live_version
+
+    model = _model_copy(minilm_dir, tmp_path / "models" / "current")
+    docs = make_docs(8, seed=14)
+    corpus = write_jsonl(tmp_path / "in" / "docs.jsonl", docs)
+    out = tmp_path / "out"
+    run_ok(*_run_args(corpus, out, model))
+    query_embedder(out)  # the same files: fine
+
+    _update_weights(model)
+    docs[0] = {**docs[0], "text": "an edited text after the model update"}
+    write_jsonl(corpus, docs)
+    result = invoke(*_run_args(corpus, out, model))
+    assert result.exit_code != 0 and "model.safetensors" in result.output and "changed" in result.output, \
+        result.output
+    assert live_version(out) == 1
+    with pytest.raises(PipelineError, match="model.safetensors"):
+        query_embedder(out)
+    # what the message offers: --overwrite embeds everything with the new model
+    run_ok(*_run_args(corpus, out, model), "--overwrite")
+
+
+def test_the_same_model_copied_elsewhere_is_the_same_model(tmp_path, minilm_dir):
+    a = model_files(str(minilm_dir))
+    b = model_files(str(_model_copy(minilm_dir, tmp_path / "copy")))
+    assert a and a == b and "model.safetensors" in a and "config.json" in a
+
+
+def test_a_large_file_is_sampled_and_a_change_anywhere_in_it_is_seen(tmp_path, monkeypatch):
+    monkeypatch.setattr(identity, "FULL_BYTES", 1 << 16)
+    monkeypatch.setattr(identity, "EDGE_BYTES", 1 << 10)
+    monkeypatch.setattr(identity, "SAMPLES", 16)
+    monkeypatch.setattr(identity, "SAMPLE_BYTES", 1 << 10)
+    data = np.random.default_rng(0).integers(0, 255, 1 << 20, dtype=np.uint8)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data.tobytes())
+    before = file_digest(path)
+    changed = 0
+    # any change spanning 1/SAMPLES of the file is seen, wherever it is (here 2/16: one region at a time)
+    for at in np.linspace(0, len(data) - 1, 64).astype(int):
+        edited = data.copy()
+        edited[max(0, at - (1 << 16)) : at + (1 << 16)] ^= 1
+        path.write_bytes(edited.tobytes())
+        changed += file_digest(path) != before
+    assert changed == 64
+    path.write_bytes(data.tobytes())
+    assert file_digest(path) == before
+    assert changed_files({"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": "4"}) == ["b", "c"]
