@@ -33,8 +33,10 @@ INDEX_OPTIONS = {"factory", "max_memory", "metric", "target_recall", "recall_k",
                  "query_side"}
 
 
-# Columns of the output (and of the rows a job reads) that a kept column must not replace.
-OUTPUT_COLUMNS = ("id", "embedding", "n_tokens", "truncated", "doc_id", "chunk", "token_start", "token_end")
+# Columns of the output (and of the rows a job reads) that a kept column must not replace: always, and with
+# --long-docs chunk. (`doc_id` always: the index takes an output with that column for a chunked one.)
+OUTPUT_COLUMNS = ("id", "embedding", "n_tokens", "truncated", "doc_id")
+CHUNK_COLUMNS = ("chunk", "token_start", "token_end")
 
 
 class ConfigError(ValueError):
@@ -169,6 +171,8 @@ class JobConfig:
                 raise ConfigError(f"index: unknown option(s) {', '.join(sorted(unknown))} "
                                   f"(known: {', '.join(sorted(INDEX_OPTIONS))})")
         reserved = set(OUTPUT_COLUMNS) | {"text", "_row", self.id_field}
+        if self.long_docs == "chunk":
+            reserved |= set(CHUNK_COLUMNS)
         clash = [name for name in self.keep if name in reserved]
         if clash:
             raise ConfigError(f"keep: {', '.join(map(repr, clash))} would replace a column the job makes (the id, the "

@@ -13,7 +13,6 @@ import errno
 import glob
 import gzip
 import io
-import itertools
 import json
 import logging
 import os
@@ -119,10 +118,7 @@ def expand_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]
         path = Path(spec).expanduser()
         if any(ch in spec for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-            # keys (and FILE#ROW ids) are taken under the pattern's fixed part, so that two matches in different
-            # folders never share one (`in/*/docs.jsonl`: `2024-01/docs.jsonl`, `2024-02/docs.jsonl`)
-            fixed = Path(*[p for p in itertools.takewhile(lambda p: not any(c in p for c in "*?["), path.parts)])
-            files = [(_check_link(m), fixed) for m in matches if _format_of(m) and not m.is_dir()]
+            files = [(_check_link(m), m.parent) for m in matches if _format_of(m) and not m.is_dir()]
             files += [(f, m) for m in matches if m.is_dir() for f, _ in _dir_files(m)]
             if not files:
                 raise InputError(f"input {spec!r}: the pattern matches no Parquet, JSONL or Arrow file")

@@ -38,17 +38,30 @@ def test_keep_of_a_column_the_job_writes_itself_is_refused(tmp_path, extra, colu
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
-def test_generated_ids_of_same_named_files_from_a_glob_do_not_collide(tmp_path, minilm_dir, policy):
-    """`--input 'in/*/docs.jsonl'` over monthly folders that each hold a `docs.jsonl` without ids: every row is a
-    document of its own (FILE#ROW ids must name the file, not just its base name)."""
+def test_generated_ids_of_same_named_files_from_a_glob_are_refused(tmp_path, minilm_dir, policy):
+    """`--input 'in/*/docs.jsonl'` over monthly folders that each hold a `docs.jsonl` without ids: both files'
+    rows got the ids `docs.jsonl#ROW`, and with `skip` the second file's rows were dropped as duplicates, exit 0.
+    Now the plan is refused, naming both files; their common folder as the input keys them apart."""
     jan = [{"text": d["text"]} for d in make_docs(3, seed=15)]
     feb = [{"text": d["text"] + " february"} for d in make_docs(3, seed=16)]
     write_jsonl(tmp_path / "in" / "2024-01" / "docs.jsonl", jan)
     write_jsonl(tmp_path / "in" / "2024-02" / "docs.jsonl", feb)
     out = tmp_path / "out"
-    run_ok(*embed_args([tmp_path / "in" / "*" / "docs.jsonl"], out, "--on-bad-record", policy))
-    table = read_vectors(out)
-    assert table.num_rows == 6, table.column("id").to_pylist()
+    result = invoke(*embed_args([tmp_path / "in" / "*" / "docs.jsonl"], out, "--on-bad-record", policy))
+    assert result.exit_code != 0 and "collide" in result.output and "2024-02" in result.output, result.output
+    run_ok(*embed_args([tmp_path / "in"], out, "--on-bad-record", policy))
+    assert sorted(read_vectors(out).column("id").to_pylist()) == [f"2024-0{m}/docs.jsonl#{r}" for m in (1, 2)
+                                                                  for r in range(3)]
+
+
+def test_keep_of_chunk_columns_is_refused_only_when_chunking(tmp_path, minilm_dir):
+    """A corpus chunked upstream keeps its own `chunk` column when the job does not chunk (it writes none)."""
+    rows = [{"id": d["id"], "text": d["text"], "chunk": i % 2} for i, d in enumerate(make_docs(4, seed=17))]
+    corpus = write_parquet(tmp_path / "in" / "docs.parquet", rows)
+    run_ok(*embed_args([corpus], tmp_path / "out", "--keep", "chunk"))
+    assert read_vectors(tmp_path / "out").column("chunk").to_pylist() is not None
+    result = invoke(*embed_args([corpus], tmp_path / "chunked", "--keep", "chunk", "--long-docs", "chunk"))
+    assert result.exit_code != 0 and "keep: 'chunk'" in result.output
 
 
 def test_a_kept_column_has_one_type_across_the_live_version(tmp_path, minilm_dir):
@@ -81,7 +94,4 @@ def test_generated_ids_of_two_named_files_with_one_name_do_not_collide(tmp_path,
     feb = write_jsonl(tmp_path / "feb" / "docs.jsonl", [{"text": d["text"] + " feb"} for d in make_docs(3, seed=16)])
     out = tmp_path / "out"
     result = invoke(*embed_args([jan, feb], out, "--on-bad-record", "skip"))
-    if result.exit_code != 0:
-        assert "collide" in result.output or "same name" in result.output
-        return
-    assert read_vectors(out).num_rows == 6
+    assert result.exit_code != 0 and "collide" in result.output, result.output
