@@ -25,7 +25,9 @@ from pipeline.model.tokens import Encoded, SequenceFormat, TextTokenizer
 log = logging.getLogger(__name__)
 
 QWEN_EOS = "<|endoftext|>"
-ST_MODULES = {"Transformer", "Pooling", "Normalize"}  # sentence-transformers modules computed here
+# sentence-transformers modules computed here (the old per-architecture names of its Transformer module too)
+ST_MODULES = {"Transformer", "Pooling", "Normalize", "BERT", "RoBERTa", "DistilBERT", "XLMRoBERTa", "ALBERT",
+              "CamemBERT"}
 DECODER_TYPES = {"qwen2", "qwen3", "qwen3_moe", "mistral", "llama", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"}
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384, "packed": 32768}
 # Packed batches of small models (hidden size up to this) get twice the packed budget: the benchmarks of the
@@ -118,8 +120,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _st_files(path: str) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
-    """Pooling mode, sentence-transformers config and bert config from a local model folder (or the hub)."""
+def _st_files(path: str, computed_here: bool = True) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    """Pooling mode, sentence-transformers config and bert config from a local model folder (or the hub).
+
+    ``computed_here``: the vectors come from this process's forward, so a module it does not compute is refused
+    (not where a server computes them and only the framing is read here)."""
     root = Path(path)
     if not root.is_dir():
         root = _hub_folder(path)
@@ -128,7 +133,7 @@ def _st_files(path: str) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
     pooling = None
     for module in _read_json(root / "modules.json") if (root / "modules.json").exists() else []:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        if kind not in ST_MODULES:  # e.g. a Dense projection after pooling: skipping it would write other vectors
+        if computed_here and kind not in ST_MODULES:  # e.g. a Dense projection after pooling: other vectors
             raise PipelineError(
                 f"{root}: modules.json has a {kind} module ({module.get('path') or module.get('name')}); embed-corpus "
                 f"computes only {', '.join(sorted(ST_MODULES))}, so its vectors would not be this model's"
@@ -290,18 +295,20 @@ class Embedder:
         attention: str = "auto",
         compile: bool | None = None,
         packed_options: dict[str, Any] | None = None,
+        framing_only: bool = False,
     ) -> Embedder:
         """Work out pooling, framing and prompts for a model already in memory (on ``device``, in eval mode).
 
         ``path`` is where its sentence-transformers files (pooling, prompts, max length) are looked up;
         ``packed_options`` go to ``PackedDecoder`` (``kernel``, ``fp32_residual``, ``all_dims_dynamic``,
-        ``earlier_tiles``).
+        ``earlier_tiles``). ``framing_only``: only the tokenizer and framing will be used (a server embeds), so
+        sentence-transformers modules this forward does not compute are no reason to refuse the model.
         """
         from pipeline.model.packed import PackedDecoder, supports_packing
 
         config = net.config
         compute_dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
-        st_pooling, st_config, bert_config = _st_files(path)
+        st_pooling, st_config, bert_config = _st_files(path, computed_here=not framing_only)
         model_type = getattr(config, "model_type", "")
         is_decoder = model_type in DECODER_TYPES or bool(getattr(config, "is_decoder", False))
         if pooling == "auto":

@@ -217,6 +217,7 @@ def local_framing(cfg: ModelOptions) -> tuple[TextTokenizer, ModelInfo] | None:
             max_length=cfg.max_length, dims=cfg.dims, normalize=cfg.normalize, instruction=cfg.instruction,
             prompt_name=cfg.prompt_name, long_docs=cfg.long_docs, chunk_tokens=cfg.chunk_tokens,
             chunk_overlap=cfg.chunk_overlap, batch_tokens=cfg.batch_tokens, attention="padded", compile=False,
+            framing_only=True,
         )
     except ValueError as exc:  # a prompt longer than max_length
         raise PipelineError(f"model {cfg.model!r}: {exc}") from exc

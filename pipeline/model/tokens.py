@@ -128,7 +128,7 @@ class TextTokenizer:
         if len(text) <= cap or not (self.fmt.strip_suffix and self.fmt.suffix):
             return text[:cap]
         end = self.tokenizer.convert_ids_to_tokens(self.fmt.suffix[-1])
-        j = text.find(end, max(0, cap - len(end) + 1))
+        j = text.find(end, max(0, cap - len(end) + 1), cap + len(end) - 1)  # only one that straddles the cut
         return text[:j] if 0 <= j < cap else text[:cap]
 
     def _content_ids_capped(self, texts: list[str], limit: int) -> list[list[int]]:
@@ -156,6 +156,12 @@ class TextTokenizer:
             contents = self._content_ids_capped(with_prompt, limit)
         else:
             contents = self._content_ids(with_prompt)
+        bodies = {}
+        if self.long_docs == "chunk" and self.prompt:
+            # a chunk's body is its text's own tokens: in tokenize(prompt + text) the prompt's last token can join
+            # the text's first (Qwen: "Query:" + "The" -> ":The"), so cutting the prompt's length off would cut it
+            long = [d for d, content in enumerate(contents) if len(content) > limit]
+            bodies = dict(zip(long, self._content_ids([texts[d] for d in long]), strict=True))
         seqs: list[list[int]] = []
         doc, chunk, span, truncated = [], [], [], []
         for d, content in enumerate(contents):
@@ -166,8 +172,7 @@ class TextTokenizer:
                 span.append((0, min(len(content), limit)))
                 truncated.append(len(content) > limit)
                 continue
-            # the text's own tokens: in tokenize(prompt + text) the prompt's last token can join the text's first
-            body = self._content_ids([texts[d]])[0] if self.prompt else content
+            body = bodies[d] if self.prompt else content
             starts = range(0, max(1, len(body) - self.chunk_tokens + self.chunk_step), self.chunk_step)
             for c, start in enumerate(starts):
                 end = min(start + self.chunk_tokens, len(body))

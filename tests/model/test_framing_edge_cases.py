@@ -92,6 +92,19 @@ def test_sentence_transformers_dense_module_is_not_skipped(tmp_path: Path, minil
     assert np.allclose(got, expected, atol=1e-4)
 
 
+def test_a_dense_module_is_refused_only_where_this_process_embeds(tmp_path: Path, minilm_dir: Path) -> None:
+    """With `--backend openai` the server computes the model's modules; only the framing is read here."""
+    from pipeline.model.encoder import ModelOptions
+    from pipeline.model.remote import local_framing
+
+    model_dir = tmp_path / "minilm-dense"
+    _minilm_with_dense(minilm_dir, model_dir)
+    with pytest.raises(PipelineError, match="Dense module"):
+        Embedder.load(str(model_dir), device="cpu")
+    tok, info = local_framing(ModelOptions(model=str(model_dir)))
+    assert info.pooling == "mean" and tok.encode(["hello"]).lengths[0] > 1
+
+
 # --- 2. chunking with a document-side prompt drops the first word ---------------------------------------------
 
 
