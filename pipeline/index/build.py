@@ -228,40 +228,42 @@ def merge_on_disk(index, sources: Sequence[Any], lists_path: Path, drop=None) ->
     return int(ntotal)
 
 
-def _merge_filtered(lists, sources: Sequence[Any], drop, code_size: int) -> int:
+def _merge_filtered(lists, sources: Sequence[Any], drop, code_size: int, slice_rows: int = 65536) -> int:
     """Fill the empty on-disk ``lists`` with the entries of ``sources`` whose ids ``drop`` does not leave out, one
-    list at a time, each list allocated once at its final size (no resize)."""
+    list at a time, each list allocated once at its final size (no resize), read and written ``slice_rows``
+    entries at a time (a long list is never copied whole)."""
     import faiss
 
-    nlist = lists.nlist
-
-    def entries(src, j: int):
+    def kept(src, j: int):
+        """(ids, codes) of list ``j`` of ``src`` without the dropped entries, a slice at a time."""
         n = src.list_size(j)
         if not n:
-            return None
-        ids = faiss.rev_swig_ptr(src.get_ids(j), n).copy()
-        keep = ~drop.removed(ids)
-        codes = faiss.rev_swig_ptr(src.get_codes(j), n * code_size).copy().reshape(n, code_size)
-        return np.ascontiguousarray(ids[keep]), np.ascontiguousarray(codes[keep])
+            return
+        ids = faiss.rev_swig_ptr(src.get_ids(j), n)  # views of the list's memory: no copy
+        codes = faiss.rev_swig_ptr(src.get_codes(j), n * code_size).reshape(n, code_size)
+        for a in range(0, n, slice_rows):
+            keep = ~drop.removed(ids[a : a + slice_rows])
+            yield np.ascontiguousarray(ids[a : a + slice_rows][keep]), np.ascontiguousarray(
+                codes[a : a + slice_rows][keep])
 
+    nlist = lists.nlist
     sizes = np.zeros(nlist, dtype=np.uint64)
     for j in range(nlist):
         for src in sources:
             n = src.list_size(j)
             if n:
-                sizes[j] += int((~drop.removed(faiss.rev_swig_ptr(src.get_ids(j), n))).sum())
+                ids = faiss.rev_swig_ptr(src.get_ids(j), n)
+                sizes[j] += n - int(drop.removed(ids).sum())
     total = int(sizes.sum())
     lists.update_totsize(max(total, 1) * (8 + code_size))
     lists.set_all_lists_sizes(faiss.swig_ptr(sizes))
     for j in range(nlist):
         at = 0
         for src in sources:
-            got = entries(src, j)
-            if got is None or not len(got[0]):
-                continue
-            ids, codes = got
-            lists.update_entries(j, at, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
-            at += len(ids)
+            for ids, codes in kept(src, j):
+                if len(ids):
+                    lists.update_entries(j, at, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+                    at += len(ids)
     return total
 
 

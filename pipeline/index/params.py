@@ -30,6 +30,7 @@ class Filter:
         self.positions = int(positions)
         self._selector: Any = None
         self._keep: list[Any] = []
+        self._bounds: np.ndarray | None = None
 
     def __bool__(self) -> bool:
         return bool(self.ranges)
@@ -40,12 +41,22 @@ class Filter:
         return sum(b - a for a, b in self.ranges)
 
     def removed(self, positions: np.ndarray) -> np.ndarray:
-        """bool mask: which of ``positions`` are left out."""
+        """bool mask: which of ``positions`` are left out (one binary search each, whatever the number of
+        ranges: an update may remove thousands of parts)."""
         positions = np.asarray(positions, dtype=np.int64)
-        mask = np.zeros(positions.shape, dtype=bool)
-        for a, b in self.ranges:
-            mask |= (positions >= a) & (positions < b)
-        return mask
+        if not self.ranges:
+            return np.zeros(positions.shape, dtype=bool)
+        if self._bounds is None:  # the ranges merged where they touch or overlap: sorted, disjoint
+            merged: list[list[int]] = []
+            for a, b in self.ranges:
+                if merged and a <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            self._bounds = np.asarray(merged, dtype=np.int64).T
+        starts, ends = self._bounds
+        i = np.searchsorted(starts, positions, side="right") - 1
+        return (i >= 0) & (positions < ends[np.maximum(i, 0)])
 
     def selector(self):
         """The faiss ``IDSelector`` of the positions to keep (None when nothing is left out); built once."""

@@ -52,14 +52,14 @@ class QuerySet:
         positions: int64 (nq,).
         truth: exact neighbour positions int64 (nq, k), own position left out; filled by ``recall_block``.
         truth_scores: their exact scores float32 (nq, k) (``ip``: larger is closer; ``l2``: squared distance).
-        metric: the index's, for the scores (set with them).
+        metric: the index's, for the scores (set with them; ties are counted only where it is known).
     """
 
     vectors: np.ndarray
     positions: np.ndarray
     truth: np.ndarray | None = None
     truth_scores: np.ndarray | None = None
-    metric: str = "ip"
+    metric: str | None = None
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -95,6 +95,20 @@ def _exact_searcher(index, filt: Filter | None) -> Callable[[np.ndarray, int], t
 
             return translated
     return None
+
+
+def _stores_exact(index) -> bool:
+    """Whether ``index`` keeps its vectors uncompressed, so that the distances it reports are exact."""
+    import faiss
+
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexPreTransform):
+        return False
+    if isinstance(top, faiss.IndexIDMap):
+        top = faiss.downcast_index(top.index)
+    if isinstance(top, (faiss.IndexFlat, faiss.IndexIVFFlat)):
+        return True
+    return hasattr(top, "hnsw") and isinstance(faiss.downcast_index(top.storage), faiss.IndexFlat)
 
 
 def _ivf_flat_exact(ivf, queries: np.ndarray, k: int, chunk: int = 131072) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +209,7 @@ def measure(index, qs: QuerySet, kmax: int, values: dict[str, Any] | None = None
     out: dict[str, float] = {}
     separate = hasattr(inner_index(index), "hnsw")
     # the distances the index reports are exact where it stores exact vectors: then ties count as found
-    exact = qs.truth_scores is not None and _exact_searcher(index, None) is not None
+    exact = qs.truth_scores is not None and qs.metric is not None and _stores_exact(index)
 
     def found(k: int) -> tuple[np.ndarray, np.ndarray | None]:
         dist, ids = search(index, qs.vectors, k + 1, values, filt)
@@ -206,7 +220,7 @@ def measure(index, qs: QuerySet, kmax: int, values: dict[str, Any] | None = None
         kk = min(k, kmax)
         got, scores = found(kk) if separate else (found_all[0][:, :kk],
                                                   None if found_all[1] is None else found_all[1][:, :kk])
-        out[f"recall@{k}"] = round(recall_at(got, qs.truth, kk, scores, qs.truth_scores, qs.metric), 6)
+        out[f"recall@{k}"] = round(recall_at(got, qs.truth, kk, scores, qs.truth_scores, qs.metric or "ip"), 6)
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -113,6 +114,17 @@ class TextSource:
         return self.tokenizer.decode(ids[start:end])
 
 
+def _version_key(out: Path) -> tuple[int, int, int]:
+    """The live version's number and its folder's inode and change time: an output started over (``--overwrite``)
+    numbers its versions from 1 again, in new folders."""
+    number = live_version(out)
+    try:
+        st = os.stat(Path(out) / "vectors")
+    except OSError:
+        return number, 0, 0
+    return number, st.st_ino, st.st_ctime_ns
+
+
 def _same_model(given: str, recorded: str) -> bool:
     from pipeline.model.encoder import resolve_model_path
 
@@ -170,7 +182,7 @@ class Searcher:
         # mapped, not read: start-up does not grow with its size, and only the pages a query touches are read.
         self.index, _ = load_index(self.out, self.info, mmap=True)
         # vectors of removed parts, and of parts that vanished since the last update, are never returned
-        self._version = live_version(self.out)
+        self._version = _version_key(self.out)
         self.filter, self.live_parts, self.live_starts = search_filter(self.out, self.info)
         vanished = len(self.info["parts"]) - len(self.live_parts)
         if vanished:
@@ -196,7 +208,7 @@ class Searcher:
         """If a run committed a new version since this searcher looked, leave out the indexed parts that version no
         longer has and read texts through it (one readlink per call): a server or a stdin search loop that
         outlives a nightly run never returns what the run deleted. Parts it added wait for the index update."""
-        now = live_version(self.out)
+        now = _version_key(self.out)
         if now != self._version:
             self.filter, self.live_parts, self.live_starts = search_filter(self.out, self.info)
             self.texts = TextSource(self.out, self.job, self.texts.tokenizer)

@@ -5,6 +5,7 @@ deleted documents."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import faiss
@@ -146,3 +147,30 @@ def test_a_long_running_searcher_never_returns_a_part_that_vanished_after_it_sta
     deleted = {f"v{i}" for i in range(2000, 3000)}
     got = [r["id"] for r in server.search(["v2500"], k=10, with_text=False)[0]["results"]]
     assert not deleted & set(got), got
+    # the output started over (`--overwrite`: versions numbered from 1 again) with fewer documents
+    from pipeline.job.versions import live_version
+
+    seen = live_version(tmp_path)  # the number the searcher last saw
+    shutil.rmtree(tmp_path / "versions")
+    (tmp_path / "vectors").unlink()
+    write_vector_output(tmp_path, x[:500], shard_size=500)  # version 1 again, of other parts
+    for _ in range(seen - 1):
+        publish(tmp_path, [])
+    assert live_version(tmp_path) == seen  # the same number, another version
+    assert server.search(["v500"], k=1, with_text=False)[0]["results"] == []
+
+
+def test_filter_removed_equals_the_ranges_it_holds() -> None:
+    """One binary search per position over merged ranges (overlapping, touching, empty, unsorted)."""
+    from pipeline.index.params import Filter
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        starts = rng.integers(0, 1000, rng.integers(0, 30))
+        ranges = [(int(a), int(a + rng.integers(0, 60))) for a in starts]
+        filt = Filter(ranges, 1100)
+        positions = rng.integers(-5, 1100, 500)
+        expected = np.zeros(len(positions), dtype=bool)
+        for a, b in ranges:
+            expected |= (positions >= a) & (positions < b)
+        np.testing.assert_array_equal(filt.removed(positions), expected)
