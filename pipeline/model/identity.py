@@ -3,8 +3,8 @@
 A job's settings name its model (a folder, ``pkg:...``, a hub id), not its weights: a folder updated in place
 (``/models/current``), a hub id that moved to a new revision, or a package upgrade would otherwise give the
 edited documents of a nightly run another model's vectors than the documents kept from before, in one output.
-``model_files`` digests every file of the model's folder (configs, tokenizer and weights); the job records it
-and compares it on every run and on the query side.
+``model_files`` digests the files its loading reads (configs, tokenizer and weights); the job records them and
+compares them on every run and on the query side.
 
 Cost: files up to ``FULL_BYTES`` are hashed whole; larger ones (weights) by their size, their first and last
 ``EDGE_BYTES`` (a safetensors header names and places every tensor) and ``SAMPLES`` blocks spread evenly
@@ -16,14 +16,14 @@ hash on every start. A checkpoint trained further changes its tensors throughout
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 from pathlib import Path
 
 FULL_BYTES = 64 << 20
 EDGE_BYTES = 1 << 20
 SAMPLES = 224
 SAMPLE_BYTES = 64 << 10
-SKIPPED_SUFFIXES = (".md", ".lock")  # documentation, download locks
+LOADED_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py")  # configs, vocabularies, code
 
 
 def model_folder(model: str) -> Path | None:
@@ -49,20 +49,33 @@ def model_folder(model: str) -> Path | None:
 
 
 def model_files(model: str) -> dict[str, str] | None:
-    """``{relative path: digest}`` of the files of ``model``'s folder (hidden files and documentation left out),
-    or None where the model has no folder here."""
+    """``{relative path: digest}`` of the files a model's loading reads (``loaded_files``), or None where the
+    model has no folder here."""
     folder = model_folder(model)
     if folder is None:
         return None
-    out = {}
-    for root, dirs, names in os.walk(folder, followlinks=True):  # linked folders too (a copy made of links)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in names:
-            path = Path(root) / name
-            if name.startswith(".") or name.endswith(SKIPPED_SUFFIXES) or not path.is_file():
-                continue
-            out[path.relative_to(folder).as_posix()] = file_digest(path)
-    return dict(sorted(out.items()))
+    return {name: file_digest(folder / name) for name in loaded_files(folder)}
+
+
+def loaded_files(folder: Path) -> list[str]:
+    """The files of a model folder that its loading reads: the top level's configs, tokenizer files, code and
+    weights (``*.bin`` only where there is no ``*.safetensors``, which transformers prefers), and the config of
+    each sentence-transformers module. Not its other folders (``onnx/``, ``checkpoint-*/``: another tool's
+    files, added or removed without changing this model), and no links followed into other folders."""
+    top = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    weights = [n for n in top if n.endswith(".safetensors")] or [n for n in top if n.endswith(".bin")]
+    names = [n for n in top if n.endswith(LOADED_SUFFIXES)] + weights
+    modules = folder / "modules.json"
+    if modules.is_file():
+        try:
+            entries = json.loads(modules.read_text())
+        except ValueError:
+            entries = []
+        for entry in entries if isinstance(entries, list) else []:
+            sub = str(entry.get("path") or "") if isinstance(entry, dict) else ""
+            if sub and (folder / sub / "config.json").is_file():
+                names.append(f"{sub}/config.json")
+    return sorted(set(names))
 
 
 def file_digest(path: Path) -> str:

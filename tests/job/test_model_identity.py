@@ -71,8 +71,23 @@ def test_a_model_updated_in_place_is_refused_not_mixed(tmp_path, minilm_dir):
 
 def test_the_same_model_copied_elsewhere_is_the_same_model(tmp_path, minilm_dir):
     a = model_files(str(minilm_dir))
-    b = model_files(str(_model_copy(minilm_dir, tmp_path / "copy")))
-    assert a and a == b and "model.safetensors" in a and "config.json" in a
+    copy = _model_copy(minilm_dir, tmp_path / "copy")
+    assert a and a == model_files(str(copy)) and {"model.safetensors", "config.json", "1_Pooling/config.json"} <= set(a)
+    # other tools' files beside it are not this model's: an export, checkpoints, a .bin where safetensors load
+    (copy / "onnx").mkdir()
+    (copy / "onnx" / "model.onnx").write_bytes(b"onnx")
+    (copy / "checkpoint-100").mkdir()
+    (copy / "checkpoint-100" / "model.safetensors").write_bytes(b"x")
+    (copy / "pytorch_model.bin").write_bytes(b"bin")
+    (copy / "README.md").write_text("notes")
+    (copy / "loop").symlink_to(copy)  # a link back to the folder is not followed
+    assert model_files(str(copy)) == a
+    (copy / "tokenizer_config.json").unlink()
+    shutil.copyfile(minilm_dir / "tokenizer_config.json", copy / "tokenizer_config.json")
+    assert model_files(str(copy)) == a  # the same bytes
+    with open(copy / "tokenizer_config.json", "a") as f:
+        f.write(" ")
+    assert changed_files(a, model_files(str(copy))) == ["tokenizer_config.json"]
 
 
 def test_a_large_file_is_sampled_and_a_change_anywhere_in_it_is_seen(tmp_path, monkeypatch):
