@@ -70,11 +70,9 @@ def _exact_searcher(index, filt: Filter | None) -> Callable[[np.ndarray, int], t
     position."""
     import faiss
 
-    if filt:
+    if filt or not _stores_exact(index):
         return None
     top = faiss.downcast_index(index)
-    if isinstance(top, faiss.IndexPreTransform):
-        return None
     id_map = None
     if isinstance(top, faiss.IndexIDMap):
         id_map = faiss.vector_to_array(top.id_map)
@@ -83,17 +81,16 @@ def _exact_searcher(index, filt: Filter | None) -> Callable[[np.ndarray, int], t
         return lambda q, k: top.search(q, k)
     if isinstance(top, faiss.IndexIVFFlat) and id_map is None:
         return lambda q, k: _ivf_flat_exact(top, q, k)
-    if hasattr(top, "hnsw"):
+    if hasattr(top, "hnsw"):  # its storage is flat (``_stores_exact``)
         storage = faiss.downcast_index(top.storage)
-        if isinstance(storage, faiss.IndexFlat):
-            if id_map is None:
-                return lambda q, k: storage.search(q, k)
+        if id_map is None:
+            return lambda q, k: storage.search(q, k)
 
-            def translated(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-                dist, idx = storage.search(q, k)
-                return dist, np.where(idx >= 0, id_map[np.maximum(idx, 0)], -1)
+        def translated(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            dist, idx = storage.search(q, k)
+            return dist, np.where(idx >= 0, id_map[np.maximum(idx, 0)], -1)
 
-            return translated
+        return translated
     return None
 
 

@@ -93,7 +93,6 @@ class TextSource:
         self.keep = tuple(cfg.get("keep") or ())
         spec = FieldSpec(cfg.get("text_field", "text"), cfg.get("id_field", "id"), self.keep)
         self.documents = DocumentTexts(output, spec)
-        self.doc_prompt = (job.get("model") or {}).get("prompt", "")
         self.tokenizer = tokenizer
 
     def lookup(self, rows: pa.Table) -> tuple[list[str | None], list[dict[str, Any]]]:

@@ -48,17 +48,19 @@ def check_model_files(out: Path, model: str, files: dict[str, str] | None, has_v
     path = Path(out) / JOB_RECORD
     if files is None or not has_vectors or not path.exists():
         return
-    before = json.loads(path.read_text()).get("model_files")
-    changed = changed_files(before, files) if before else []
+    changed = _changed(json.loads(path.read_text()).get("model_files"), files)
     if changed:
         raise ManifestMismatch(
-            f"{out}: the files of model {model!r} changed since its vectors were made ({_names(changed)}): new "
+            f"{out}: the files of model {model!r} changed since its vectors were made ({changed}): new "
             "vectors would not be comparable with the ones kept. Restore the model, write to a new --output, or "
             "add --overwrite to embed everything again with this model."
         )
 
 
-def _names(changed: list[str]) -> str:
+def _changed(recorded: dict[str, str] | None, now: dict[str, str] | None) -> str:
+    """The model files that differ between a job's record and now, named for a message ("" if none, or if
+    either side is unknown: an output made before files were recorded, a model without a folder here)."""
+    changed = changed_files(recorded, now) if recorded and now is not None else []
     return ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
 
 
@@ -104,11 +106,10 @@ def query_embedder(output: str | Path, *, device: str | None = None, batch_token
         instruction=instruction, prompt_name=prompt_name, batch_tokens=batch_tokens, compile=False,
         trust_remote_code=wanted,
     )
-    recorded, now = job.get("model_files"), model_files(cfg["model"])
-    changed = changed_files(recorded, now) if recorded and now is not None else []
+    changed = _changed(job.get("model_files"), model_files(cfg["model"]))
     if changed:
         raise PipelineError(
-            f"the files of model {cfg['model']!r} changed since the vectors of {output} were made ({_names(changed)}): "
+            f"the files of model {cfg['model']!r} changed since the vectors of {output} were made ({changed}): "
             "queries embedded with it would not match them. Restore the model, or run the job again with --overwrite"
         )
     return embedder

@@ -101,6 +101,8 @@ class TextTokenizer:
         self.prompt = prompt
         self.long_docs = long_docs
         self.prompt_ids = self._content_ids([prompt])[0] if prompt else []
+        # the end token's text, which a character cut must not split (``_cut``); None where none is stripped
+        self._end_text = tokenizer.convert_ids_to_tokens(fmt.suffix[-1]) if fmt.strip_suffix and fmt.suffix else None
         room = fmt.max_content - len(self.prompt_ids)
         if room < 1:
             raise ValueError(
@@ -125,9 +127,9 @@ class TextTokenizer:
     def _cut(self, text: str, cap: int) -> str:
         """``text[:cap]``, moved back to the start of an end-token string (``<|endoftext|>``) the cut would split:
         a partial one would keep the end tokens before it from being stripped."""
-        if len(text) <= cap or not (self.fmt.strip_suffix and self.fmt.suffix):
+        end = self._end_text
+        if len(text) <= cap or not end:
             return text[:cap]
-        end = self.tokenizer.convert_ids_to_tokens(self.fmt.suffix[-1])
         j = text.find(end, max(0, cap - len(end) + 1), cap + len(end) - 1)  # only one that straddles the cut
         return text[:j] if 0 <= j < cap else text[:cap]
 
