@@ -14,7 +14,10 @@
 #                                       command's own shard sizing, in steps that each fit a 10-minute call on
 #                                       the same machine (OUT/work is kept between them): prepare, one (the
 #                                       one-GPU runs of both sizes at once, one per GPU, each process pinned to
-#                                       half the cores), many-0.6B, many-4B; no STEP: all four in order
+#                                       half the cores), many-0.6B, many-4B (the --gpus 2 launch), nodes-0.6B,
+#                                       nodes-4B (two processes, one GPU each, as two nodes would run), kill-0.6B,
+#                                       kill-4B (the same with one killed; time lost against nodes-SIZE's run);
+#                                       no STEP: prepare, one, many-0.6B, many-4B in order
 #
 # Results (JSON records, the printed tables, logs packed in one archive) go to OUT. The sizes below fit a
 # device session of ~30 minutes; pass BENCH_SCALE=2 (or more) in the environment for larger jobs.
@@ -70,12 +73,12 @@ scale)
   ;;
 scale-long)
   step=${3:-all}
-  case "$step" in prepare|one|many-0.6B|many-4B|all) ;; *)
-    echo "unknown step $step (prepare, one, many-0.6B, many-4B)" >&2; exit 2 ;; esac
+  case "$step" in prepare|one|many-0.6B|many-4B|nodes-0.6B|nodes-4B|kill-0.6B|kill-4B|all) ;; *)
+    echo "unknown step $step (prepare, one, many-SIZE, nodes-SIZE, kill-SIZE; SIZE 0.6B or 4B)" >&2; exit 2 ;; esac
   # the tokenizer folder made once, before two processes would make it at the same time
   $py -c 'import sys; from pipeline.cli.bench import _tokenizer; _tokenizer(sys.argv[1], sys.argv[2] or None)' \
     "${QWEN_TOKENIZER:-$out/qwen-tokenizer}" "${QWEN_TIKTOKEN:-}"
-  long=(--gpus 2 --nodes none --workdir "$out/work" --shard-size 0.6B=0 --shard-size 4B=0
+  long=(--gpus 2 --workdir "$out/work" --shard-size 0.6B=0 --shard-size 4B=0
         --docs 0.6B=$((460000 * k)) --docs 4B=$((92000 * k)))
   both() {  # one process per size at once, each on its own GPU and its own half of the allowed cores
     local halves a b r=0
@@ -96,17 +99,19 @@ print(",".join(map(str, c[:h])), ",".join(map(str, c[h:])))')
       exit "$r"
     fi
   }
-  many() {
-    $py -m pipeline.cli bench-scale --size "$1" "${tok[@]}" "${long[@]}" --phase=many \
-      --note "the two-GPU run alone on the host ($(nproc) cores)" --out "$out/scale-long-$1.json" 2>&1 \
-      | tee "$out/scale-long-$1.txt" || status=$?
+  many() {  # SIZE RUN [NAME]: one of the scaled runs (launch, nodes, kill) of SIZE's job
+    $py -m pipeline.cli bench-scale --size "$1" "${tok[@]}" "${long[@]}" --phase=many --run "$2" \
+      --note "the two-GPU run alone on the host ($(nproc) cores)" --out "$out/scale-long-${3:-$1}.json" 2>&1 \
+      | tee "$out/scale-long-${3:-$1}.txt" || status=$?
   }
   case "$step" in
   prepare|all) both --phase=prepare ;;&
   one|all) both --phase=one --note "the one-GPU runs of 0.6B and 4B ran at the same time, one per GPU, each \
 pinned to $(($(nproc) / 2)) of the host's $(nproc) cores (taskset): a GPU's share of the host in the two-GPU run" ;;&
-  many-0.6B|all) many 0.6B ;;&
-  many-4B|all) many 4B ;;
+  many-0.6B|all) many 0.6B launch ;;&
+  many-4B|all) many 4B launch ;;
+  nodes-*) many "${step#nodes-}" nodes "$step" ;;
+  kill-*) many "${step#kill-}" kill "$step" ;;
   *) ;;
   esac
   ;;

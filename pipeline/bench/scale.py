@@ -55,7 +55,7 @@ class NoOneGpuRun(RuntimeError):
 
 def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, workdir: Path, logs: Path,
             devices: list[str], workers: int = 2, lease_s: float = 15.0, kill: bool = True,
-            nodes: bool = True, deadline: float | None = None, phase: str = "all",
+            nodes: bool = True, launch: bool = True, deadline: float | None = None, phase: str = "all",
             note: str | None = None) -> list[dict[str, Any]]:
     """Records of one model size: the N-GPU launch, N separate processes, and the kill run.
 
@@ -68,7 +68,10 @@ def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, work
         devices: the GPUs (``CUDA_VISIBLE_DEVICES`` values) to use, at least ``workers``; empty: CPU workers.
         workers: N, the GPUs (or CPU workers) of the scaled runs.
         lease_s: the lease of the kill run (how long the survivors wait for a dead worker's claims).
-        kill, nodes: also run the separate-process and kill runs.
+        launch, nodes, kill: which scaled runs to make: the N-GPU launch (``--gpus N``), the N separate
+            processes, the kill run. A ``many`` phase may make some and a later one the rest (each fits a call):
+            the kill run's time lost is counted against the undisturbed separate-process run of the same work
+            folder (else its launch run).
         deadline: ``time.time()`` after which no further run is started (the records so far are returned).
         phase: ``all``; or one part, so that a job of ~10 GPU-minutes fits calls of a few minutes on the same
             machine (``workdir`` kept between them): ``prepare`` (model, corpus, compile cache), ``one`` (the
@@ -96,7 +99,7 @@ def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, work
     base = dict(state["base"], **state["one"])
     if note:
         base["note_many"] = note
-    return job.scaled(base, workers, lease_s=lease_s, kill=kill, nodes=nodes,
+    return job.scaled(base, workers, lease_s=lease_s, kill=kill, nodes=nodes, launch=launch,
                       late=lambda: deadline is not None and time.time() > deadline)
 
 
@@ -203,22 +206,33 @@ class _Job:
             got["note_1gpu"] = note
         return self.save({"base": base, "one": got})
 
-    def scaled(self, base: dict[str, Any], workers: int, *, lease_s: float, kill: bool, nodes: bool,
+    def scaled(self, base: dict[str, Any], workers: int, *, lease_s: float, kill: bool, nodes: bool, launch: bool,
                late) -> list[dict[str, Any]]:
-        """The N-GPU launch, then N separate processes and the kill run, each checked against the one-GPU run."""
+        """The N-GPU launch, then N separate processes and the kill run (those asked for), each checked against
+        the one-GPU run. Each undisturbed run's wall time is kept in the job's state for a later kill run."""
         ref_ids, ref_vecs = command.read_output(self.workdir / f"scale-{self.size}-1")
         reference = dict(zip(ref_ids, ref_vecs, strict=True))
-        if late():
-            return [dict(base, skipped="deadline before the N-GPU run")]
-        records = []
-        n_out = self.out(str(workers))
-        many = command.measure(command.run_args([self.corpus], n_out, self.model_dir, shard_size=self.shard_size,
-                                                extra=_launch_args(self.devices, workers)),
-                               command.command_env(compile_cache=self.cache), n_out,
-                               self.logs / f"scale-{self.size}-{workers}.log")
-        records.append(_record(base, many, workers,
-                               f"--gpus {workers}" if self.devices else f"--workers {workers}",
-                               command.compare_outputs(n_out, reference, self.ids)))
+        records: list[dict[str, Any]] = []
+        undisturbed: dict[str, dict[str, Any]] = {}
+
+        def keep(name: str, record: dict[str, Any]) -> None:
+            records.append(record)
+            undisturbed[name] = record
+            state = self.load() or {}
+            state.setdefault("many", {})[name] = {"wall_s": record["wall_s"], "launch": record["launch"]}
+            self.save(state)
+
+        if launch:
+            if late():
+                return [dict(base, skipped="deadline before the N-GPU run")]
+            n_out = self.out(str(workers))
+            many = command.measure(command.run_args([self.corpus], n_out, self.model_dir,
+                                                    shard_size=self.shard_size,
+                                                    extra=_launch_args(self.devices, workers)),
+                                   command.command_env(compile_cache=self.cache), n_out,
+                                   self.logs / f"scale-{self.size}-{workers}.log")
+            keep("launch", _record(base, many, workers, f"--gpus {workers}" if self.devices else f"--workers {workers}",
+                                   command.compare_outputs(n_out, reference, self.ids)))
         # N separate processes ("nodes"), started together
         if nodes and not late():
             nodes_out = self.out("nodes")
@@ -228,13 +242,19 @@ class _Job:
             sep = {**command.timings(nodes_out, launched, ended), "log": command.startup_log(nodes_out, launched),
                    "shard_timing": command.shard_timing(nodes_out),
                    "shard_log": command.shard_log(nodes_out, launched)}
-            records.append(_record(base, sep, workers, f"{workers} processes, one GPU each (two nodes)",
-                                   command.compare_outputs(nodes_out, reference, self.ids)))
+            keep("nodes", _record(base, sep, workers, f"{workers} processes, one GPU each (two nodes)",
+                                  command.compare_outputs(nodes_out, reference, self.ids)))
         # the same, one of them killed once it has committed a shard
         if kill and not late():
-            records.append(_kill_run(base, self.corpus, self.out("kill"), self.model_dir, self.shard_size,
-                                     self.devices, workers, self.cache, self.logs, self.size, lease_s, reference,
-                                     self.ids, records[-1]))
+            saved = (self.load() or {}).get("many", {})
+            against = undisturbed.get("nodes") or saved.get("nodes") or undisturbed.get("launch") or saved.get("launch")
+            if against is None:
+                records.append(dict(base, bench="kill", gpus=workers,
+                                    skipped="no undisturbed N-GPU run of this job to count the time lost against"))
+            else:
+                records.append(_kill_run(base, self.corpus, self.out("kill"), self.model_dir, self.shard_size,
+                                         self.devices, workers, self.cache, self.logs, self.size, lease_s, reference,
+                                         self.ids, against))
         return records
 
 
@@ -289,6 +309,7 @@ def _kill_run(base: dict[str, Any], corpus: Path, output: Path, model_dir: Path,
     return dict(base, bench="kill", gpus=n, launch=f"{n} processes, one GPU each; one killed with SIGKILL",
                 lease_s=lease_s, killed_after_s=round(killed_at - launched, 2), shards_held_when_killed=claimed,
                 wall_s=got["wall_s"], undisturbed_wall_s=undisturbed["wall_s"],
+                undisturbed_launch=undisturbed["launch"],
                 time_lost_s=round(got["wall_s"] - undisturbed["wall_s"], 2), shards=got["shards"],
                 check=command.compare_outputs(output, reference, ids))
 

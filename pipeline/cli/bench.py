@@ -106,14 +106,18 @@ def bench_attention(sizes: tuple[str, ...], docs: int, repeats: int, out_path: s
 @click.option("--phase", type=click.Choice(["all", "prepare", "one", "many"]), default="all", show_default=True,
               help="Run one part (prepare: model, corpus, compile cache; one: the one-GPU run; many: the rest, "
                    "against it), so that a long job fits several calls sharing --workdir.")
+@click.option("--run", "runs", multiple=True, type=click.Choice(["launch", "nodes", "kill"]),
+              help="The scaled runs to make (repeatable; default: all three, nodes and kill only for the --nodes "
+                   "sizes): the --gpus N launch, N separate processes, N processes with one killed. With --phase "
+                   "many over one --workdir, each may go in its own call.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where models, corpora, outputs and the phases' state go, kept (default: a temporary folder).")
 @click.option("--note", default=None, help="How this call ran (what else shared the machine), kept in the records.")
 @click.option("--out", "out_path", type=click.Path(), default="bench-scale.json", show_default=True)
 def bench_scale(sizes: tuple[str, ...], docs_spec: tuple[str, ...], shard_spec: tuple[str, ...], gpus: int,
                 lease_seconds: int, node_sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | None,
-                budget_seconds: float | None, phase: str, workdir: str | None, note: str | None,
-                out_path: str) -> None:
+                budget_seconds: float | None, phase: str, runs: tuple[str, ...], workdir: str | None,
+                note: str | None, out_path: str) -> None:
     """The real command on one GPU against several (start-up counted), N separate processes, and one killed."""
     import contextlib
     import json
@@ -131,7 +135,9 @@ def bench_scale(sizes: tuple[str, ...], docs_spec: tuple[str, ...], shard_spec: 
     devices = [str(i) for i in range(gpus)]
     out = Path(out_path)
 
-    def extra_runs(size: str) -> bool:
+    def extra_runs(size: str, run: str) -> bool:
+        if runs:
+            return run in runs
         return not node_sizes or size in node_sizes
     records: list[dict] = []
     with contextlib.ExitStack() as stack:
@@ -141,7 +147,8 @@ def bench_scale(sizes: tuple[str, ...], docs_spec: tuple[str, ...], shard_spec: 
                 records += scale.scaling(size, tokenizer_dir=tokenizer_dir, n_docs=docs[size],
                                          shard_size=shards[size], workdir=work, logs=out.parent / "logs",
                                          devices=devices, workers=2 if gpus == 0 else gpus, lease_s=lease_seconds,
-                                         kill=extra_runs(size), nodes=extra_runs(size), phase=phase, note=note,
+                                         kill=extra_runs(size, "kill"), nodes=extra_runs(size, "nodes"),
+                                         launch=not runs or "launch" in runs, phase=phase, note=note,
                                          deadline=start + budget_seconds if budget_seconds else None)
             except scale.NoOneGpuRun as e:
                 raise click.ClickException(str(e)) from None

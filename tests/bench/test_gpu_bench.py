@@ -191,7 +191,7 @@ def test_scaling_bench_on_cpu_workers(tmp_path, qwen_tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_scaling_bench_in_phases_over_one_workdir(tmp_path, qwen_tokenizer_dir):
+def test_scaling_bench_in_phases_over_one_workdir(tmp_path, qwen_tokenizer_dir, monkeypatch):
     """A job too long for one call of a lent machine: the one-GPU run in one call, the scaled run in the next,
     over the same work folder; the record is the one a single call makes."""
     from click.testing import CliRunner
@@ -223,6 +223,12 @@ def test_scaling_bench_in_phases_over_one_workdir(tmp_path, qwen_tokenizer_dir):
     starts = [r[log["columns"].index("start_s")] for r in log["rows"]]
     assert starts == sorted(starts) and 0 < starts[0] < rec["wall_s"]
     assert sum(r[2] for r in log["rows"]) == 48 and len(rec["shard_log_1gpu"]["rows"]) == 8
+    # the kill run in a call of its own (test_scaling_bench_on_cpu_workers runs a real one): its time lost is
+    # counted against the undisturbed run this folder kept
+    against = []
+    monkeypatch.setattr(scale, "_kill_run", lambda *args: against.append(args[-1]) or {"bench": "kill"})
+    assert scale.scaling("tiny", phase="many", **dict(kw, launch=False, kill=True)) == [{"bench": "kill"}]
+    assert against == [{"wall_s": rec["wall_s"], "launch": "--workers 2"}]
     # the command: the same refusal, as a clear error
     got = CliRunner().invoke(bench_scale, ["--size", "tiny", "--docs", "5", "--shard-size", "1", "--gpus", "0",
                                            "--phase", "many", "--workdir", str(work),
@@ -233,6 +239,7 @@ def test_scaling_bench_in_phases_over_one_workdir(tmp_path, qwen_tokenizer_dir):
     got = CliRunner().invoke(bench_scale, ["--size", "tiny", "--docs", "5", "--shard-size", "1", "--gpus", "0",
                                            "--phase", "one", "--tokenizer", str(qwen_tokenizer_dir)])
     assert got.exit_code == 2 and "--phase one needs --workdir" in got.output
+    monkeypatch.undo()
     # preparing again forgets the one-GPU run (its output may be gone): the many phase refuses until one runs
     assert scale.scaling("tiny", phase="prepare", **kw) == []
     with pytest.raises(scale.NoOneGpuRun):
