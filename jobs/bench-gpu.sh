@@ -16,7 +16,8 @@
 #                                       one-GPU runs of both sizes at once, one per GPU, each process pinned to
 #                                       half the cores), many-0.6B, many-4B (the --gpus 2 launch), nodes-0.6B,
 #                                       nodes-4B (two processes, one GPU each, as two nodes would run), kill-0.6B,
-#                                       kill-4B (the same with one killed; time lost against nodes-SIZE's run);
+#                                       kill-4B (the same with one killed once 3/4 of the documents are done;
+#                                       time lost against nodes-SIZE's run, and against the one-GPU rest);
 #                                       no STEP: prepare, one, many-0.6B, many-4B in order
 #
 # Results (JSON records, the printed tables, logs packed in one archive) go to OUT. The sizes below fit a
@@ -99,8 +100,8 @@ print(",".join(map(str, c[:h])), ",".join(map(str, c[h:])))')
       exit "$r"
     fi
   }
-  many() {  # SIZE RUN [NAME]: one of the scaled runs (launch, nodes, kill) of SIZE's job
-    $py -m pipeline.cli bench-scale --size "$1" "${tok[@]}" "${long[@]}" --phase=many --run "$2" \
+  many() {  # SIZE RUN [NAME [ARGS...]]: one of the scaled runs (launch, nodes, kill) of SIZE's job
+    $py -m pipeline.cli bench-scale --size "$1" "${tok[@]}" "${long[@]}" --phase=many --run "$2" "${@:4}" \
       --note "the two-GPU run alone on the host ($(nproc) cores)" --out "$out/scale-long-${3:-$1}.json" 2>&1 \
       | tee "$out/scale-long-${3:-$1}.txt" || status=$?
   }
@@ -111,7 +112,8 @@ pinned to $(($(nproc) / 2)) of the host's $(nproc) cores (taskset): a GPU's shar
   many-0.6B|all) many 0.6B launch ;;&
   many-4B|all) many 4B launch ;;
   nodes-*) many "${step#nodes-}" nodes "$step" ;;
-  kill-*) many "${step#kill-}" kill "$step" ;;
+  # killed once 3/4 of the job is done: the survivor's one-GPU rest (~1/4 of the one-GPU run) fits the call
+  kill-*) many "${step#kill-}" kill "$step" --kill-at 0.75 ;;
   *) ;;
   esac
   ;;

@@ -38,8 +38,11 @@ def _launch_args(devices: list[str], n: int) -> tuple[str, ...]:
     return ("--gpus", str(n)) if devices else ("--workers", str(n), "--device", "cpu")
 
 
-def _node_env(devices: list[str], i: int, cache: Path) -> dict[str, str]:
-    return command.command_env(compile_cache=cache, devices=devices[i] if devices else "")
+def _node_env(devices: list[str], i: int, n: int, cache: Path) -> dict[str, str]:
+    """Node ``i`` of ``n`` as a Slurm array task sees it: its own GPU, and its place in the array (from which
+    the plan learns how many workers to size its last shards for, as it does under Slurm)."""
+    return {**command.command_env(compile_cache=cache, devices=devices[i] if devices else ""),
+            "SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": str(n)}
 
 
 def _node_extra(devices: list[str]) -> tuple[str, ...]:
@@ -55,8 +58,8 @@ class NoOneGpuRun(RuntimeError):
 
 def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, workdir: Path, logs: Path,
             devices: list[str], workers: int = 2, lease_s: float = 15.0, kill: bool = True,
-            nodes: bool = True, launch: bool = True, deadline: float | None = None, phase: str = "all",
-            note: str | None = None) -> list[dict[str, Any]]:
+            nodes: bool = True, launch: bool = True, kill_at: float = 0.0, deadline: float | None = None,
+            phase: str = "all", note: str | None = None) -> list[dict[str, Any]]:
     """Records of one model size: the N-GPU launch, N separate processes, and the kill run.
 
     Args:
@@ -68,6 +71,8 @@ def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, work
         devices: the GPUs (``CUDA_VISIBLE_DEVICES`` values) to use, at least ``workers``; empty: CPU workers.
         workers: N, the GPUs (or CPU workers) of the scaled runs.
         lease_s: the lease of the kill run (how long the survivors wait for a dead worker's claims).
+        kill_at: the kill run kills its worker once this fraction of the job's documents is done (and the
+            worker has finished a shard and holds a claim); 0: at its first finished shard.
         launch, nodes, kill: which scaled runs to make: the N-GPU launch (``--gpus N``), the N separate
             processes, the kill run. A ``many`` phase may make some and a later one the rest (each fits a call):
             the kill run's time lost is counted against the undisturbed separate-process run of the same work
@@ -99,7 +104,7 @@ def scaling(size: str, *, tokenizer_dir: str, n_docs: int, shard_size: int, work
     base = dict(state["base"], **state["one"])
     if note:
         base["note_many"] = note
-    return job.scaled(base, workers, lease_s=lease_s, kill=kill, nodes=nodes, launch=launch,
+    return job.scaled(base, workers, lease_s=lease_s, kill=kill, nodes=nodes, launch=launch, kill_at=kill_at,
                       late=lambda: deadline is not None and time.time() > deadline)
 
 
@@ -207,7 +212,7 @@ class _Job:
         return self.save({"base": base, "one": got})
 
     def scaled(self, base: dict[str, Any], workers: int, *, lease_s: float, kill: bool, nodes: bool, launch: bool,
-               late) -> list[dict[str, Any]]:
+               kill_at: float, late) -> list[dict[str, Any]]:
         """The N-GPU launch, then N separate processes and the kill run (those asked for), each checked against
         the one-GPU run. Each undisturbed run's wall time is kept in the job's state for a later kill run."""
         ref_ids, ref_vecs = command.read_output(self.workdir / f"scale-{self.size}-1")
@@ -254,7 +259,7 @@ class _Job:
             else:
                 records.append(_kill_run(base, self.corpus, self.out("kill"), self.model_dir, self.shard_size,
                                          self.devices, workers, self.cache, self.logs, self.size, lease_s, reference,
-                                         self.ids, against))
+                                         self.ids, against, kill_at))
         return records
 
 
@@ -276,7 +281,7 @@ def _start_nodes(corpus: Path, output: Path, model_dir: Path, shard_size: int, d
     for i in range(n):
         log_path = logs / f"{name}{i}.log"
         proc, t = command.start(command.run_args([corpus], output, model_dir, shard_size=shard_size, extra=extra),
-                                _node_env(devices, i, cache), log_path)
+                                _node_env(devices, i, n, cache), log_path)
         launched = t if launched is None else launched
         runs.append((proc, log_path))
     return runs, launched
@@ -284,8 +289,16 @@ def _start_nodes(corpus: Path, output: Path, model_dir: Path, shard_size: int, d
 
 def _kill_run(base: dict[str, Any], corpus: Path, output: Path, model_dir: Path, shard_size: int,
               devices: list[str], n: int, cache: Path, logs: Path, size: str, lease_s: float,
-              reference: dict[str, np.ndarray], ids: list[str], undisturbed: dict[str, Any]) -> dict[str, Any]:
-    """N processes; the last is killed with SIGKILL once it has a done shard and holds a claim."""
+              reference: dict[str, np.ndarray], ids: list[str], undisturbed: dict[str, Any],
+              kill_at: float = 0.0) -> dict[str, Any]:
+    """N processes; the last is killed with SIGKILL once ``kill_at`` of the documents are done and it has a
+    done shard and holds a claim.
+
+    Besides the wall time against the undisturbed run (``time_lost_s``, which counts the dead GPU's missing
+    capacity), the record has the loss the software adds: ``expected_wall_s`` is the time of the kill plus the
+    tokens then left at the survivors' one-GPU rate (``base["tokens_per_s_1gpu"]`` each), and
+    ``lost_to_recovery_s`` the wall time beyond it (the dead worker's discarded work redone, the lease waited
+    for, a longer tail)."""
     from pipeline.job.sink import read_markers
 
     runs, launched = _start_nodes(corpus, output, model_dir, shard_size, devices, n, cache, logs,
@@ -293,11 +306,12 @@ def _kill_run(base: dict[str, Any], corpus: Path, output: Path, model_dir: Path,
     victim, victim_log = runs[-1]
     claimed: list[int] = []
     killed_at = None
+    done: dict[int, dict[str, Any]] = {}
     while killed_at is None and victim.poll() is None:
         done, _ = read_markers(output)
         mine = [sid for sid, m in done.items() if m.get("pid") == victim.pid]
         claimed = _claims_of(output, victim.pid)
-        if mine and claimed:
+        if mine and claimed and sum(m["rows"] for m in done.values()) >= kill_at * len(ids):
             command.kill_hard(victim)
             killed_at = time.time()
             break
@@ -306,12 +320,16 @@ def _kill_run(base: dict[str, Any], corpus: Path, output: Path, model_dir: Path,
     if killed_at is None:  # it finished before it could be killed: report it, do not pretend
         return dict(base, bench="kill", gpus=n, skipped="the worker to kill finished before it held a claim")
     got = command.timings(output, launched, ended)
+    tokens_done = int(sum(m["tokens"] for m in done.values()))
+    expected = killed_at - launched + (got["tokens"] - tokens_done) / ((n - 1) * base["tokens_per_s_1gpu"])
     return dict(base, bench="kill", gpus=n, launch=f"{n} processes, one GPU each; one killed with SIGKILL",
-                lease_s=lease_s, killed_after_s=round(killed_at - launched, 2), shards_held_when_killed=claimed,
+                lease_s=lease_s, kill_at=kill_at, killed_after_s=round(killed_at - launched, 2),
+                shards_held_when_killed=claimed, tokens_done_at_kill=tokens_done,
                 wall_s=got["wall_s"], undisturbed_wall_s=undisturbed["wall_s"],
                 undisturbed_launch=undisturbed["launch"],
-                time_lost_s=round(got["wall_s"] - undisturbed["wall_s"], 2), shards=got["shards"],
-                check=command.compare_outputs(output, reference, ids))
+                time_lost_s=round(got["wall_s"] - undisturbed["wall_s"], 2),
+                expected_wall_s=round(expected, 2), lost_to_recovery_s=round(got["wall_s"] - expected, 2),
+                shards=got["shards"], check=command.compare_outputs(output, reference, ids))
 
 
 def _claims_of(output: Path, pid: int) -> list[int]:
@@ -337,7 +355,8 @@ def table(records: list[dict[str, Any]]) -> str:
         check = r.get("check", {})
         if r.get("bench") == "kill":
             lines.append(f"{r['model_size']:>5} {r['launch']:<46} {'':>9} {r['wall_s']:>7} "
-                         f"{r['undisturbed_wall_s']:>10} lost {r['time_lost_s']}s (lease {r['lease_s']}s) "
+                         f"{r['undisturbed_wall_s']:>10} lost {r['time_lost_s']}s, to recovery "
+                         f"{r['lost_to_recovery_s']}s (lease {r['lease_s']}s) "
                          f"{str(check.get('ids_once')):>8} {check.get('min_cosine_vs_reference')}")
             continue
         lines.append(f"{r['model_size']:>5} {r['launch']:<46} {r['tokens_per_s']:>9,} {r['wall_s']:>7} "

@@ -97,6 +97,9 @@ def bench_attention(sizes: tuple[str, ...], docs: int, repeats: int, out_path: s
 @click.option("--gpus", type=int, default=2, show_default=True,
               help="GPUs of the scaled runs (0: CPU worker processes, for a smoke run).")
 @click.option("--lease-seconds", type=int, default=15, show_default=True, help="Lease of the kill run.")
+@click.option("--kill-at", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="The kill run kills a worker once this fraction of the documents is done (0: at its first "
+                   "finished shard); later kills keep a long job's one-GPU rest short.")
 @click.option("--nodes", "node_sizes", multiple=True,
               help="Sizes that also get the N-separate-processes run and the run with one killed "
                    "(repeatable; default: every size; 'none': no size).")
@@ -115,7 +118,8 @@ def bench_attention(sizes: tuple[str, ...], docs: int, repeats: int, out_path: s
 @click.option("--note", default=None, help="How this call ran (what else shared the machine), kept in the records.")
 @click.option("--out", "out_path", type=click.Path(), default="bench-scale.json", show_default=True)
 def bench_scale(sizes: tuple[str, ...], docs_spec: tuple[str, ...], shard_spec: tuple[str, ...], gpus: int,
-                lease_seconds: int, node_sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | None,
+                lease_seconds: int, kill_at: float, node_sizes: tuple[str, ...], tokenizer_dir: str | None,
+                tiktoken: str | None,
                 budget_seconds: float | None, phase: str, runs: tuple[str, ...], workdir: str | None,
                 note: str | None, out_path: str) -> None:
     """The real command on one GPU against several (start-up counted), N separate processes, and one killed."""
@@ -148,7 +152,8 @@ def bench_scale(sizes: tuple[str, ...], docs_spec: tuple[str, ...], shard_spec: 
                                          shard_size=shards[size], workdir=work, logs=out.parent / "logs",
                                          devices=devices, workers=2 if gpus == 0 else gpus, lease_s=lease_seconds,
                                          kill=extra_runs(size, "kill"), nodes=extra_runs(size, "nodes"),
-                                         launch=not runs or "launch" in runs, phase=phase, note=note,
+                                         launch=not runs or "launch" in runs, kill_at=kill_at, phase=phase,
+                                         note=note,
                                          deadline=start + budget_seconds if budget_seconds else None)
             except scale.NoOneGpuRun as e:
                 raise click.ClickException(str(e)) from None

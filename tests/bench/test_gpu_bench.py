@@ -160,10 +160,12 @@ def test_bench_record_on_the_tiny_shape(tmp_path, qwen_tokenizer_dir):
 @pytest.mark.slow
 def test_scaling_bench_on_cpu_workers(tmp_path, qwen_tokenizer_dir):
     from pipeline.bench import scale
+    from pipeline.job.sink import read_markers
 
     started = time.time()
     records = scale.scaling("tiny", tokenizer_dir=str(qwen_tokenizer_dir), n_docs=96, shard_size=6,
-                            workdir=tmp_path / "work", logs=tmp_path / "logs", devices=[], workers=2, lease_s=3)
+                            workdir=tmp_path / "work", logs=tmp_path / "logs", devices=[], workers=2, lease_s=3,
+                            kill_at=0.25)
     by_launch = {r.get("launch", r.get("skipped")): r for r in records}
     assert len(records) == 3, records
     launch, nodes, kill = records
@@ -185,6 +187,13 @@ def test_scaling_bench_on_cpu_workers(tmp_path, qwen_tokenizer_dir):
     assert kill["bench"] == "kill" and kill["shards_held_when_killed"]
     assert kill["check"]["ids_once"] and kill["check"]["min_cosine_vs_reference"] >= 0.99999
     assert kill["time_lost_s"] == pytest.approx(kill["wall_s"] - kill["undisturbed_wall_s"], abs=0.01)
+    # killed once a quarter of the documents were done; what recovery cost beyond the one-GPU rest
+    assert kill["kill_at"] == 0.25 and 0 < kill["tokens_done_at_kill"] < kill["tokens"]
+    assert kill["killed_after_s"] < kill["expected_wall_s"]
+    assert kill["lost_to_recovery_s"] == pytest.approx(kill["wall_s"] - kill["expected_wall_s"], abs=0.01)
+    # the separate processes ran as Slurm array tasks 0 and 1 of 2 (their worker names carry it)
+    workers = {m["worker"] for m in read_markers(tmp_path / "work" / "scale-tiny-nodes")[0].values()}
+    assert {w.rsplit(":", 1)[1] for w in workers} == {"slurm-array0", "slurm-array1"}, workers
     assert kill["wall_s"] < time.time() - started
     assert "taking over" in "".join(p.read_text() for p in (tmp_path / "work").glob("scale-tiny-kill/logs/*.log"))
     assert scale.table(records).count("\n") == 3
@@ -226,7 +235,7 @@ def test_scaling_bench_in_phases_over_one_workdir(tmp_path, qwen_tokenizer_dir, 
     # the kill run in a call of its own (test_scaling_bench_on_cpu_workers runs a real one): its time lost is
     # counted against the undisturbed run this folder kept
     against = []
-    monkeypatch.setattr(scale, "_kill_run", lambda *args: against.append(args[-1]) or {"bench": "kill"})
+    monkeypatch.setattr(scale, "_kill_run", lambda *args: against.append(args[13]) or {"bench": "kill"})
     assert scale.scaling("tiny", phase="many", **dict(kw, launch=False, kill=True)) == [{"bench": "kill"}]
     assert against == [{"wall_s": rec["wall_s"], "launch": "--workers 2"}]
     # the command: the same refusal, as a clear error
