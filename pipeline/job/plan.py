@@ -78,7 +78,7 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-LEFTOVERS = ("vectors", "versions", "parts", "shards", "plan", "rejects", "job.json", "index")
+LEFTOVERS = ("vectors", "versions", "parts", "shards", "plan", "rejects", "job.json", "index", "canary")
 
 
 def discard_output(out: Path) -> None:

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import EncodeError, InputError, PipelineError
 from pipeline.job import versions
 from pipeline.job.assemble import PartCache, copied_table, output_table
+from pipeline.job.canary import check_canary
 from pipeline.job.claims import DEFAULT_LEASE, Claims
 from pipeline.job.config import JobConfig
 from pipeline.job.diff import find
@@ -333,7 +334,10 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
             embedder = embedder.result()
         embedder = embedder or load_embedder(cfg)
         files = model_files(cfg.model)  # the same name may have other weights than the kept vectors were made with
-        check_model_files(out, cfg.model, files, has_vectors(out))
+        kept = has_vectors(out)
+        check_model_files(out, cfg.model, files, kept)
+        # and what file digests cannot see: a server's model, the libraries, another node's copy of the model
+        check_canary(out, manifest.fingerprint, embedder, kept)
         write_job_record(out, cfg, embedder, files)
     spec = FieldSpec.of(cfg)
     cache = PartCache(out)

@@ -307,6 +307,19 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
                                 env=subprocess_env(), cwd=log.parent)
 
 
+def kill_when(victim: subprocess.Popen, procs: list[subprocess.Popen], ready: Callable[[], bool],
+              logs: list[Path]) -> None:
+    """SIGKILL ``victim`` in a state where ``ready()`` holds: it is frozen (SIGSTOP) and asked again first, so that
+    it cannot finish the shard it was caught in between the look and the kill."""
+    while True:
+        wait_until(procs, ready, logs)
+        victim.send_signal(signal.SIGSTOP)
+        if ready():
+            victim.send_signal(signal.SIGKILL)
+            return
+        victim.send_signal(signal.SIGCONT)
+
+
 def wait_until(procs: list[subprocess.Popen], ready: Callable[[], bool], logs: list[Path],
                timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
@@ -362,8 +375,7 @@ def test_two_workers_one_killed_mid_shard_the_other_takes_over(tmp_path, corpus,
         return any(w.startswith(a_name) for w in done.values()) and bool(mine)
 
     try:
-        wait_until([a, b], a_is_mid_shard, logs)
-        a.send_signal(signal.SIGKILL)
+        kill_when(a, [a, b], a_is_mid_shard, logs)
         assert a.wait(timeout=30) == -signal.SIGKILL
         done = marker_workers(out)
         orphaned = [s for s in claims_of(out, a_name) if s not in done]
@@ -393,8 +405,7 @@ def test_rerun_after_kill_9_takes_the_dead_workers_claims_at_once(tmp_path, corp
     mine = f"{socket.gethostname()}:{a.pid}:"
     procs = [a]
     try:
-        wait_until([a], lambda: len(done_markers(out)) >= 2 and bool(claims_of(out, mine)), logs[:1])
-        a.send_signal(signal.SIGKILL)
+        kill_when(a, [a], lambda: len(done_markers(out)) >= 2 and bool(claims_of(out, mine)), logs[:1])
         assert a.wait(timeout=30) == -signal.SIGKILL
         orphaned = [s for s in claims_of(out, mine) if s not in marker_workers(out)]
         assert orphaned, "the killed worker held no claim"
@@ -489,7 +500,7 @@ def test_a_result_is_dropped_when_the_claim_was_taken_over(tmp_path, minilm_dir,
     def stalled_on_first_shard(enc, **kwargs):
         vectors = real(enc, **kwargs)
         calls.append(len(enc))
-        if len(calls) == 1:
+        if len(calls) == 2:  # the first shard's (the first call embeds the check texts)
             claim = out / "shards" / "000000.claim"
             write_json_atomic(claim, {"shard": 0, "worker": "intruder", "claimed_at": time.time()})
             return -vectors
@@ -499,7 +510,7 @@ def test_a_result_is_dropped_when_the_claim_was_taken_over(tmp_path, minilm_dir,
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         summary = run_job(config(out), embedder=embedder, lease_seconds=1)
     assert "dropping this result" in caplog.text
-    assert len(calls) == 5, f"shard 0 was not embedded again: {calls}"
+    assert len(calls) == 1 + 5, f"shard 0 was not embedded again: {calls}"
     assert summary.shards_done == 4 and not summary.stopped_early
     embedder.embed_encoded = real
     run_job(config(tmp_path / "clean"), embedder=embedder, lease_seconds=1)

@@ -175,11 +175,14 @@ def test_endpoint_forms() -> None:
 
 class FlakyProxy:
     """A loopback proxy in front of the real server; ``plan(n)`` answers the n-th POST: None forwards it, an int
-    answers that HTTP status, ``"drop"`` closes the connection without an answer."""
+    answers that HTTP status, ``"drop"`` closes the connection without an answer. ``rewrite`` changes the answers
+    to forwarded POSTs (a server whose model changed)."""
 
-    def __init__(self, upstream: str, plan: Callable[[int], int | str | None]) -> None:
+    def __init__(self, upstream: str, plan: Callable[[int], int | str | None],
+                 rewrite: Callable[[bytes], bytes] | None = None) -> None:
         self.upstream = upstream
         self.plan = plan
+        self.rewrite = rewrite
         self.posts = 0
         self.forwarded = 0
         self.lock = threading.Lock()
@@ -199,6 +202,8 @@ class FlakyProxy:
                         status, payload = r.status, r.read()
                 except urllib.error.HTTPError as exc:
                     status, payload = exc.code, exc.read()
+                if method == "POST" and status == 200 and proxy.rewrite is not None:
+                    payload = proxy.rewrite(payload)
                 self._send(status, payload)
 
             def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
@@ -262,7 +267,8 @@ def test_429_5xx_and_dropped_connections_are_retried_and_counted_once(
 def test_a_server_that_keeps_failing_stops_the_job_and_loses_nothing(
         tmp_path: Path, corpus: Path, local: Path, server: ServeProcess, fast_retries: None) -> None:
     out = tmp_path / "out"
-    with FlakyProxy(server.url, lambda n: None if n < 6 else 500) as proxy:  # the probe + 5 shards, then 500s
+    # the probe, the check texts and 5 shards, then 500s
+    with FlakyProxy(server.url, lambda n: None if n < 7 else 500) as proxy:
         with pytest.raises(PipelineError, match="keeps failing.*rerun the same command"):
             run_job(_cfg(corpus, out, proxy.url, concurrency=1))
     done = done_markers(out)
@@ -275,6 +281,42 @@ def test_a_server_that_keeps_failing_stops_the_job_and_loses_nothing(
     remote = read_vectors(out)
     assert_ids_once(remote, read_vectors(local).column("id").to_pylist())
     assert_same_vectors(remote, read_vectors(local))
+
+
+def _reversed_vectors(payload: bytes) -> bytes:
+    """Each embedding's components in reverse order: the same norms, other directions (another model)."""
+    import base64
+
+    body = json.loads(payload)
+    for item in body.get("data", []):
+        v = item["embedding"]
+        if isinstance(v, str):
+            item["embedding"] = base64.b64encode(np.frombuffer(base64.b64decode(v), "<f4")[::-1].tobytes()).decode()
+        else:
+            item["embedding"] = v[::-1]
+    return json.dumps(body).encode()
+
+
+def test_a_server_whose_model_changed_is_refused_not_mixed(tmp_path: Path, corpus: Path,
+                                                           server: ServeProcess) -> None:
+    """The nightly run embeds through a server whose model was replaced under the same name: the job's files
+    digest sees nothing (the model is remote), and the edited document's vector came from the other model while
+    the rest were kept, exit 0. Now the check texts refuse the run before it writes a vector."""
+    from pipeline.errors import ManifestMismatch
+    from pipeline.job.versions import live_version
+
+    docs = [json.loads(line) for line in corpus.read_text().splitlines()]
+    mine = write_jsonl(tmp_path / "in" / "docs.jsonl", docs)
+    out = tmp_path / "out"
+    run_job(_cfg(mine, out, server.url))
+    before = read_vectors(out)
+    docs[5] = {**docs[5], "text": "edited after the server's model changed"}
+    write_jsonl(mine, docs)
+    with FlakyProxy(server.url, lambda n: None, rewrite=_reversed_vectors) as proxy:
+        with pytest.raises(ManifestMismatch, match="embeds the check texts differently"):
+            run_job(_cfg(mine, out, proxy.url))
+        assert proxy.forwarded >= 1
+    assert live_version(out) == 1 and read_vectors(out).equals(before)
 
 
 def test_a_4xx_is_not_retried_and_a_wrong_model_is_named(
