@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +58,8 @@ def check_canary(out: Path, fingerprint: str, embedder, has_vectors: bool) -> fl
     got = np.asarray(embedder.embed_texts(list(TEXTS)), np.float32)
     path = canary_path(out, fingerprint)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
+    # a name no other worker (another host, the same pid) can write too: the record is linked from it
+    tmp = path.with_name(f".{path.stem}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}.npy")
     np.save(tmp, got)
     try:
         os.link(tmp, path)  # fails where another worker (or an earlier run) recorded first
