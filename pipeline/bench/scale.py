@@ -224,7 +224,8 @@ class _Job:
             records.append(record)
             undisturbed[name] = record
             state = self.load() or {}
-            state.setdefault("many", {})[name] = {"wall_s": record["wall_s"], "launch": record["launch"]}
+            state.setdefault("many", {})[name] = {"wall_s": record["wall_s"], "launch": record["launch"],
+                                                  "gpus": workers, "tokens_per_s": record["tokens_per_s"]}
             self.save(state)
 
         if launch:
@@ -251,7 +252,7 @@ class _Job:
                                   command.compare_outputs(nodes_out, reference, self.ids)))
         # the same, one of them killed once it has committed a shard
         if kill and not late():
-            saved = (self.load() or {}).get("many", {})
+            saved = {k: v for k, v in (self.load() or {}).get("many", {}).items() if v.get("gpus") == workers}
             against = undisturbed.get("nodes") or saved.get("nodes") or undisturbed.get("launch") or saved.get("launch")
             if against is None:
                 records.append(dict(base, bench="kill", gpus=workers,
@@ -295,10 +296,10 @@ def _kill_run(base: dict[str, Any], corpus: Path, output: Path, model_dir: Path,
     done shard and holds a claim.
 
     Besides the wall time against the undisturbed run (``time_lost_s``, which counts the dead GPU's missing
-    capacity), the record has the loss the software adds: ``expected_wall_s`` is the time of the kill plus the
-    tokens then left at the survivors' one-GPU rate (``base["tokens_per_s_1gpu"]`` each), and
-    ``lost_to_recovery_s`` the wall time beyond it (the dead worker's discarded work redone, the lease waited
-    for, a longer tail)."""
+    capacity), the record has what recovery adds: ``expected_wall_s`` is the time of the kill plus the tokens not
+    yet in a finished shard then (the dead worker's shard in flight included, so redoing it is expected) at the
+    survivors' rate (the undisturbed run's steady rate per GPU, else the one-GPU run's), and
+    ``lost_to_recovery_s`` the wall time beyond it: the lease waited for, a longer tail, slower survivors."""
     from pipeline.job.sink import read_markers
 
     runs, launched = _start_nodes(corpus, output, model_dir, shard_size, devices, n, cache, logs,
@@ -321,7 +322,8 @@ def _kill_run(base: dict[str, Any], corpus: Path, output: Path, model_dir: Path,
         return dict(base, bench="kill", gpus=n, skipped="the worker to kill finished before it held a claim")
     got = command.timings(output, launched, ended)
     tokens_done = int(sum(m["tokens"] for m in done.values()))
-    expected = killed_at - launched + (got["tokens"] - tokens_done) / ((n - 1) * base["tokens_per_s_1gpu"])
+    per_gpu = (undisturbed["tokens_per_s"] / n if undisturbed.get("tokens_per_s") else base["tokens_per_s_1gpu"])
+    expected = killed_at - launched + (got["tokens"] - tokens_done) / (max(n - 1, 1) * per_gpu)
     return dict(base, bench="kill", gpus=n, launch=f"{n} processes, one GPU each; one killed with SIGKILL",
                 lease_s=lease_s, kill_at=kill_at, killed_after_s=round(killed_at - launched, 2),
                 shards_held_when_killed=claimed, tokens_done_at_kill=tokens_done,

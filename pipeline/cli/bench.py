@@ -110,7 +110,7 @@ def bench_attention(sizes: tuple[str, ...], docs: int, repeats: int, out_path: s
               help="Run one part (prepare: model, corpus, compile cache; one: the one-GPU run; many: the rest, "
                    "against it), so that a long job fits several calls sharing --workdir.")
 @click.option("--run", "runs", multiple=True, type=click.Choice(["launch", "nodes", "kill"]),
-              help="The scaled runs to make (repeatable; default: all three, nodes and kill only for the --nodes "
+              help="The scaled runs to make (repeatable; default: all three; nodes and kill only for the --nodes "
                    "sizes): the --gpus N launch, N separate processes, N processes with one killed. With --phase "
                    "many over one --workdir, each may go in its own call.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
@@ -140,9 +140,7 @@ def bench_scale(sizes: tuple[str, ...], docs_spec: tuple[str, ...], shard_spec: 
     out = Path(out_path)
 
     def extra_runs(size: str, run: str) -> bool:
-        if runs:
-            return run in runs
-        return not node_sizes or size in node_sizes
+        return (not runs or run in runs) and (not node_sizes or size in node_sizes)
     records: list[dict] = []
     with contextlib.ExitStack() as stack:
         work = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))

@@ -5,7 +5,10 @@ The files digest of a local model (``model.identity``) cannot see a server whose
 name (``--backend openai``), a torch or transformers upgrade that changes the forward, or a worker on another node
 with another copy of the model while no vector exists yet. The check texts see all of these, at the cost of one
 tiny batch per worker. Recorded per settings fingerprint (``OUTPUT/canary/FINGERPRINT-TEXTS.npy``, created once,
-atomically: two workers starting together cannot both record) and removed only with the output (``--overwrite``).
+atomically: two workers starting together cannot both record) and removed with the output (``--overwrite``); it is
+replaced only while the output holds no vector and no live claim, and a worker checks before each part that the
+record it accepted is still the one there. An output whose vectors were made before the record existed gets it
+from its next run's model, unchecked (a warning says so).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import socket
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,14 @@ TEXTS = (
 MIN_COSINE = 0.998
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """The record a worker compared itself with (or made): ``still_current`` checks it before each part."""
+
+    path: Path
+    digest: str
+
+
 def canary_path(out: Path, fingerprint: str) -> Path:
     texts = hashlib.blake2b("\0".join(TEXTS).encode(), digest_size=4).hexdigest()
     return Path(out) / FOLDER / f"{fingerprint[:16]}-{texts}.npy"
@@ -46,43 +58,102 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.where(n > 0, n, 1.0)
 
 
-def check_canary(out: Path, fingerprint: str, embedder, has_vectors: bool) -> float | None:
-    """Embed ``TEXTS`` and compare them with the output's record, or record them (the first worker).
+def _digest(path: Path) -> str:
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
-    Returns:
-        The smallest cosine against the record, or None where this worker made the record.
+
+def _write_tmp(path: Path, vectors: np.ndarray) -> Path:
+    """The vectors in a temporary file beside ``path`` (named as ``sink.remove_stale_temp_files`` knows), synced."""
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, vectors)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _live_claims(out: Path, lease_s: float) -> bool:
+    """Whether a worker holds a claim on this output (one refreshed within the lease)."""
+    now = time.time()
+    for claim in (Path(out) / "shards").glob("*.claim"):
+        try:
+            if now - claim.stat().st_mtime < lease_s:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def check_canary(out: Path, fingerprint: str, embedder, has_vectors: bool, lease_s: float) -> Accepted:
+    """Embed ``TEXTS`` and compare them with the output's record; the first worker makes the record.
+
+    Where they differ and the output holds no vector and no live claim (a first run that stopped before its
+    first part, whose model was then fixed), this worker's vectors replace the record: a worker that accepted the
+    old one is refused at its next part (``still_current``).
 
     Raises:
-        ManifestMismatch: the record exists and a text's cosine is below ``MIN_COSINE``.
+        ManifestMismatch: the record differs (cosine below ``MIN_COSINE``) and the output has vectors or a live
+            claim; or the record cannot be read.
     """
     got = np.asarray(embedder.embed_texts(list(TEXTS)), np.float32)
     path = canary_path(out, fingerprint)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a name no other worker (another host, the same pid) can write too: the record is linked from it
-    tmp = path.with_name(f".{path.stem}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}.npy")
-    np.save(tmp, got)
+    tmp = None
     try:
+        tmp = _write_tmp(path, got)
         os.link(tmp, path)  # fails where another worker (or an earlier run) recorded first
-        log.info("check texts recorded in %s", path)
-        return None
+        if has_vectors:
+            log.warning("%s: check texts recorded now, by this run's model: the vectors already kept (made before "
+                        "embed-corpus recorded them) could not be compared with it", out)
+        else:
+            log.info("check texts recorded in %s", path)
+        return Accepted(path, _digest(path))
     except FileExistsError:
         pass
     finally:
-        tmp.unlink(missing_ok=True)
-    recorded = np.load(path)
-    if recorded.shape != got.shape:
-        cosine = -1.0
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    try:
+        recorded = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ManifestMismatch(f"{path}: the check texts' record cannot be read ({exc}); delete it to record them "
+                               "anew with this model") from None
+    cosine = float((_unit(recorded) * _unit(got)).sum(axis=1).min()) if recorded.shape == got.shape else None
+    if cosine is not None and cosine >= MIN_COSINE:
+        log.info("check texts: cosine %.6f or more against %s", cosine, path)
+        return Accepted(path, _digest(path))
+    what = (f"shape {tuple(got.shape)} against {tuple(recorded.shape)}" if cosine is None
+            else f"cosine {cosine:.4f}, at least {MIN_COSINE} expected")
+    if not has_vectors and not _live_claims(out, lease_s):
+        tmp = _write_tmp(path, got)
+        os.replace(tmp, path)
+        log.warning("%s: the model embeds the check texts differently from the one an earlier run of this output "
+                    "started with (%s), but no vector was kept: recorded anew", out, what)
+        return Accepted(path, _digest(path))
+    if has_vectors:
+        cause = ("the model, its server or the libraries that run it changed, or another worker of this job runs "
+                 "another copy of it. Its vectors would not be comparable with the output's: restore what changed, "
+                 "write to a new --output, or add --overwrite to embed everything again")
     else:
-        cosine = float((_unit(recorded) * _unit(got)).sum(axis=1).min())
-    if cosine < MIN_COSINE:
-        what = (f"shape {tuple(got.shape)} against {tuple(recorded.shape)}" if cosine == -1.0
-                else f"cosine {cosine:.4f}, at least {MIN_COSINE} expected")
-        advice = ("restore them, write to a new --output, or add --overwrite to embed everything again"
-                  if has_vectors else "no vector was kept yet: add --overwrite to start over with this model")
+        cause = ("another worker of this job, still running, has another model (or another copy of it): give "
+                 "every worker the same model")
+    raise ManifestMismatch(f"{out}: the model embeds the check texts differently from the one this output was "
+                           f"started with ({what}; {path}): {cause}.")
+
+
+def still_current(accepted: Accepted) -> None:
+    """Refuse to write a part where the record this worker accepted was replaced since (by a worker with another
+    model, while this output held no vector yet).
+
+    Raises:
+        ManifestMismatch: the record changed.
+    """
+    try:
+        same = _digest(accepted.path) == accepted.digest
+    except OSError:
+        same = False
+    if not same:
         raise ManifestMismatch(
-            f"{out}: the model embeds the check texts differently from the one this output was started with "
-            f"({what}; {path}): the model, its server or the libraries that run it changed, or another worker "
-            f"of this job runs another copy of it. Its vectors would not be comparable with the output's: "
-            f"{advice}.")
-    log.info("check texts: cosine %.6f or more against %s", cosine, path)
-    return cosine
+            f"{accepted.path}: the check texts' record changed while this worker ran: another worker of this job "
+            "has another model (or another copy of it); this worker stops without writing. Give every worker the "
+            "same model.")

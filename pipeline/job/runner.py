@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import EncodeError, InputError, PipelineError
 from pipeline.job import versions
 from pipeline.job.assemble import PartCache, copied_table, output_table
-from pipeline.job.canary import check_canary
+from pipeline.job.canary import Accepted, check_canary, still_current
 from pipeline.job.claims import DEFAULT_LEASE, Claims
 from pipeline.job.config import JobConfig
 from pipeline.job.diff import find
@@ -329,6 +329,7 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         summary.stopped_early = True
         log.warning("stop requested before the model was loaded: %d shards left for the next run", len(pending))
         return summary
+    accepted: Accepted | None = None  # the check texts' record this worker compared itself with
     if pending and (embedder is not None or _needs_model(out, manifest)):
         if isinstance(embedder, ModelLoad):
             embedder = embedder.result()
@@ -337,7 +338,7 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         kept = has_vectors(out)
         check_model_files(out, cfg.model, files, kept)
         # and what file digests cannot see: a server's model, the libraries, another node's copy of the model
-        check_canary(out, manifest.fingerprint, embedder, kept)
+        accepted = check_canary(out, manifest.fingerprint, embedder, kept, lease_seconds)
         write_job_record(out, cfg, embedder, files)
     spec = FieldSpec.of(cfg)
     cache = PartCache(out)
@@ -452,6 +453,8 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
             log.warning("shard %d: the claim was taken over by another worker; dropping this result", shard.id)
             claims.forget(shard)
             return
+        if accepted is not None and shard.kind == "embed":
+            still_current(accepted)  # a worker with another model replaced it (while no vector was kept)
         write_part(out, shard.id, table, docs)
         seconds = time.perf_counter() - t0
         mark_done(out, shard, {"kind": shard.kind, "rows": docs.num_rows, "sequences": table.num_rows,

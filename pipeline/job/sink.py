@@ -150,7 +150,7 @@ def remove_stale_temp_files(out: Path, older_than: float) -> None:
     from pipeline.util import pid_alive
 
     now, host = time.time(), socket.gethostname()
-    for folder in (out / POOL, out / "shards", out / "versions", out):
+    for folder in (out / POOL, out / "shards", out / "versions", out / "canary", out):
         if not folder.is_dir():
             continue
         for path in folder.glob(".*.tmp-*"):

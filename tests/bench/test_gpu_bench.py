@@ -237,7 +237,8 @@ def test_scaling_bench_in_phases_over_one_workdir(tmp_path, qwen_tokenizer_dir, 
     against = []
     monkeypatch.setattr(scale, "_kill_run", lambda *args: against.append(args[13]) or {"bench": "kill"})
     assert scale.scaling("tiny", phase="many", **dict(kw, launch=False, kill=True)) == [{"bench": "kill"}]
-    assert against == [{"wall_s": rec["wall_s"], "launch": "--workers 2"}]
+    assert against == [{"wall_s": rec["wall_s"], "launch": "--workers 2", "gpus": 2,
+                        "tokens_per_s": rec["tokens_per_s"]}]
     # the command: the same refusal, as a clear error
     got = CliRunner().invoke(bench_scale, ["--size", "tiny", "--docs", "5", "--shard-size", "1", "--gpus", "0",
                                            "--phase", "many", "--workdir", str(work),

@@ -47,11 +47,12 @@ def test_a_forward_that_changed_with_the_same_files_is_refused_not_mixed(tmp_pat
     assert "embeds the check texts differently" in got.output and "--overwrite" in got.output, got.output
     assert live_version(out) == 1 and not done_markers(out)  # nothing of the new plan was written
     assert read_vectors(out).equals(before)
-    # starting over with it is allowed, and its record replaces the old one
+    # starting over with it is allowed, and its record replaces the old one: the first forward is now the stranger
     run_ok(*embed_args([corpus], out, "--shard-size", "4", "--overwrite"))
     monkeypatch.setattr(Embedder, "embed_encoded", real)
-    refused = invoke(*embed_args([corpus], tmp_path / "elsewhere", "--shard-size", "4"))
-    assert refused.exit_code == 0  # another output: its own record
+    write_jsonl(corpus, make_docs(13, seed=21))
+    again = invoke(*embed_args([corpus], out, "--shard-size", "4"))
+    assert again.exit_code != 0 and "embeds the check texts differently" in again.output, again.output
 
 
 def test_the_same_model_again_passes_and_edits_are_embedded(tmp_path, minilm_dir):
@@ -70,16 +71,70 @@ def test_the_same_model_again_passes_and_edits_are_embedded(tmp_path, minilm_dir
     assert "check texts: cosine" in log
 
 
-def test_a_worker_with_another_copy_of_the_model_is_refused_before_any_vector(tmp_path, minilm_dir,
-                                                                                 tiny_qwen3_dir):
-    """Two workers of one job's first run, on nodes with different models under one path: no vector exists yet,
-    so nothing recorded could tell them apart; the first to start records the check texts, the other is refused."""
-    out = tmp_path / "out"
-    first = Embedder.load(str(minilm_dir), device="cpu")
-    assert canary.check_canary(out, "f" * 64, first, has_vectors=False) is None
-    with pytest.raises(ManifestMismatch, match="another worker of this job runs another copy"):
-        canary.check_canary(out, "f" * 64, Embedder.load(str(tiny_qwen3_dir), device="cpu"), has_vectors=False)
-    assert canary.check_canary(out, "f" * 64, first, has_vectors=True) > 0.99999
-    # other settings (another fingerprint) have their own record
-    assert canary.check_canary(out, "e" * 64, Embedder.load(str(tiny_qwen3_dir), device="cpu"), False) is None
+def test_workers_with_other_models_on_a_first_run(tmp_path, tiny_qwen3_dir, qwen_tokenizer_dir, caplog):
+    """Two workers of one job's first run, on nodes with different copies of one model path: no vector exists yet
+    for the file digests to compare. The first to start records the check texts; another model is refused while
+    the first holds a claim, and where it came before any claim (its record replaced) the first worker is refused
+    at its next part instead. With vectors kept, a different model is always refused."""
+    import logging
+
+    from pipeline.bench.synthetic import make_qwen3_embedding_dir
+
+    other_dir = make_qwen3_embedding_dir(tmp_path / "other", "tiny", tokenizer_dir=qwen_tokenizer_dir,
+                                         append_eos=True, seed=1)  # the same shapes, other weights
+    out, fp = tmp_path / "out", "f" * 64
+    first, other = Embedder.load(str(tiny_qwen3_dir), device="cpu"), Embedder.load(str(other_dir), device="cpu")
+    a = canary.check_canary(out, fp, first, has_vectors=False, lease_s=30)
+    claim = out / "shards" / "000000.claim"
+    claim.parent.mkdir(parents=True)
+    claim.write_text("{}")  # the first worker's live claim
+    with pytest.raises(ManifestMismatch, match=r"cosine -?\d\.\d+.*another worker of this job, still running"):
+        canary.check_canary(out, fp, other, has_vectors=False, lease_s=30)
+    canary.still_current(a)
+    claim.unlink()  # the other worker came before the first one's first claim: the record is replaced ...
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        b = canary.check_canary(out, fp, other, has_vectors=False, lease_s=30)
+    assert "recorded anew" in caplog.text
+    with pytest.raises(ManifestMismatch, match="record changed while this worker ran"):
+        canary.still_current(a)  # ... and the first worker writes no part
+    canary.still_current(b)
+    with pytest.raises(ManifestMismatch, match="--overwrite"):
+        canary.check_canary(out, fp, first, has_vectors=True, lease_s=30)
+    assert canary.check_canary(out, fp, Embedder.load(str(other_dir), device="cpu"), True, 30).digest == b.digest
+    # other settings (another fingerprint) have their own record; an output made before records: a warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        canary.check_canary(out, "e" * 64, first, has_vectors=True, lease_s=30)
+    assert "could not be compared" in caplog.text
+    # a record that cannot be read is named, not a traceback
+    canary.canary_path(out, fp).write_bytes(b"not an array")
+    with pytest.raises(ManifestMismatch, match="cannot be read"):
+        canary.check_canary(out, fp, first, has_vectors=True, lease_s=30)
     assert not list((out / canary.FOLDER).glob(".*"))  # no temporary file left
+
+
+def test_a_record_replaced_mid_run_stops_the_worker_before_its_part(tmp_path, minilm_dir):
+    """The worker accepted the record; another worker with another model replaced it before any vector was kept:
+    this worker's first part is not written (``still_current`` in the commit), so the two models never mix."""
+    from pipeline.job.config import make_config
+    from pipeline.job.runner import run_job
+
+    corpus = write_jsonl(tmp_path / "in.jsonl", make_docs(12, seed=5))
+    cfg = make_config({"input": (str(corpus),), "output": str(tmp_path / "out"), "model": str(minilm_dir),
+                       "device": "cpu", "batch_tokens": 2048, "shard_size": 4, "quiet": True})
+    embedder = Embedder.from_options(cfg.model_options())
+    real = embedder.embed_encoded
+    calls: list[int] = []
+
+    def replaced_during_first_shard(enc, **kw):
+        vectors = real(enc, **kw)
+        calls.append(1)
+        if len(calls) == 2:  # the first shard (the first call embeds the check texts)
+            (record,) = (tmp_path / "out" / canary.FOLDER).glob("*.npy")
+            np.save(record, -np.load(record))
+        return vectors
+
+    embedder.embed_encoded = replaced_during_first_shard
+    with pytest.raises(ManifestMismatch, match="record changed while this worker ran"):
+        run_job(cfg, embedder=embedder)
+    assert not done_markers(tmp_path / "out") and not list((tmp_path / "out" / "parts").glob("part-*"))
