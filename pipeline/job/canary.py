@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ManifestMismatch
+from pipeline.errors import ManifestMismatch, PipelineError
+from pipeline.model.tokens import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +158,36 @@ def still_current(accepted: Accepted) -> None:
             f"{accepted.path}: the check texts' record changed while this worker ran: another worker of this job "
             "has another model (or another copy of it); this worker stops without writing. Give every worker the "
             "same model.")
+
+
+def check_query_side(output: Path, job: dict, embedder) -> float | None:
+    """The query side of a finished job (``record.query_embedder``) embeds the check texts with the job's
+    document framing and compares them with the job's record: a serving process on other library versions than
+    the run (or on another copy of the model) would embed queries that do not match the vectors.
+
+    Returns:
+        The smallest cosine, or None where the job has no record (made before check texts were recorded).
+
+    Raises:
+        PipelineError: below ``MIN_COSINE``.
+    """
+    path = canary_path(Path(output), job.get("fingerprint", ""))
+    try:
+        recorded = np.load(path)
+    except (OSError, ValueError):
+        return None
+    tok = embedder.tokenizer
+    documents = TextTokenizer(tok.tokenizer, tok.fmt, prompt=job.get("model", {}).get("prompt", ""))
+    enc = documents.encode(list(TEXTS))
+    got = np.asarray(embedder.embed_encoded(enc), np.float32)[np.flatnonzero(enc.chunk == 0)]
+    cosine = float((_unit(recorded) * _unit(got)).sum(axis=1).min()) if recorded.shape == got.shape else None
+    if cosine is None or cosine < MIN_COSINE:
+        what = (f"shape {tuple(got.shape)} against {tuple(recorded.shape)}" if cosine is None
+                else f"cosine {cosine:.4f}, at least {MIN_COSINE} expected")
+        made = job.get("versions", {})
+        raise PipelineError(
+            f"{output}: this process embeds the check texts differently from the run that made the vectors ({what}; "
+            f"{path}): queries embedded here would not match them. The run used "
+            + ", ".join(f"{k} {v}" for k, v in made.items())
+            + "; run search/serve with the same versions and model, or run the job again with --overwrite")
+    return cosine

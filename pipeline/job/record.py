@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ManifestMismatch, PipelineError
+from pipeline.job.canary import check_query_side
 from pipeline.job.config import JobConfig
 from pipeline.model.encoder import Embedder
 from pipeline.model.identity import changed_files, model_files
@@ -112,4 +113,5 @@ def query_embedder(output: str | Path, *, device: str | None = None, batch_token
             f"the files of model {cfg['model']!r} changed since the vectors of {output} were made ({changed}): "
             "queries embedded with it would not match them. Restore the model, or run the job again with --overwrite"
         )
+    check_query_side(Path(output), job, embedder)  # and what file digests cannot see (the libraries, say)
     return embedder

@@ -138,3 +138,21 @@ def test_a_record_replaced_mid_run_stops_the_worker_before_its_part(tmp_path, mi
     with pytest.raises(ManifestMismatch, match="record changed while this worker ran"):
         run_job(cfg, embedder=embedder)
     assert not done_markers(tmp_path / "out") and not list((tmp_path / "out" / "parts").glob("part-*"))
+
+
+def test_the_query_side_with_another_forward_is_refused(tmp_path, minilm_dir, monkeypatch):
+    """`search`/`serve` in a process whose libraries compute another forward than the run's (same model files):
+    its queries would not match the vectors, silently. The query embedder now embeds the check texts with the
+    job's document framing and refuses, naming the versions the run used."""
+    from pipeline.errors import PipelineError
+    from pipeline.job.record import query_embedder
+
+    _, out, _ = _night_two(tmp_path)
+    query_embedder(out)  # the same forward: fine
+    run_ok("index", "build", str(out))
+    real = Embedder.embed_encoded
+    monkeypatch.setattr(Embedder, "embed_encoded", lambda self, enc, **kw: np.roll(real(self, enc, **kw), 1, axis=1))
+    with pytest.raises(PipelineError, match="embeds the check texts differently.*The run used embed-corpus"):
+        query_embedder(out)
+    got = invoke("search", str(out), "river stone", "-k", "3")
+    assert got.exit_code != 0 and "check texts" in got.output, got.output
