@@ -8,7 +8,8 @@ tiny batch per worker. Recorded per settings fingerprint (``OUTPUT/canary/FINGER
 atomically: two workers starting together cannot both record) and removed with the output (``--overwrite``); it is
 replaced only while the output holds no vector and no live claim, and a worker checks before each part that the
 record it accepted is still the one there. An output whose vectors were made before the record existed gets it
-from its next run's model, unchecked (a warning says so).
+from its next run's model once a few kept documents embed as their vectors (where none can be read back, with a
+warning).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ManifestMismatch, PipelineError
+from pipeline.job import versions
+from pipeline.job.records import FieldSpec
 from pipeline.model.tokens import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ TEXTS = (
 # One model run twice agrees to ~1e-6 in float32 and to ~4e-4 between bf16 on a GPU and float32 on a CPU (the
 # bench's 4B minimum over 32 documents is 0.99961); two different models, or one fine-tuned, are far below.
 MIN_COSINE = 0.998
+SAMPLE = 8  # kept documents compared where an output has vectors but no record yet
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,11 @@ def _live_claims(out: Path, lease_s: float) -> bool:
     return False
 
 
-def check_canary(out: Path, fingerprint: str, embedder, has_vectors: bool, lease_s: float) -> Accepted:
-    """Embed ``TEXTS`` and compare them with the output's record; the first worker makes the record.
+def check_canary(out: Path, fingerprint: str, embedder, has_vectors: bool, lease_s: float,
+                 spec: FieldSpec | None = None) -> Accepted:
+    """Embed ``TEXTS`` and compare them with the output's record; the first worker makes the record. Where the
+    output already holds vectors but no record (made before records were kept), a few kept documents whose input
+    has not changed are embedded again and compared with their vectors first (``spec``: the job's fields).
 
     Where they differ and the output holds no vector and no live claim (a first run that stopped before its
     first part, whose model was then fixed), this worker's vectors replace the record: a worker that accepted the
@@ -94,7 +101,7 @@ def check_canary(out: Path, fingerprint: str, embedder, has_vectors: bool, lease
 
     Raises:
         ManifestMismatch: the record differs (cosine below ``MIN_COSINE``) and the output has vectors or a live
-            claim; or the record cannot be read.
+            claim; the kept documents embed differently; or the record cannot be read.
     """
     got = np.asarray(embedder.embed_texts(list(TEXTS)), np.float32)
     path = canary_path(out, fingerprint)
@@ -103,9 +110,12 @@ def check_canary(out: Path, fingerprint: str, embedder, has_vectors: bool, lease
     try:
         tmp = _write_tmp(path, got)
         os.link(tmp, path)  # fails where another worker (or an earlier run) recorded first
-        if has_vectors:
-            log.warning("%s: check texts recorded now, by this run's model: the vectors already kept (made before "
-                        "embed-corpus recorded them) could not be compared with it", out)
+        if has_vectors:  # vectors made before check texts were recorded: compare with some of them instead
+            try:
+                _check_kept(out, embedder, spec)
+            except BaseException:
+                path.unlink(missing_ok=True)  # not a record made by the model the output holds
+                raise
         else:
             log.info("check texts recorded in %s", path)
         return Accepted(path, _digest(path))
@@ -140,6 +150,66 @@ def check_canary(out: Path, fingerprint: str, embedder, has_vectors: bool, lease
                  "every worker the same model")
     raise ManifestMismatch(f"{out}: the model embeds the check texts differently from the one this output was "
                            f"started with ({what}; {path}): {cause}.")
+
+
+def _kept_sample(out: Path, spec: FieldSpec, n: int = SAMPLE) -> tuple[list[str], np.ndarray]:
+    """Up to ``n`` documents of the live version (first chunks only) whose text can still be read from an input
+    file that has not changed since: their texts and their kept vectors (float32)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.job.texts import DocumentTexts
+
+    folder = versions.live_vectors(out)
+    texts: list[str] = []
+    vectors: list[np.ndarray] = []
+    if folder is None:
+        return texts, np.zeros((0, 0), np.float32)
+    paths = {int(p.name[len("part-"):].split(".")[0]): p for p in folder.glob("part-*.parquet")
+             if not p.name.endswith(".docs.parquet")}
+    first = sorted(paths)[:n]  # at most n parts hold the n documents looked for (or all there are)
+    lookup = DocumentTexts(out, spec, parts=set(first))
+    for part in first:
+        path = paths[part]
+        if len(texts) >= n:
+            break
+        pf = pq.ParquetFile(path)
+        names = ["embedding", *(["chunk"] if "chunk" in pf.schema_arrow.names else [])]
+        batch = next(pf.iter_batches(batch_size=64, columns=names), None)
+        if batch is None:
+            continue
+        rows = np.arange(batch.num_rows)
+        if "chunk" in names:
+            rows = rows[batch.column("chunk").to_numpy(zero_copy_only=False) == 0]
+        rows = rows[:n - len(texts)]
+        found = lookup.lookup([part] * len(rows), [int(r) for r in rows])
+        dims = batch.schema.field("embedding").type.list_size
+        matrix = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(-1, dims)
+        for r, got in zip(rows, found, strict=True):
+            if got is not None:
+                texts.append(got[0])
+                vectors.append(np.asarray(matrix[r], np.float32))
+    return texts, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
+
+
+def _check_kept(out: Path, embedder, spec: FieldSpec | None) -> None:
+    texts, kept = _kept_sample(out, spec) if spec is not None else ([], None)
+    if not texts:
+        log.warning("%s: check texts recorded now, by this run's model: the vectors already kept (made before "
+                    "embed-corpus recorded check texts) could not be compared with it (no kept document's input "
+                    "is unchanged)", out)
+        return
+    got = np.asarray(embedder.embed_texts(texts), np.float32)
+    cosine = float((_unit(kept) * _unit(got)).sum(axis=1).min()) if kept.shape == got.shape else None
+    if cosine is None or cosine < MIN_COSINE:
+        what = (f"shape {tuple(got.shape)} against {tuple(kept.shape)}" if cosine is None
+                else f"cosine {cosine:.4f}, at least {MIN_COSINE} expected")
+        raise ManifestMismatch(
+            f"{out}: the model embeds {len(texts)} documents the output kept differently from their vectors "
+            f"({what}): the model, its server or the libraries that run it changed since they were made. New "
+            "vectors would not be comparable with them: restore what changed, write to a new --output, or add "
+            "--overwrite to embed everything again.")
+    log.info("check texts recorded; %d kept documents embed as their vectors (cosine %.6f or more)", len(texts),
+             cosine)
 
 
 def still_current(accepted: Accepted) -> None:

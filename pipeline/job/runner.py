@@ -338,7 +338,7 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         kept = has_vectors(out)
         check_model_files(out, cfg.model, files, kept)
         # and what file digests cannot see: a server's model, the libraries, another node's copy of the model
-        accepted = check_canary(out, manifest.fingerprint, embedder, kept, lease_seconds)
+        accepted = check_canary(out, manifest.fingerprint, embedder, kept, lease_seconds, FieldSpec.of(cfg))
         write_job_record(out, cfg, embedder, files)
     spec = FieldSpec.of(cfg)
     cache = PartCache(out)

@@ -34,9 +34,11 @@ class DocumentTexts:
     Args:
         output: the output directory.
         spec: the job's text/id/kept fields.
+        parts: only these parts of the live version (a few documents looked up in a large output: the versions'
+            rows tables are read filtered, not whole); default: every part of every kept version.
     """
 
-    def __init__(self, output: str | Path, spec: FieldSpec) -> None:
+    def __init__(self, output: str | Path, spec: FieldSpec, parts: set[int] | None = None) -> None:
         self.out = Path(output)
         self.spec = spec
         self.files: dict[int, list[dict[str, Any]]] = {}  # version -> its files
@@ -50,12 +52,15 @@ class DocumentTexts:
         live = versions.live_version(self.out)
         numbers = sorted((int(p.name) for p in folder.glob("[0-9]*")), key=lambda n: (n != live, -n)) \
             if folder.is_dir() else []
+        if parts is not None:
+            numbers = [live] if live else []
         for n in numbers:  # the live version first: a part in several versions is looked up there
             info = versions.version_info(self.out, n)
             path = versions.version_dir(self.out, n) / versions.ROWS
             if not info or not path.exists():
                 continue
-            table = pq.read_table(path, columns=["file", "frow", "part", "prow", "nseq"])
+            table = pq.read_table(path, columns=["file", "frow", "part", "prow", "nseq"],
+                                  filters=None if parts is None else [("part", "in", sorted(parts))])
             order = np.lexsort((table.column("prow").to_numpy(), table.column("part").to_numpy()))
             table = table.take(pa.array(order))
             self.tables[n] = table

@@ -156,3 +156,40 @@ def test_the_query_side_with_another_forward_is_refused(tmp_path, minilm_dir, mo
         query_embedder(out)
     got = invoke("search", str(out), "river stone", "-k", "3")
     assert got.exit_code != 0 and "check texts" in got.output, got.output
+
+
+def test_an_output_made_before_records_is_checked_against_its_kept_vectors(tmp_path, minilm_dir, monkeypatch,
+                                                                            caplog):
+    """An output whose vectors were made before check texts were recorded: its next run would have taken whatever
+    model answers now as the reference. Now kept documents whose input is unchanged are embedded again first."""
+    import logging
+    import shutil
+
+    kept, edited = make_docs(12, seed=22, prefix="a"), make_docs(12, seed=23, prefix="b")
+    write_jsonl(tmp_path / "in" / "a.jsonl", kept)
+    write_jsonl(tmp_path / "in" / "b.jsonl", edited)
+    out = tmp_path / "out"
+    args = embed_args([tmp_path / "in"], out, "--shard-size", "4")
+    run_ok(*args)
+    shutil.rmtree(out / canary.FOLDER)  # as an output made before the records
+    edited[0] = {**edited[0], "text": "edited after the first night"}
+    write_jsonl(tmp_path / "in" / "b.jsonl", edited)
+    real = Embedder.embed_encoded
+    monkeypatch.setattr(Embedder, "embed_encoded", lambda self, enc, **kw: np.roll(real(self, enc, **kw), 1, axis=1))
+    got = invoke(*args)
+    assert got.exit_code != 0 and "documents the output kept differently from their vectors" in got.output, \
+        got.output
+    assert live_version(out) == 1 and not list((out / canary.FOLDER).glob("*.npy"))  # no record of the stranger
+    monkeypatch.setattr(Embedder, "embed_encoded", real)
+    run_ok(*args)
+    assert live_version(out) == 2 and len(list((out / canary.FOLDER).glob("*.npy"))) == 1
+    log = "".join(p.read_text() for p in (out / "logs").glob("run-*.log"))
+    assert f"check texts recorded; {canary.SAMPLE} kept documents embed as their vectors" in log
+    # where no kept document's input is unchanged, the record is made with a warning
+    shutil.rmtree(out / canary.FOLDER)
+    for name, docs in (("a", kept), ("b", edited)):
+        docs[1] = {**docs[1], "text": f"edited after the second night ({name})"}
+        write_jsonl(tmp_path / "in" / f"{name}.jsonl", docs)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        run_ok(*args)
+    assert "could not be compared with it" in caplog.text
