@@ -329,6 +329,7 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         summary.stopped_early = True
         log.warning("stop requested before the model was loaded: %d shards left for the next run", len(pending))
         return summary
+    spec = FieldSpec.of(cfg)
     accepted: Accepted | None = None  # the check texts' record this worker compared itself with
     if pending and (embedder is not None or _needs_model(out, manifest)):
         if isinstance(embedder, ModelLoad):
@@ -338,9 +339,8 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         kept = has_vectors(out)
         check_model_files(out, cfg.model, files, kept)
         # and what file digests cannot see: a server's model, the libraries, another node's copy of the model
-        accepted = check_canary(out, manifest.fingerprint, embedder, kept, lease_seconds, FieldSpec.of(cfg))
+        accepted = check_canary(out, manifest.fingerprint, embedder, kept, lease_seconds, spec)
         write_job_record(out, cfg, embedder, files)
-    spec = FieldSpec.of(cfg)
     cache = PartCache(out)
 
     def load(shard: Shard) -> dict[str, Any]:
