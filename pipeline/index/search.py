@@ -205,7 +205,7 @@ class Searcher:
 
     def follow_live_version(self) -> None:
         """If a run committed a new version since this searcher looked, leave out the indexed parts that version no
-        longer has and read texts through it (one readlink per call): a server or a stdin search loop that
+        longer has and read texts through it (a readlink and a stat per call): a server or a stdin search loop that
         outlives a nightly run never returns what the run deleted. Parts it added wait for the index update."""
         now = _version_key(self.out)
         if now != self._version:

@@ -63,6 +63,17 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.where(n > 0, n, 1.0)
 
 
+def _compare(got: np.ndarray, recorded: np.ndarray) -> tuple[bool, str]:
+    """Whether ``got`` matches ``recorded`` row by row (every cosine at least ``MIN_COSINE``), and how it compares,
+    for a log line or a message."""
+    if recorded.shape != got.shape:
+        return False, f"shape {tuple(got.shape)} against {tuple(recorded.shape)}"
+    cosine = float((_unit(recorded) * _unit(got)).sum(axis=1).min())
+    if cosine >= MIN_COSINE:
+        return True, f"cosine {cosine:.6f} or more"
+    return False, f"cosine {cosine:.4f}, at least {MIN_COSINE} expected"
+
+
 def _digest(path: Path) -> str:
     return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
@@ -129,12 +140,10 @@ def check_canary(out: Path, fingerprint: str, embedder, has_vectors: bool, lease
     except (OSError, ValueError) as exc:
         raise ManifestMismatch(f"{path}: the check texts' record cannot be read ({exc}); delete it to record them "
                                "anew with this model") from None
-    cosine = float((_unit(recorded) * _unit(got)).sum(axis=1).min()) if recorded.shape == got.shape else None
-    if cosine is not None and cosine >= MIN_COSINE:
-        log.info("check texts: cosine %.6f or more against %s", cosine, path)
+    same, what = _compare(got, recorded)
+    if same:
+        log.info("check texts: %s against %s", what, path)
         return Accepted(path, _digest(path))
-    what = (f"shape {tuple(got.shape)} against {tuple(recorded.shape)}" if cosine is None
-            else f"cosine {cosine:.4f}, at least {MIN_COSINE} expected")
     if not has_vectors and not _live_claims(out, lease_s):
         tmp = _write_tmp(path, got)
         os.replace(tmp, path)
@@ -198,18 +207,14 @@ def _check_kept(out: Path, embedder, spec: FieldSpec | None) -> None:
                     "embed-corpus recorded check texts) could not be compared with it (no kept document's input "
                     "is unchanged)", out)
         return
-    got = np.asarray(embedder.embed_texts(texts), np.float32)
-    cosine = float((_unit(kept) * _unit(got)).sum(axis=1).min()) if kept.shape == got.shape else None
-    if cosine is None or cosine < MIN_COSINE:
-        what = (f"shape {tuple(got.shape)} against {tuple(kept.shape)}" if cosine is None
-                else f"cosine {cosine:.4f}, at least {MIN_COSINE} expected")
+    same, what = _compare(np.asarray(embedder.embed_texts(texts), np.float32), kept)
+    if not same:
         raise ManifestMismatch(
             f"{out}: the model embeds {len(texts)} documents the output kept differently from their vectors "
             f"({what}): the model, its server or the libraries that run it changed since they were made. New "
             "vectors would not be comparable with them: restore what changed, write to a new --output, or add "
             "--overwrite to embed everything again.")
-    log.info("check texts recorded; %d kept documents embed as their vectors (cosine %.6f or more)", len(texts),
-             cosine)
+    log.info("check texts recorded; %d kept documents embed as their vectors (%s)", len(texts), what)
 
 
 def still_current(accepted: Accepted) -> None:
@@ -230,13 +235,14 @@ def still_current(accepted: Accepted) -> None:
             "same model.")
 
 
-def check_query_side(output: Path, job: dict, embedder) -> float | None:
+def check_query_side(output: Path, job: dict, embedder) -> str | None:
     """The query side of a finished job (``record.query_embedder``) embeds the check texts with the job's
     document framing and compares them with the job's record: a serving process on other library versions than
     the run (or on another copy of the model) would embed queries that do not match the vectors.
 
     Returns:
-        The smallest cosine, or None where the job has no record (made before check texts were recorded).
+        How they compare (the smallest cosine), or None where the job has no record (made before check texts
+        were recorded).
 
     Raises:
         PipelineError: below ``MIN_COSINE``.
@@ -250,14 +256,12 @@ def check_query_side(output: Path, job: dict, embedder) -> float | None:
     documents = TextTokenizer(tok.tokenizer, tok.fmt, prompt=job.get("model", {}).get("prompt", ""))
     enc = documents.encode(list(TEXTS))
     got = np.asarray(embedder.embed_encoded(enc), np.float32)[np.flatnonzero(enc.chunk == 0)]
-    cosine = float((_unit(recorded) * _unit(got)).sum(axis=1).min()) if recorded.shape == got.shape else None
-    if cosine is None or cosine < MIN_COSINE:
-        what = (f"shape {tuple(got.shape)} against {tuple(recorded.shape)}" if cosine is None
-                else f"cosine {cosine:.4f}, at least {MIN_COSINE} expected")
+    same, what = _compare(got, recorded)
+    if not same:
         made = job.get("versions", {})
         raise PipelineError(
             f"{output}: this process embeds the check texts differently from the run that made the vectors ({what}; "
             f"{path}): queries embedded here would not match them. The run used "
             + ", ".join(f"{k} {v}" for k, v in made.items())
             + "; run search/serve with the same versions and model, or run the job again with --overwrite")
-    return cosine
+    return what
