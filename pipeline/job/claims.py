@@ -28,7 +28,7 @@ from typing import Any
 
 from pipeline.job.manifest import Shard
 from pipeline.job.ranks import worker_name
-from pipeline.job.sink import is_done
+from pipeline.job.sink import done_path, is_done
 from pipeline.util import locked, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,21 @@ class Claims:
             if self.owns(shard):
                 self.path(shard).unlink(missing_ok=True)
 
+    def drop_committed(self, shards: list[Shard]) -> int:
+        """Remove the claims of a committed plan's shards: a worker killed between a shard's done-marker and its
+        release leaves one, and nothing else would ever remove it. Returns how many were removed."""
+        ids = {s.id for s in shards}
+        removed = 0
+        with locked(self.out / ".claims.lock"):
+            for path in self.folder.glob("*.claim"):  # a few: one per shard in flight or left behind
+                head = path.name.split(".")[0]
+                if head.isdigit() and int(head) in ids and done_path(self.out, int(head)).exists():
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            log.info("removed %d claims of done shards (left by workers killed after their done-marker)", removed)
+        return removed
+
     def busy_elsewhere(self, shards: list[Shard]) -> list[Shard]:
         """Shards not done whose claims are live and not ours (others are working on them)."""
         out = []
@@ -229,11 +244,15 @@ class Claims:
                 since = dict(self.claimed_at)
             if not held:
                 continue
-            lost = []
+            lost, gone = [], []
             with locked(self.out / ".claims.lock"):  # no take-over between the check and the touch
                 for sid in held:
                     path = self.folder / f"{sid:06d}.claim"
-                    if self._read(path)[0] != self.worker:
+                    owner = self._read(path)[0]
+                    if owner is None and done_path(self.out, sid).exists():
+                        gone.append(sid)  # done, and its claim removed after the commit (drop_committed)
+                        continue
+                    if owner != self.worker:
                         lost.append(sid)
                         continue
                     try:  # the claim's mtime is the heartbeat; its body carries the shard's progress
@@ -242,6 +261,8 @@ class Claims:
                                                  **process_identity()})
                     except OSError:
                         lost.append(sid)
+            with self._lock:
+                self.held.difference_update(gone)
             for sid in lost:
                 if sid in self.held:  # a shard committed meanwhile is released, not lost
                     log.warning("shard %d: the claim was taken over by another worker; leaving the shard to it", sid)

@@ -304,13 +304,13 @@ def try_commit(out: Path, manifest: Manifest) -> bool:
         current = load_manifest(out)
         if current is None or current.plan_id != manifest.plan_id:
             return False
-        if current.committed:
-            return True
-        if any(not is_done(out, s) for s in current.shards):
-            return False
-        versions.commit(out, current)
-        manifest.committed = True
-        return True
+        if not current.committed:
+            if any(not is_done(out, s) for s in current.shards):
+                return False
+            versions.commit(out, current)
+            manifest.committed = True
+    Claims(out).drop_committed(current.shards)  # left by a worker killed between a marker and its release
+    return True
 
 
 def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | None,

@@ -141,6 +141,20 @@ def test_kill_between_a_part_rename_and_its_marker(tmp_path, minilm_dir):
     assert same(table, read_vectors(scratch))
 
 
+def test_kill_between_a_marker_and_the_claim_release_leaves_no_claim(tmp_path, minilm_dir):
+    """The shard is marked done but its claim is still there, held by a dead worker: the rerun, which never
+    claims that shard again, removes the claim once the version is committed; the finished output has none."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    docs = make_docs(40, seed=4)
+    write_jsonl(corpus / "a.jsonl", docs)
+    killed_run(embed_args([corpus], out, *SHARD), "after-marker@2", tmp_path / "run.log")
+    assert len(list((out / "shards").glob("*.done.json"))) == 2
+    assert (out / "shards" / "000001.done.json").exists() and (out / "shards" / "000001.claim").exists()
+    run_ok(*embed_args([corpus], out, *SHARD))
+    assert_ids_once(read_vectors(out), [d["id"] for d in docs])
+    assert not list((out / "shards").glob("*.claim")), "a claim of a done shard is left behind"
+
+
 def test_stale_temporary_part_of_a_dead_worker_is_cleaned(tmp_path, minilm_dir):
     """A full-size temporary part left by a kill in the rename window (this host, dead pid) is removed by the
     next run at once, not after the lease."""

@@ -200,6 +200,20 @@ def test_heartbeat_never_refreshes_a_claim_taken_over(tmp_path: Path) -> None:
         assert Claims(tmp_path, lease_seconds=1.0, worker="c").try_claim(shard), "b's claim was kept alive"
 
 
+def test_claims_of_a_committed_plan_are_removed_and_their_holder_lets_go_quietly(tmp_path: Path, caplog) -> None:
+    """A commit removes the claims of done shards (one left by a worker killed after its marker); a live worker
+    still holding such a claim, between its marker and its release, drops it without calling it taken over."""
+    done, open_ = Shard(0, 0, 0, 10), Shard(1, 0, 10, 20)
+    with Claims(tmp_path, lease_seconds=1.0, worker="a") as a:
+        assert a.try_claim(done) and a.try_claim(open_)
+        (tmp_path / "shards" / f"{done.name}.done.json").write_text("{}")
+        assert Claims(tmp_path, worker="b").drop_committed([done, open_]) == 1
+        assert not a.path(done).exists() and a.owns(open_), "only the done shard's claim goes"
+        time.sleep(0.6)  # one heartbeat
+        assert a.held == {open_.id}
+    assert "taken over" not in caplog.text
+
+
 def _claim_of(tmp_path: Path, worker: str = "other", **identity) -> Shard:
     """Shard 0 claimed just now by ``worker`` whose process is ``identity`` (default: this process)."""
     from pipeline.job.claims import process_identity
