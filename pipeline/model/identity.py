@@ -59,8 +59,8 @@ def model_files(model: str) -> dict[str, str] | None:
 
 def loaded_files(folder: Path) -> list[str]:
     """The files of a model folder that its loading reads: the top level's configs, tokenizer files, code and
-    weights (``*.bin`` only where there is no ``*.safetensors``, which transformers prefers), and the config of
-    each sentence-transformers module. Not its other folders (``onnx/``, ``checkpoint-*/``: another tool's
+    weights (``*.bin`` only where there is no ``*.safetensors``, which transformers prefers), and the config and
+    weights of each sentence-transformers module. Not its other folders (``onnx/``, ``checkpoint-*/``: another tool's
     files, added or removed without changing this model), and no links followed into other folders."""
     top = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     weights = [n for n in top if n.endswith(".safetensors")] or [n for n in top if n.endswith(".bin")]
@@ -75,6 +75,9 @@ def loaded_files(folder: Path) -> list[str]:
             sub = str(entry.get("path") or "") if isinstance(entry, dict) else ""
             if sub and (folder / sub / "config.json").is_file():
                 names.append(f"{sub}/config.json")
+                inner = sorted(p.name for p in (folder / sub).iterdir() if p.is_file())  # a Dense module's weights
+                names += [f"{sub}/{n}" for n in [n for n in inner if n.endswith(".safetensors")]
+                          or [n for n in inner if n.endswith(".bin")]]
     return sorted(set(names))
 
 

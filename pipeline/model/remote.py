@@ -373,7 +373,7 @@ class RemoteEmbedder:
         enc = self.tokenizer.encode([PROBE_TEXT])
         width = self._request(enc, np.arange(1), None).shape[1]
         local = self.local
-        expected = self.dims or (local.hidden_size if local is not None else width)
+        expected = self.dims or (local.width if local is not None else width)
         if width < expected or (width > expected and self.dims is None):
             hint = f"; pass --dims {width} if that is intended" if width < expected and self.dims is None else ""
             raise PipelineError(f"{self.endpoint}: the server returns {width}-dim vectors for {self.api_model!r}, "
@@ -392,6 +392,7 @@ class RemoteEmbedder:
             said = ours or {}
             self.info = RemoteModelInfo(
                 model=self.model, path="", model_type="unknown", hidden_size=int(said.get("hidden_size", width)),
+                width=width,
                 dims=expected, pooling=str(said.get("pooling", "auto")), normalize=self.normalize,
                 max_length=int(said.get("max_length", 0)), prefix=(), suffix=(), prompt=self.tokenizer.prompt,
                 prompts={}, compute_dtype="remote", input="text", **common)
