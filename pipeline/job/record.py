@@ -58,6 +58,33 @@ def check_model_files(out: Path, model: str, files: dict[str, str] | None, has_v
         )
 
 
+# What a model's framing resolves to (from the settings, the model's files and this code): kept vectors were made so
+FRAMING = ("pooling", "max_length", "prefix", "suffix", "prompt", "dims", "normalize", "width", "head",
+           "include_prompt")
+
+
+def check_framing(out: Path, info: Any, has_vectors: bool) -> None:
+    """Refuse to add vectors framed otherwise than the kept ones: the same settings and model files resolve to
+    another max length, prompt, special tokens, pooling or head under another version of embed-corpus (say, one
+    that honours ``--max-length`` above the model's sentence-transformers default, where an older one cut it).
+
+    Raises:
+        ManifestMismatch: ``job.json`` recorded another framing and ``out`` has vectors.
+    """
+    path = Path(out) / JOB_RECORD
+    if not has_vectors or not path.exists():
+        return
+    recorded, now = json.loads(path.read_text()).get("model") or {}, info.to_dict()
+    differ = [f"{k} {recorded[k]!r} -> {now[k]!r}" for k in FRAMING if k in recorded and k in now
+              and recorded[k] != now[k]]
+    if differ:
+        raise ManifestMismatch(
+            f"{out}: the same settings now frame texts otherwise than when its vectors were made ({'; '.join(differ)}):"
+            " new vectors would not be comparable with the ones kept. Write to a new --output, or add --overwrite to "
+            "embed everything again."
+        )
+
+
 def _changed(recorded: dict[str, str] | None, now: dict[str, str] | None) -> str:
     """The model files that differ between a job's record and now, named for a message ("" if none, or if
     either side is unknown: an output made before files were recorded, a model without a folder here)."""

@@ -36,7 +36,7 @@ from pipeline.job.config import JobConfig
 from pipeline.job.diff import find
 from pipeline.job.manifest import DUP, EMBED, MANIFEST, REUSE, SAME, Manifest, Shard, load_manifest, read_work
 from pipeline.job.plan import has_vectors, prepare
-from pipeline.job.record import check_model_files, write_job_record
+from pipeline.job.record import check_framing, check_model_files, write_job_record
 from pipeline.job.records import FieldSpec, extract, iter_raw
 from pipeline.job.scan import generated_id_hashes, hash128, id_hashes, keep_hashes
 from pipeline.job.sink import (
@@ -338,6 +338,7 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
         files = model_files(cfg.model)  # the same name may have other weights than the kept vectors were made with
         kept = has_vectors(out)
         check_model_files(out, cfg.model, files, kept)
+        check_framing(out, embedder.info, kept)
         # and what file digests cannot see: a server's model, the libraries, another node's copy of the model
         accepted = check_canary(out, manifest.fingerprint, embedder, kept, lease_seconds, spec)
         write_job_record(out, cfg, embedder, files)

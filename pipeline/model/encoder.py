@@ -48,6 +48,20 @@ def format_instruction(instruction: str) -> str:
     return f"Instruct: {instruction}\nQuery:"
 
 
+def check_prompt(info: ModelInfo, prompt: str) -> None:
+    """Refuse to frame text with ``prompt`` for a model whose pooling leaves the prompt's tokens out
+    (sentence-transformers' ``include_prompt: false``): this forward would pool them in, other vectors than the
+    model's. Last-token pooling never sees the prompt anyway.
+
+    Raises:
+        PipelineError: a non-empty prompt with such a model.
+    """
+    if prompt and not info.include_prompt and info.pooling != "lasttoken":
+        raise PipelineError(f"{info.path}: this model's pooling leaves the prompt's tokens out (include_prompt: "
+                            f"false), which embed-corpus does not compute; its {info.pooling} pooling would take the "
+                            f"prompt {prompt!r} in")
+
+
 def resolve_model_path(model: str) -> str:
     """``pkg:PACKAGE/sub/path`` -> a folder inside an installed Python package; other values pass through
     (a local folder, or a hub id that transformers downloads as usual)."""
@@ -110,6 +124,7 @@ class ModelInfo:
     compute_dtype: str
     width: int  # the vectors' size before the Matryoshka cut: hidden_size, or the last Dense module's output
     head: tuple[str, ...] = ()  # the sentence-transformers modules after the pooling ("2_Dense: 768 -> 3072, Tanh")
+    include_prompt: bool = True  # False: the model's pooling leaves the prompt's tokens out (not computed here)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -386,8 +401,7 @@ class Embedder:
         width = head.width if head.steps else hidden
         if dims is not None and dims > width:
             raise PipelineError(f"dims: {dims} is larger than the model's {width} dimensions")
-        limit = _model_max_length(config, hf_tok, bert_config)
-        max_length = min(max_length, limit) if max_length else limit
+        max_length = _max_length(config, hf_tok, bert_config, max_length)
         hf_tok.model_max_length = 1 << 30  # we truncate ourselves; silence the tokenizer's length warning
         fmt = _sequence_format(hf_tok, model_type, max_length)
         prompts = dict(st_config.get("prompts") or {})
@@ -401,21 +415,21 @@ class Embedder:
         else:
             default = st_config.get("default_prompt_name")
             prompt = prompts.get(default, "") if default else ""
-        if prompt and not st.include_prompt and pooling != "lasttoken" and not framing_only:
-            raise PipelineError(f"{path}: this model's pooling leaves the prompt's tokens out (include_prompt: false), "
-                                f"which embed-corpus does not compute; its {pooling} pooling would take the prompt "
-                                f"{prompt!r} in")
         tok = TextTokenizer(hf_tok, fmt, prompt=prompt, long_docs=long_docs, chunk_tokens=chunk_tokens,
                             chunk_overlap=chunk_overlap)
         info = ModelInfo(
             model=model, path=path, model_type=model_type, hidden_size=hidden, dims=dims or width,
             pooling=pooling, normalize=normalize, max_length=max_length, prefix=fmt.prefix, suffix=fmt.suffix,
             prompt=prompt, prompts=prompts, compute_dtype=compute_dtype, width=width, head=head.described,
+            include_prompt=st.include_prompt,
         )
+        if not framing_only:
+            check_prompt(info, prompt)
         can_pack = supports_packing(net) and pooling == "lasttoken"
         if attention == "packed" and not can_pack:
             raise PipelineError(
-                f"attention: packed needs a Qwen2/Qwen3 model with last-token pooling ({model_type}, {pooling})"
+                f"attention: packed needs a causal Qwen2/Qwen3 model of transformers with last-token pooling "
+                f"({model_type}, {pooling})"
             )
         packed = None
         if attention == "packed" or (attention == "auto" and can_pack and device.startswith("cuda")):
@@ -705,12 +719,29 @@ def finish(pooled, dims: int, normalize: bool):
     return vec
 
 
-def _model_max_length(config, tokenizer, bert_config: dict[str, Any]) -> int:
+def _max_length(config, tokenizer, bert_config: dict[str, Any], asked: int | None) -> int:
+    """The tokens a sequence may have: ``asked`` (``--max-length``) up to the model's positions, else the model's
+    default: sentence-transformers' ``max_seq_length`` where it gives one (Qwen3-Embedding: 8192 of 32768
+    positions; MiniLM: 256 of 512), else the smaller of its positions and its tokenizer's limit. A length asked
+    above the default is honoured as sentence-transformers honours a raised ``max_seq_length``; above the
+    positions it is cut to them (``job.sizing`` warns of that before a run plans)."""
+
+    def sane(value: Any) -> int | None:
+        return int(value) if value and int(value) < 1_000_000 else None
+
+    positions = sane(getattr(config, "max_position_embeddings", None))
     if bert_config.get("max_seq_length"):
-        return int(bert_config["max_seq_length"])
-    candidates = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    sane = [int(c) for c in candidates if c and c < 1_000_000]
-    return min(sane) if sane else 512
+        default = int(bert_config["max_seq_length"])
+    else:
+        known = [v for v in (positions, sane(getattr(tokenizer, "model_max_length", None))) if v]
+        default = min(known) if known else 512
+    if not asked:
+        return default
+    ceiling = positions or default
+    if asked > ceiling:
+        log.info("max_length %d is above the model's %d positions: cut to %d", asked, ceiling, ceiling)
+        return ceiling
+    return asked
 
 
 def _sequence_format(tokenizer, model_type: str, max_length: int) -> SequenceFormat:

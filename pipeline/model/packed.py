@@ -81,9 +81,15 @@ def _dynamic_tokens(*tensors: torch.Tensor) -> None:
 
 
 def supports_packing(model) -> bool:
-    """Whether ``model`` is a decoder this module can run packed (Qwen2/Qwen3 ``AutoModel`` without scaling)."""
+    """Whether ``model`` is a decoder this module can run packed: transformers' own Qwen2/Qwen3 ``AutoModel``
+    (not a model folder's own code: gte-Qwen2 ships one), causal (a config's ``"is_causal": false`` makes
+    transformers attend both ways; this forward is causal only), without rope scaling or sliding windows."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", "") not in PACKED_TYPES:
+        return False
+    if not type(model).__module__.startswith("transformers.models."):
+        return False
+    if getattr(cfg, "is_causal", True) is False or getattr(cfg, "use_bidirectional_attention", False):
         return False
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") != "default":

@@ -101,8 +101,6 @@ class TextTokenizer:
         self.prompt = prompt
         self.long_docs = long_docs
         self.prompt_ids = self._content_ids([prompt])[0] if prompt else []
-        # the end token's text, which a character cut must not split (``_cut``); None where none is stripped
-        self._end_text = tokenizer.convert_ids_to_tokens(fmt.suffix[-1]) if fmt.strip_suffix and fmt.suffix else None
         room = fmt.max_content - len(self.prompt_ids)
         if room < 1:
             raise ValueError(
@@ -124,24 +122,36 @@ class TextTokenizer:
                     ids.pop()
         return out
 
-    def _cut(self, text: str, cap: int) -> str:
-        """``text[:cap]``, moved back to the start of an end-token string (``<|endoftext|>``) the cut would split:
-        a partial one would keep the end tokens before it from being stripped."""
-        end = self._end_text
-        if len(text) <= cap or not end:
-            return text[:cap]
-        j = text.find(end, max(0, cap - len(end) + 1), cap + len(end) - 1)  # only one that straddles the cut
-        return text[:j] if 0 <= j < cap else text[:cap]
+    @staticmethod
+    def _cut(text: str, cap: int) -> str:
+        """``text`` cut at most ``cap`` characters in, at the end of a word: before a space or tab that follows a
+        character other than whitespace; the whole text where there is no such place.
+
+        Tokenizers split text into pre-tokens (words, digit runs, punctuation runs) and tokenize each alone, so
+        the tokens of such a prefix are the first tokens of the whole text. Cut anywhere else, the last word's
+        tokens change, and not only at the end (BPE merges over the whole word; WordPiece makes one ``[UNK]``
+        of a word over 100 characters but word pieces of its first 90), nor is a cut before a line break safe
+        (Qwen's pre-tokenizer joins punctuation with the line breaks after it)."""
+        if len(text) <= cap:
+            return text
+        p = cap
+        while p > 0:
+            p = max(text.rfind(" ", 0, p + 1), text.rfind("\t", 0, p + 1))
+            if p <= 0:
+                break
+            if not text[p - 1].isspace():
+                return text[:p]
+            p -= 1
+        return text
 
     def _content_ids_capped(self, texts: list[str], limit: int) -> list[list[int]]:
-        """Content ids, tokenizing only a prefix of very long texts when that provably gives the same first
-        ``limit`` tokens (pre-tokenization is local: a cut changes only the last few tokens)."""
-        cap = (limit + 2) * CHARS_PER_TOKEN_BOUND
-        cut = [self._cut(t, cap) for t in texts]
+        """Content ids, tokenizing only a prefix of very long texts when that gives the same first ``limit``
+        tokens: a prefix that ends at the end of a word (``_cut``) and still has more than ``limit`` tokens (so the
+        text is truncated)."""
+        cut = [self._cut(t, limit * CHARS_PER_TOKEN_BOUND) for t in texts]
         ids = self._content_ids(cut)
-        redo = [
-            i for i, (t, c, x) in enumerate(zip(texts, cut, ids, strict=True)) if len(c) < len(t) and len(x) < limit + 2
-        ]
+        redo = [i for i, (t, c, x) in enumerate(zip(texts, cut, ids, strict=True))
+                if len(c) < len(t) and len(x) <= limit]
         if redo:
             full = self._content_ids([texts[i] for i in redo])
             for i, x in zip(redo, full, strict=True):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.model.encoder import check_prompt
 from pipeline.model.tokens import Encoded, TextTokenizer
 from pipeline.serve.batcher import Batcher
 from pipeline.serve.limits import ApiError, ServeOptions, _bad, _get_bool, _get_int, _get_text, _is_int, check_bearer
@@ -124,6 +125,8 @@ class Service:
             raise PipelineError(str(exc)) from exc
         if options.instruction is not None:
             query_prompt = format_instruction(options.instruction)
+        for prompt in (document_prompt, query_prompt):
+            check_prompt(embedder.info, prompt)
         if output is not None:
             from pipeline.index.search import Searcher
 
@@ -187,8 +190,9 @@ class Service:
                 self._tokenizers.move_to_end(prompt)
                 return tok
         try:
+            check_prompt(self.embedder.info, prompt)
             tok = TextTokenizer(self.hf_tokenizer, self.fmt, prompt=prompt)
-        except ValueError as exc:
+        except (ValueError, PipelineError) as exc:
             raise _bad(str(exc), "instruction") from exc
         with self._tok_lock:
             self._tokenizers[prompt] = tok

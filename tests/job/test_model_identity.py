@@ -69,6 +69,27 @@ def test_a_model_updated_in_place_is_refused_not_mixed(tmp_path, minilm_dir):
     run_ok(*_run_args(corpus, out, model), "--overwrite")
 
 
+def test_kept_vectors_framed_otherwise_are_refused_not_mixed(tmp_path, minilm_dir):
+    """The same settings and model files frame texts otherwise under this version than the record says (here: an
+    older version cut --max-length 400 to MiniLM's 256; this one embeds 400 tokens): a rerun that would add
+    400-token vectors beside 256-token ones is refused, naming what differs."""
+    import json
+
+    docs = make_docs(6, seed=15)
+    corpus = write_jsonl(tmp_path / "in" / "docs.jsonl", docs)
+    out = tmp_path / "out"
+    args = [*_run_args(corpus, out, minilm_dir), "--max-length", "400"]
+    run_ok(*args)
+    record = json.loads((out / "job.json").read_text())
+    assert record["model"]["max_length"] == 400
+    record["model"]["max_length"] = 256  # what the older version recorded for the same settings
+    (out / "job.json").write_text(json.dumps(record))
+    write_jsonl(corpus, [*docs, {"id": "new", "title": "T", "text": "one more document"}])
+    result = invoke(*args)
+    assert result.exit_code != 0 and "max_length 256 -> 400" in result.output, result.output
+    run_ok(*args, "--overwrite")
+
+
 def test_the_same_model_copied_elsewhere_is_the_same_model(tmp_path, minilm_dir):
     a = model_files(str(minilm_dir))
     copy = _model_copy(minilm_dir, tmp_path / "copy")

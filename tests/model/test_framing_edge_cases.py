@@ -133,3 +133,61 @@ def test_trailing_endoftext_strings_stripped_whatever_the_text_length(qwen_token
     assert long.sequence(0).tolist() == short.sequence(0).tolist(), \
         f"{long.sequence(0).tolist().count(ENDOFTEXT_ID)} end tokens (exactly one expected)"
     assert not long.truncated[0]
+
+
+# --- 4. truncation reads a prefix of a long text: it must give the whole text's first tokens --------------------
+
+PIECES = [
+    "the release notes list every file", "量子力学是描述微观粒子运动规律的物理学分支", "end.\nNext", "end. \n\n  Then",
+    "don't stop", "3.14159265358979", "\t\tindented", "a" * 300, "0123456789abcdef" * 9,  # a digest of 144 characters
+    "Donaudampfschifffahrtsgesellschaftskapitän" * 4, "word  \r\n", "<|endoftext|>", "    ", "émigré café", "🙂🙂",
+    *("".join(np.random.default_rng(s).choice(list("abcdefghijklmnopqrstuvwxyz"), 400)) for s in range(3)),
+]
+
+
+def _long_text(rng: np.random.Generator, chars: int) -> str:
+    out = []
+    while sum(map(len, out)) < chars:
+        piece = PIECES[rng.integers(len(PIECES))]
+        out.append(piece + ("" if rng.random() < 0.3 else " "))
+    return "".join(out)
+
+
+@pytest.mark.parametrize("tokenizer", ["minilm", "qwen"])
+def test_truncated_tokens_are_the_whole_texts_first_tokens(tokenizer: str, minilm_dir: Path,
+                                                          qwen_tokenizer_dir: Path) -> None:
+    """A text far over max_length is tokenized from a prefix (the whole of a 10 MB document would be slow); its
+    tokens must be those of the whole text cut to max_length. A cut inside a word changed them: WordPiece's one
+    [UNK] for a 144-character digest became word pieces of its first 90 (cosine 0.9958 to the model's vector),
+    and Qwen's BPE changed the last three tokens of a run of letters."""
+    hf = AutoTokenizer.from_pretrained(str(minilm_dir if tokenizer == "minilm" else qwen_tokenizer_dir))
+    hf.model_max_length = 1 << 30
+    if tokenizer == "qwen":
+        fmt = SequenceFormat((), (ENDOFTEXT_ID,), 48, strip_suffix=True)
+    else:
+        fmt = SequenceFormat((hf.cls_token_id,), (hf.sep_token_id,), 48)
+    tok = TextTokenizer(hf, fmt)
+    rng = np.random.default_rng(7)
+    texts = [_long_text(rng, int(rng.integers(600, 2400))) for _ in range(300)]
+    got = tok.encode(texts)
+    for i, text in enumerate(texts):
+        whole = hf(text, add_special_tokens=False)["input_ids"]
+        if fmt.strip_suffix:
+            while whole and whole[-1] == ENDOFTEXT_ID:
+                whole.pop()
+        expected = list(fmt.prefix) + whole[: fmt.max_content] + list(fmt.suffix)
+        assert got.sequence(i).tolist() == expected, f"text {i}: {text[:200]!r}..."
+        assert bool(got.truncated[i]) == (len(whole) > fmt.max_content)
+
+
+# --- 5. --max-length above the model's sentence-transformers default ------------------------------------------
+
+
+def test_max_length_above_the_sentence_transformers_default_is_honoured(minilm_dir: Path) -> None:
+    """MiniLM's sentence_bert_config says 256 of its 512 positions (Qwen3-Embedding: 8192 of 32768). An asked
+    --max-length 400 was cut to 256 without a word; now it is what embeds, up to the positions."""
+    text = " ".join(["river stone light paper garden"] * 100)
+    assert Embedder.load(str(minilm_dir), device="cpu").info.max_length == 256
+    emb = Embedder.load(str(minilm_dir), device="cpu", max_length=400)
+    assert emb.info.max_length == 400 and int(emb.tokenizer.encode([text]).lengths[0]) == 400
+    assert Embedder.load(str(minilm_dir), device="cpu", max_length=4000).info.max_length == 512

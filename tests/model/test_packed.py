@@ -57,6 +57,27 @@ def test_packed_equals_padded_fp32(embedders):
     assert (a[0] * a[1]).sum() < 0.99
 
 
+def test_a_bidirectional_qwen_is_never_packed(tmp_path, tiny_qwen3_dir):
+    """``"is_causal": false`` in config.json: transformers attends both ways, the packed forward only backwards
+    (cosine 0.905 to the model's vectors). It is refused where asked for and the padded path gives the model's."""
+    import json
+    import shutil
+
+    from pipeline.errors import PipelineError
+    from pipeline.model.packed import supports_packing
+
+    folder = tmp_path / "bidirectional"
+    shutil.copytree(tiny_qwen3_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "is_causal": False}))
+    padded = Embedder.load(str(folder), device="cpu", attention="padded")
+    assert not supports_packing(padded.model)
+    with pytest.raises(PipelineError, match="attention: packed"):
+        Embedder.load(str(folder), device="cpu", attention="packed")
+    causal = Embedder.load(str(tiny_qwen3_dir), device="cpu", attention="padded").embed_texts(TEXTS)
+    assert ((padded.embed_texts(TEXTS) * causal).sum(1) < 0.9999).any(), "the flag changed nothing: no test"
+
+
 def test_packed_batches_are_cut_by_tokens_not_count(embedders):
     _, packed = embedders
     enc = packed.tokenizer.encode(TEXTS * 20)

@@ -137,3 +137,21 @@ def test_pooling_without_the_prompt_is_refused_when_there_is_a_prompt(tmp_path: 
         Embedder.load(str(model_dir), device="cpu", prompt_name="query")
     plain = Embedder.load(str(model_dir), device="cpu", prompt_name="document")  # an empty prompt: same vectors
     np.testing.assert_allclose(plain.embed_texts(TEXTS), _reference(model, TEXTS), atol=2e-5)
+
+
+def test_serving_such_a_model_refuses_its_prompts_too(tmp_path: Path, minilm_dir: Path) -> None:
+    """`serve --model M` frames queries itself (the model's query prompt, a request's instruction): the same
+    refusal there, at load for the model's prompts and with a 400 for a request's instruction."""
+    from pipeline.serve.limits import ApiError
+    from pipeline.serve.service import Service
+
+    model_dir = tmp_path / "model"
+    _save(minilm_dir, model_dir, models.Pooling(384, "mean", include_prompt=False))
+    _edit_json(model_dir / "config_sentence_transformers.json", prompts={"query": "query: ", "document": ""})
+    with pytest.raises(PipelineError, match="include_prompt"):
+        Service.load(model=str(model_dir), device="cpu")
+    _edit_json(model_dir / "config_sentence_transformers.json", prompts={})
+    service = Service.load(model=str(model_dir), device="cpu")
+    service.tokenizer_for("")  # no prompt: fine
+    with pytest.raises(ApiError, match="include_prompt"):
+        service.tokenizer_for("Instruct: find the answer\nQuery:")
