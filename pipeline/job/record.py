@@ -60,7 +60,7 @@ def check_model_files(out: Path, model: str, files: dict[str, str] | None, has_v
 
 # What a model's framing resolves to (from the settings, the model's files and this code): kept vectors were made so
 FRAMING = ("pooling", "max_length", "prefix", "suffix", "prompt", "dims", "normalize", "width", "head",
-           "include_prompt")
+           "include_prompt", "lowercase")
 
 
 def check_framing(out: Path, info: Any, has_vectors: bool) -> None:

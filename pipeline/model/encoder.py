@@ -125,6 +125,7 @@ class ModelInfo:
     width: int  # the vectors' size before the Matryoshka cut: hidden_size, or the last Dense module's output
     head: tuple[str, ...] = ()  # the sentence-transformers modules after the pooling ("2_Dense: 768 -> 3072, Tanh")
     include_prompt: bool = True  # False: the model's pooling leaves the prompt's tokens out (not computed here)
+    lowercase: bool = False  # texts lowercased before the tokenizer (sentence-transformers' do_lower_case)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -403,6 +404,9 @@ class Embedder:
             raise PipelineError(f"dims: {dims} is larger than the model's {width} dimensions")
         max_length = _max_length(config, hf_tok, bert_config, max_length)
         hf_tok.model_max_length = 1 << 30  # we truncate ourselves; silence the tokenizer's length warning
+        lowercase = bool(bert_config.get("do_lower_case"))
+        if lowercase:
+            _lowercase_first(hf_tok)
         fmt = _sequence_format(hf_tok, model_type, max_length)
         prompts = dict(st_config.get("prompts") or {})
         if instruction is not None:
@@ -421,7 +425,7 @@ class Embedder:
             model=model, path=path, model_type=model_type, hidden_size=hidden, dims=dims or width,
             pooling=pooling, normalize=normalize, max_length=max_length, prefix=fmt.prefix, suffix=fmt.suffix,
             prompt=prompt, prompts=prompts, compute_dtype=compute_dtype, width=width, head=head.described,
-            include_prompt=st.include_prompt,
+            include_prompt=st.include_prompt, lowercase=lowercase,
         )
         if not framing_only:
             check_prompt(info, prompt)
@@ -742,6 +746,22 @@ def _max_length(config, tokenizer, bert_config: dict[str, Any], asked: int | Non
         log.info("max_length %d is above the model's %d positions: cut to %d", asked, ceiling, ceiling)
         return ceiling
     return asked
+
+
+def _lowercase_first(tokenizer) -> None:
+    """Make ``tokenizer`` lowercase text before anything else, as sentence-transformers does for a model whose
+    ``sentence_bert_config.json`` says ``do_lower_case`` (whatever the tokenizer's own files say): a Lowercase
+    normalizer in front of a fast tokenizer's own (special tokens stay as they are), the flag on a slow one."""
+    if not getattr(tokenizer, "is_fast", False):
+        try:
+            tokenizer.do_lower_case = True
+        except AttributeError:
+            tokenizer.basic_tokenizer.do_lower_case = True
+        return
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    backend = tokenizer.backend_tokenizer  # lowercasing twice (its own normalizer may too) changes nothing
+    backend.normalizer = Sequence([Lowercase(), *([backend.normalizer] if backend.normalizer is not None else [])])
 
 
 def _sequence_format(tokenizer, model_type: str, max_length: int) -> SequenceFormat:

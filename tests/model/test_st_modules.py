@@ -155,3 +155,24 @@ def test_serving_such_a_model_refuses_its_prompts_too(tmp_path: Path, minilm_dir
     service.tokenizer_for("")  # no prompt: fine
     with pytest.raises(ApiError, match="include_prompt"):
         service.tokenizer_for("Instruct: find the answer\nQuery:")
+
+
+def test_do_lower_case_lowercases_before_a_cased_tokenizer(tmp_path: Path, minilm_dir: Path) -> None:
+    """``do_lower_case`` in sentence_bert_config.json: sentence-transformers lowercases the text whatever the
+    tokenizer does; with a cased tokenizer the vectors differ if that is skipped."""
+    import shutil
+
+    cased = tmp_path / "cased"
+    shutil.copytree(minilm_dir, cased)
+    tokenizer = json.loads((cased / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["lowercase"] = False
+    (cased / "tokenizer.json").write_text(json.dumps(tokenizer))
+    _edit_json(cased / "tokenizer_config.json", do_lower_case=False)
+    _edit_json(cased / "sentence_bert_config.json", do_lower_case=True)  # as sentence-transformers 2.x wrote it
+    model = SentenceTransformer(str(cased), device="cpu")  # reads the flag and lowercases (its current version too)
+    texts = ["The QUICK Brown Fox", "Hello World"]
+    got = Embedder.load(str(cased), device="cpu").embed_texts(texts)
+    np.testing.assert_allclose(got, _reference(model, texts), atol=2e-5)
+    _edit_json(cased / "sentence_bert_config.json", do_lower_case=False)
+    as_cased = Embedder.load(str(cased), device="cpu").embed_texts(texts)
+    assert ((got * as_cased).sum(1) < 0.99).any(), "the tokenizer lowercases anyway: this test proves nothing"
