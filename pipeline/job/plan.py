@@ -144,7 +144,7 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
             old.committed = True  # killed between the switch and the manifest update: the switch is the commit
             write_json_atomic(out / MANIFEST, old.to_json())
         known = {pf.file.path: pf.file for pf in old.files} if old else {}
-        infos = [identify(path, root, known) for path, root in expand_inputs(cfg.input)]
+        infos = [identify(path, root, known) for path, root in expand_inputs(cfg.input, taken=set(known))]
         if old is not None and _same_inputs(old, infos):
             return old  # resume the plan (or nothing new since the last commit)
         manifest = make_plan(out, cfg, settings, infos, old, dry_run=dry_run)
@@ -187,7 +187,10 @@ def _effective_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same_inputs(old: Manifest, infos: list[InputFile]) -> bool:
-    return [(pf.file.path, pf.file.digest) for pf in old.files] == [(i.path, i.digest) for i in infos]
+    """Whether the plan's files are these, by path, content and key (the key is in generated ids: the same files
+    under another ``--input`` root get other ids)."""
+    return ([(pf.file.path, pf.file.key, pf.file.digest) for pf in old.files]
+            == [(i.path, i.key, i.digest) for i in infos])
 
 
 # --------------------------------------------------------------------------------------------- the plan

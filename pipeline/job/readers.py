@@ -97,14 +97,17 @@ def _saved_dataset_files(path: Path) -> list[Path]:
         raise InputError(f"{path}: not a readable `datasets` save_to_disk folder ({exc})") from exc
 
 
-def expand_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]:
+def expand_inputs(specs: tuple[str, ...] | list[str], taken: frozenset[str] | set[str] = frozenset()
+                  ) -> list[tuple[Path, Path]]:
     """Resolve ``--input`` values into files, each with the root its key is taken relative to.
 
     A directory is searched recursively for Parquet/JSONL/Arrow files (a ``datasets`` save_to_disk folder gives
     its Arrow files in order). Hidden files and folders (``.git/``, ``.ipynb_checkpoints/``) are skipped, symbolic
     links to folders are not followed, and a ``.json`` file is read only when it is JSON Lines (its first line is
-    a whole JSON object): a ``config.json`` is not a corpus. A pattern with ``*?[`` is a glob; the files it
-    matches are read as if named. Anything else must be an existing file (a named ``.json`` file is JSONL).
+    a whole JSON object): a ``config.json`` is not a corpus. A ``.json`` file in ``taken`` (the paths the last
+    plan read) is read whatever its first line: damaged since, it is named with its bad line, not left out (which
+    would delete its documents from the output). A pattern with ``*?[`` is a glob; the files it matches are read
+    as if named. Anything else must be an existing file (a named ``.json`` file is JSONL).
 
     Returns:
         ``(file, root)`` pairs, absolute, in a stable order, without repeats.
@@ -119,11 +122,11 @@ def expand_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]
         if any(ch in spec for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
             files = [(_check_link(m), m.parent) for m in matches if _format_of(m) and not m.is_dir()]
-            files += [(f, m) for m in matches if m.is_dir() for f, _ in _dir_files(m)]
+            files += [(f, m) for m in matches if m.is_dir() for f, _ in _dir_files(m, taken)]
             if not files:
                 raise InputError(f"input {spec!r}: the pattern matches no Parquet, JSONL or Arrow file")
         elif path.is_dir():
-            files = _dir_files(path)
+            files = _dir_files(path, taken)
             if not files:
                 raise InputError(f"input {spec!r}: the directory holds no Parquet, JSONL or Arrow file")
         elif path.is_file():
@@ -177,7 +180,7 @@ def _is_json_lines(path: Path) -> bool:
     return False  # empty
 
 
-def _dir_files(root: Path) -> list[tuple[Path, Path]]:
+def _dir_files(root: Path, taken: frozenset[str] | set[str] = frozenset()) -> list[tuple[Path, Path]]:
     if _is_saved_dataset(root):
         return [(f, root.parent) for f in _saved_dataset_files(root)]
     out: list[tuple[Path, Path]] = []
@@ -198,7 +201,7 @@ def _dir_files(root: Path) -> list[tuple[Path, Path]]:
             if name.startswith(".") or fmt is None:
                 continue
             _check_link(path)
-            if _is_plain_json(path) and not _is_json_lines(path):
+            if _is_plain_json(path) and str(path) not in taken and not _is_json_lines(path):
                 log.warning("%s: skipped, a .json file that is not JSON Lines (name it with --input to read it)",
                             path)
                 continue
@@ -374,6 +377,17 @@ def _json_batch(
     return RawBatch(table, pa.array(rows, pa.int64()), bad)
 
 
+def _first_type_safe(values: list[Any]) -> pa.DataType | None:
+    """``_first_type`` of the values Arrow can take (a lone surrogate in the first one must not fail it)."""
+    for v in values:
+        if v is not None:
+            try:
+                return pa.array([v]).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeEncodeError):
+                continue
+    return None
+
+
 def _first_type(values: list[Any]) -> pa.DataType | None:
     """The Arrow type of the first non-null value (None: let Arrow infer from all of them)."""
     first = next((v for v in values if v is not None), None)
@@ -389,12 +403,15 @@ def _misfits(values: dict[str, list[Any]], types: dict[str, pa.DataType | None])
         try:
             pa.array(vals, type=typ)
             continue
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeEncodeError):
             pass
-        typ = typ or _first_type(vals)
+        typ = typ or _first_type_safe(vals)
         for i, v in enumerate(vals):
             try:
                 pa.array([v], type=typ)
+            except UnicodeEncodeError as exc:  # JSON allows "\ud83d" alone, which no UTF-8 text holds
+                out.append((i, name, f"a lone UTF-16 surrogate ({exc.object[exc.start:exc.end]!a}) at character "
+                                     f"{exc.start + 1}: not text that can be stored"))
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
                 out.append((i, name, f"the value does not fit the column's type {typ} ({exc})"))
     return out

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -147,6 +148,33 @@ def _text(file: InputFile, table: pa.Table, spec: FieldSpec) -> tuple[pa.Chunked
     return pc.utf8_trim_whitespace(joined), "+".join(spec.text_columns)
 
 
+def _invalid_utf8_rows(table: pa.Table, names: list[str]) -> dict[int, str]:
+    """``{row: field}`` of string values that are not valid UTF-8 (a Parquet writer may store any bytes as a
+    string; Arrow checks only when asked). Whole chunks are checked first; rows one by one only in a bad one."""
+    found: dict[int, str] = {}
+    for name in names:
+        if name not in table.column_names:
+            continue
+        col = table.column(name)
+        typ = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)):
+            continue
+        base = 0
+        for chunk in col.chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid:
+                plain = chunk.dictionary_decode() if pa.types.is_dictionary(chunk.type) else chunk
+                for i, value in enumerate(plain.cast(pa.large_binary()).to_pylist()):
+                    try:
+                        if value is not None:
+                            value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        found.setdefault(base + i, name)
+            base += len(chunk)
+    return found
+
+
 def extract(raw: RawBatch, file: InputFile, spec: FieldSpec, generated_ids: bool) -> tuple[pa.Table, list[Reject]]:
     """Validate a raw batch and build its clean table.
 
@@ -158,6 +186,16 @@ def extract(raw: RawBatch, file: InputFile, spec: FieldSpec, generated_ids: bool
     rejects = [Reject(file.path, file.format, r, f, why) for r, f, why in raw.bad]
     if table.num_rows == 0:
         return _empty(spec, table, file), rejects
+    broken = _invalid_utf8_rows(table, spec.columns())
+    if broken:
+        rejects += [Reject(file.path, file.format, rows[i].as_py(), name,
+                           "not valid UTF-8 text (bytes that the file's writer stored as a string unchecked)")
+                    for i, name in sorted(broken.items())]
+        mask = np.ones(table.num_rows, bool)
+        mask[list(broken)] = False
+        table, rows = table.filter(mask), rows.filter(mask)
+        if table.num_rows == 0:
+            return _empty(spec, table, file), rejects
     text, text_name = _text(file, table, spec)
     if generated_ids:
         ids = pc.binary_join_element_wise(pa.scalar(file.key + "#"), pc.cast(rows, pa.string()), "")

@@ -132,11 +132,17 @@ def _paths(out: Path, digest: str) -> tuple[Path, Path, Path]:
     return folder / f"{digest}.parquet", folder / f"{digest}.json", folder / f"{digest}.lines.npy"
 
 
-def _load_meta(out: Path, info: InputFile) -> tuple[dict[str, Any], list[Reject]] | None:
-    """The cached scan's JSON (rows, rejects, row groups) and its rejects, or None (no scan of this version)."""
+def _spec_of(spec: FieldSpec) -> dict[str, Any]:
+    return {"text_field": spec.text_field, "id_field": spec.id_field, "keep": list(spec.keep),
+            "id_required": spec.id_required}
+
+
+def _load_meta(out: Path, info: InputFile, spec: FieldSpec) -> tuple[dict[str, Any], list[Reject]] | None:
+    """The cached scan's JSON (rows, rejects, row groups) and its rejects, or None (no scan of this version, or
+    one made with other fields: its valid rows, hashes and rejects are those fields')."""
     try:
         meta = json.loads(_paths(out, info.digest)[1].read_text())
-        if meta.get("version") != SCAN_VERSION:
+        if meta.get("version") != SCAN_VERSION or meta.get("spec", _spec_of(spec)) != _spec_of(spec):
             return None
         rejects = [Reject(info.path, info.format, r["row"], r["field"], r["reason"], r.get("id"))
                    for r in meta["rejects"]]
@@ -153,10 +159,10 @@ def metadata_only(rows: int, generated_ids: bool, rejects: list[Reject], row_gro
                     np.zeros(0, np.uint64), empty, rejects, row_groups, None, valid_rows=valid)
 
 
-def load_scan(out: Path, info: InputFile) -> FileScan | None:
-    """The cached scan of ``info``'s content, or None."""
+def load_scan(out: Path, info: InputFile, spec: FieldSpec) -> FileScan | None:
+    """The cached scan of ``info``'s content with the fields of ``spec``, or None."""
     table_path, _, lines_path = _paths(out, info.digest)
-    found = _load_meta(out, info)
+    found = _load_meta(out, info, spec)
     if found is None:
         return None
     meta, rejects = found
@@ -171,7 +177,7 @@ def load_scan(out: Path, info: InputFile) -> FileScan | None:
                     meta.get("row_groups"), lines)
 
 
-def save_scan(out: Path, info: InputFile, scan: FileScan) -> None:
+def save_scan(out: Path, info: InputFile, scan: FileScan, spec: FieldSpec) -> None:
     """Store a scan (table and offsets first, then the JSON that marks it complete)."""
     table_path, meta_path, lines_path = _paths(out, info.digest)
     table_path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +193,7 @@ def save_scan(out: Path, info: InputFile, scan: FileScan) -> None:
     write_json_atomic(meta_path, {
         "version": SCAN_VERSION, "path": info.path, "rows": scan.rows, "generated_ids": scan.generated_ids,
         "rejects": [r.to_dict() for r in scan.rejects], "row_groups": scan.row_groups,
-        "lines": scan.lines is not None,
+        "lines": scan.lines is not None, "spec": _spec_of(spec),
     })
 
 
@@ -281,7 +287,7 @@ def _arrow_rows(info: InputFile) -> int:
 def scan_meta(out: Path, info: InputFile, spec: FieldSpec) -> FileScan:
     """The scan of ``info`` without its rows (``metadata_only``): from the cache without reading them, or
     made now (and cached)."""
-    found = _load_meta(out, info)
+    found = _load_meta(out, info, spec)
     if found is not None:
         meta, rejects = found
         try:
@@ -302,12 +308,14 @@ def load_lines(out: Path, info: InputFile) -> np.ndarray | None:
 
 def scan(out: Path, info: InputFile, spec: FieldSpec) -> tuple[FileScan, bool]:
     """The scan of ``info``: cached, or made now and cached. Returns ``(scan, was_cached)``."""
-    cached = load_scan(out, info)
+    cached = load_scan(out, info, spec)
     if cached is not None:
         return cached, True
     log.info("scanning %s", info.path)
     result = scan_file(info, spec)
-    save_scan(out, info, result)
+    if info.stat and tuple(file_stat(Path(info.path))) != tuple(info.stat):  # kept under another content's digest
+        raise InputError(f"{info.path}: the file changed while it was being read; run again once it is written")
+    save_scan(out, info, result, spec)
     return result, False
 
 

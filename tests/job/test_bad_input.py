@@ -85,6 +85,9 @@ def test_missing_file_among_good_ones(tmp_path, guard):
         ('{"id": "", "text": "x"}', "'id'", "blank"),
         ('{"id": "   ", "text": "x"}', "'id'", "blank"),
         ('{"id": "\\u200b\\u0000", "text": "x"}', "'id'", "blank"),
+        # a lone surrogate is valid JSON but no text: a bad row, not a UnicodeEncodeError traceback
+        ('{"id": "b", "text": "half an emoji \\ud83d"}', "'text'", "lone UTF-16 surrogate"),
+        ('{"id": "\\udc00", "text": "x"}', "'id'", "lone UTF-16 surrogate"),
         # nested deeper than Python's parser goes (item 5): one bad row, not a RecursionError
         ('{"id": "b", "text": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}", "", "nested too deeply"),
     ],
@@ -130,6 +133,11 @@ def test_bad_gzip_jsonl_line(tmp_path, guard):
         (pa.table({"id": ["a", "b", "c"], "text": ["x", "\x00\u200b", "z"]}), ["row 1", "'text'", "empty"]),
         (pa.table({"id": ["a", "", "c"], "text": ["x", "y", "z"]}), ["row 1", "'id'", "blank"]),
         (pa.table({"id": ["a", "b", " \t"], "text": ["x", "y", "z"]}), ["row 2", "'id'", "blank"]),
+        # any bytes stored as a string by a writer that does not check: a bad row, not a UnicodeDecodeError
+        (pa.table({"id": ["a", "b", "c"], "text": pa.array([b"x", b"bad \xff\xfe", b"z"]).view(pa.string())}),
+         ["row 1", "'text'", "not valid UTF-8"]),
+        (pa.table({"id": pa.array([b"a", b"\xc3", b"c"]).view(pa.string()), "text": ["x", "y", "z"]}),
+         ["row 1", "'id'", "not valid UTF-8"]),
     ],
 )
 def test_bad_record_in_parquet(tmp_path, guard, table, needles):

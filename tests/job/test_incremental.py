@@ -131,6 +131,38 @@ def test_generated_ids_follow_a_rename_without_embedding(tmp_path, minilm_dir, m
     assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus))
 
 
+def test_generated_ids_follow_another_input_root_over_the_same_files(tmp_path, minilm_dir, monkeypatch):
+    """`--input data` then `--input data/sub` over the very same files: the generated ids are names under the
+    root (`sub/a.jsonl#0` then `a.jsonl#0`). Comparing paths and contents only, the old plan was resumed and the
+    output kept the old ids, exit 0, where a run from scratch gives the new ones."""
+    corpus = tmp_path / "data"
+    write_jsonl(corpus / "sub" / "a.jsonl", [{"text": d["text"]} for d in make_docs(6, seed=6)])
+    out = tmp_path / "out"
+    rerun(corpus, out)
+    assert read_vectors(out).column("id").to_pylist()[0] == "sub/a.jsonl#0"
+    guard = ModelGuard(monkeypatch)
+    counts = rerun(corpus / "sub", out)
+    assert guard.calls == 0 and counts["added"] == 6 and counts["deleted"] == 6
+    monkeypatch.undo()
+    assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus / "sub"))
+
+
+def test_a_json_file_read_before_and_damaged_since_is_named_not_dropped(tmp_path, minilm_dir):
+    """A directory's `.json` file is read when it is JSON Lines. One that was read (its documents are in the
+    output) and whose first line broke since was skipped as "not JSON Lines": its documents deleted, exit 0.
+    Now it is read like any input file, so the bad line is named and nothing is deleted."""
+    corpus = tmp_path / "corpus"
+    docs = make_docs(6, seed=7)
+    write_jsonl(corpus / "a.json", docs)
+    out = tmp_path / "out"
+    rerun(corpus, out)
+    lines = (corpus / "a.json").read_text().splitlines()
+    (corpus / "a.json").write_text("\n".join([lines[0][:25], *lines[1:]]) + "\n")  # a truncated first line
+    result = invoke(*embed_args([corpus], out, "--shard-size", "16"))
+    assert result.exit_code != 0 and "a.json" in result.output and "line 1" in result.output, result.output
+    assert sorted(read_vectors(out).column("id").to_pylist()) == sorted(d["id"] for d in docs)
+
+
 def test_rewritten_file_in_another_order_embeds_nothing(tmp_path, day1, monkeypatch):
     corpus, out, docs = day1
     write_jsonl(corpus / "a.jsonl", list(reversed(docs[:40])))
@@ -257,6 +289,46 @@ def test_a_failed_start_does_not_lock_the_settings(tmp_path, minilm_dir, monkeyp
     monkeypatch.undo()
     run_ok(*embed_args([corpus], out, "--dims", "128"))
     assert read_vectors(out).column("embedding").type.list_size == 128
+
+
+def test_a_failed_start_with_other_fields_leaves_no_scan_of_them(tmp_path, minilm_dir, monkeypatch):
+    """Run 1 with `--text-field title` plans (scans cached by content) and fails before any vector: the model
+    does not load. Run 2 with `--text-field text` took run 1's scans (the title's hashes and rejects) and every
+    rerun failed "row 0 changed since the run was planned" until --overwrite. A scan is of its fields."""
+    corpus = tmp_path / "corpus"
+    docs = make_docs(10, seed=9)
+    write_jsonl(corpus / "a.jsonl", docs)
+    out = tmp_path / "out"
+    guard = ModelGuard(monkeypatch)
+    assert invoke(*embed_args([corpus], out, "--text-field", "title")).exit_code != 0 and guard.calls
+    monkeypatch.undo()
+    run_ok(*embed_args([corpus], out))
+    assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus))
+
+
+def test_a_file_rewritten_while_it_is_scanned_is_refused_not_cached(tmp_path, minilm_dir, monkeypatch):
+    """The file is identified (its digest: content A), then rewritten (B) before its scan reads it: B's scan was
+    kept under A's digest, so once the file held A again, B's vectors stood for A's texts, exit 0."""
+    import pipeline.job.scan as scan
+
+    corpus = tmp_path / "corpus"
+    a = [{"id": "a", "text": "river stone light"}, {"id": "b", "text": "ocean planet thunder"}]
+    b = [{"id": "a", "text": "copper lantern orbit"}, {"id": "b", "text": "ocean planet thunder"}]
+    write_jsonl(corpus / "c.jsonl", a)
+    real = scan.scan_file
+
+    def racing(info, spec):
+        write_jsonl(corpus / "c.jsonl", b)  # a writer replaces the file while the plan runs
+        return real(info, spec)
+
+    monkeypatch.setattr(scan, "scan_file", racing)
+    out = tmp_path / "out"
+    result = invoke(*embed_args([corpus], out))
+    assert result.exit_code != 0 and "changed while it was being read" in result.output, result.output
+    monkeypatch.undo()
+    write_jsonl(corpus / "c.jsonl", a)  # the file holds A again
+    run_ok(*embed_args([corpus], out))
+    assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus))
 
 
 def test_empty_input_is_an_error_unless_allowed(tmp_path, minilm_dir):
