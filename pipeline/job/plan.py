@@ -144,7 +144,8 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
             old.committed = True  # killed between the switch and the manifest update: the switch is the commit
             write_json_atomic(out / MANIFEST, old.to_json())
         known = {pf.file.path: pf.file for pf in old.files} if old else {}
-        infos = [identify(path, root, known) for path, root in expand_inputs(cfg.input, taken=set(known))]
+        planned_at = old.created_at if old else 0.0
+        infos = [identify(path, root, known, planned_at) for path, root in expand_inputs(cfg.input, taken=set(known))]
         if old is not None and _same_inputs(old, infos):
             return old  # resume the plan (or nothing new since the last commit)
         manifest = make_plan(out, cfg, settings, infos, old, dry_run=dry_run)

@@ -86,14 +86,22 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def identify(path: Path, root: Path, known: dict[str, InputFile]) -> InputFile:
-    """The ``InputFile`` of ``path``: its digest is taken from ``known`` (by path) when the stat is unchanged,
-    else computed from the whole content."""
+# A stat is trusted only for a file last modified this long before the plan that recorded it: on a filesystem
+# with coarse timestamps (ext3, FAT, some network and FUSE mounts: 1-2 s) a same-size rewrite within the same tick
+# as the digest leaves size, mtime, ctime and inode as they were ("racy" entries, as git calls them).
+RACY_SECONDS = 3.0
+
+
+def identify(path: Path, root: Path, known: dict[str, InputFile], planned_at: float = 0.0) -> InputFile:
+    """The ``InputFile`` of ``path``: its digest is taken from ``known`` (by path) when the stat is unchanged and
+    the file was last modified ``RACY_SECONDS`` before ``planned_at`` (when ``known`` was recorded; 0: unknown,
+    an older manifest), else computed from the whole content."""
     fmt = _format_of(path)
     assert fmt is not None
     stat = file_stat(path)
     before = known.get(str(path))
-    if before is not None and list(before.stat) == stat and before.digest:
+    settled = not planned_at or stat[1] < (planned_at - RACY_SECONDS) * 1e9
+    if before is not None and list(before.stat) == stat and before.digest and settled:
         digest = before.digest
     else:
         digest = file_digest(path)

@@ -331,6 +331,32 @@ def test_a_file_rewritten_while_it_is_scanned_is_refused_not_cached(tmp_path, mi
     assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus))
 
 
+def test_a_same_size_rewrite_within_a_coarse_timestamp_tick_is_followed(tmp_path, minilm_dir, monkeypatch):
+    """On a filesystem with coarse timestamps a file rewritten (same size, in place) within the tick of its last
+    plan keeps size, mtime, ctime and inode: its recorded digest was trusted, and the old vectors stayed for the
+    new text, exit 0. A stat is trusted only for a file modified well before the plan that recorded it."""
+    import time
+
+    import pipeline.job.scan as scan
+
+    real, tick = scan.file_stat, time.time_ns()
+
+    def coarse(path):  # a clock that has not moved on since the test began
+        size, _, _, inode = real(path)
+        return [size, tick, tick, inode]
+
+    monkeypatch.setattr(scan, "file_stat", coarse)
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "c.jsonl", [{"id": "a", "text": "river stone light"}, {"id": "b", "text": "ocean"}])
+    out = tmp_path / "out"
+    rerun(corpus, out)
+    write_jsonl(corpus / "c.jsonl", [{"id": "a", "text": "paper lantern map"}, {"id": "b", "text": "ocean"}])
+    counts = rerun(corpus, out)
+    assert counts["changed"] == 1, counts
+    monkeypatch.undo()
+    assert_equal_outputs(read_vectors(out), scratch(tmp_path, corpus))
+
+
 def test_empty_input_is_an_error_unless_allowed(tmp_path, minilm_dir):
     corpus = tmp_path / "corpus"
     write_jsonl(corpus / "a.jsonl", [])
