@@ -127,6 +127,9 @@ def run(job_file: str | None, overwrite: bool, build_index: bool | None, plan_on
         click.echo(_summary_line(cfg.output, summary))
     if summary.stopped_early:
         fail("stopped before the end; rerun the same command to resume", EXIT_STOPPED)
+    if summary.replaced:
+        fail(f"{cfg.output}: another run replaced this run's plan (its input or settings differ), so what this run "
+             "was given is not what the output holds: run it again once the other run is done", EXIT_STOPPED)
     _index_after_run(cfg)
 
 

@@ -154,7 +154,7 @@ def _work(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | None
         raise SystemExit(EXIT_STORAGE if storage is not None else EXIT_ERROR) from None
     if summary.failed:
         raise SystemExit(1)
-    if summary.stopped_early:
+    if summary.stopped_early or summary.replaced:
         raise SystemExit(75)
 
 

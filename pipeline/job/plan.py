@@ -79,6 +79,25 @@ def _plain(value: Any) -> Any:
 
 
 LEFTOVERS = ("vectors", "versions", "parts", "shards", "plan", "rejects", "job.json", "index", "canary")
+# The next shard/part id any plan of this output may use; kept through --overwrite and through plans dropped for
+# new settings, whose workers may still be writing: an id used twice let such a worker's part or marker stand for
+# the new plan's shard of that id (its vectors committed under the new settings, exit 0).
+ID_FLOOR = ".next-id"
+
+
+def _id_floor(out: Path) -> int:
+    """The smallest id no plan of ``out`` has used: from ``ID_FLOOR`` and the ids of claims, markers and parts."""
+    floor = versions.max_part_id(out) + 1
+    try:
+        floor = max(floor, int((out / ID_FLOOR).read_text()))
+    except (OSError, ValueError):
+        pass
+    folder = out / "shards"
+    for path in folder.iterdir() if folder.is_dir() else []:
+        head = path.name.lstrip(".").split(".")[0]
+        if head.isdigit():
+            floor = max(floor, int(head) + 1)
+    return floor
 
 
 def discard_output(out: Path) -> None:
@@ -94,7 +113,7 @@ def discard_output(out: Path) -> None:
         os.rename(out / MANIFEST, trash / MANIFEST)
         log.warning("--overwrite: discarding the existing output in %s", out)
     for entry in sorted(out.iterdir()):
-        if entry.name in (TRASH, ".plan.lock", ".claims.lock", "logs"):
+        if entry.name in (TRASH, ".plan.lock", ".claims.lock", "logs", ID_FLOOR):
             continue
         os.rename(entry, trash / entry.name)
         fault_point("overwrite-moving")
@@ -129,7 +148,10 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
     with locked(out / ".plan.lock"):
         shutil.rmtree(out / TRASH, ignore_errors=True)  # left by an --overwrite that was killed
         remove_stale_spills(out)
+        floor = _id_floor(out)  # before --overwrite moves the old plan's claims and parts away
         if overwrite and not dry_run:
+            prior = load_manifest(out)
+            floor = max(floor, prior.next_id if prior else 0)
             discard_output(out)
         old = load_manifest(out)
         if old is None and not dry_run:
@@ -139,7 +161,7 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
             _refuse_settings(out, old, settings, cfg)
         if old is not None and old.fingerprint != cfg.fingerprint():
             log.warning("%s: no vector was written with the earlier settings; planning with the new ones", out)
-            old = None
+            floor, old = max(floor, old.next_id), None
         if old is not None and not old.committed and versions.live_version(out) == old.target:
             old.committed = True  # killed between the switch and the manifest update: the switch is the commit
             write_json_atomic(out / MANIFEST, old.to_json())
@@ -148,12 +170,19 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
         infos = [identify(path, root, known, planned_at) for path, root in expand_inputs(cfg.input, taken=set(known))]
         if old is not None and _same_inputs(old, infos):
             return old  # resume the plan (or nothing new since the last commit)
-        manifest = make_plan(out, cfg, settings, infos, old, dry_run=dry_run)
+        manifest = make_plan(out, cfg, settings, infos, old, dry_run=dry_run, id_floor=floor)
         if not dry_run:
+            _write_floor(out, manifest.next_id)
             write_json_atomic(out / MANIFEST, manifest.to_json())
             fault_point("after-plan-write")
             _clean_after_replan(out, manifest, old)
         return manifest
+
+
+def _write_floor(out: Path, next_id: int) -> None:
+    tmp = out / f"{ID_FLOOR}.tmp-{os.getpid()}"
+    tmp.write_text(str(next_id))
+    os.replace(tmp, out / ID_FLOOR)
 
 
 def has_vectors(out: Path) -> bool:
@@ -198,7 +227,7 @@ def _same_inputs(old: Manifest, infos: list[InputFile]) -> bool:
 
 
 def make_plan(out: Path, cfg: JobConfig, settings: dict[str, Any], infos: list[InputFile],
-              old: Manifest | None, *, dry_run: bool = False) -> Manifest:
+              old: Manifest | None, *, dry_run: bool = False, id_floor: int = 0) -> Manifest:
     """Scan, spill the target and the placements into buckets, run the passes (``job.passes``), cut shards; write
     the work tables (``dry_run``: into a temporary folder that is removed, and no rejects file)."""
     spec = FieldSpec.of(cfg)
@@ -225,7 +254,7 @@ def make_plan(out: Path, cfg: JobConfig, settings: dict[str, Any], infos: list[I
         if old is not None and not old.committed else []
     bits = bucket_bits(max(valid, int(versions.version_info(out, base).get("docs", 0)) if base else 0))
     plan_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    next_id = max(old.next_id if old else 0, versions.max_part_id(out) + 1)
+    next_id = max(old.next_id if old else 0, versions.max_part_id(out) + 1, id_floor)
     manifest = Manifest(cfg.fingerprint(), settings, {**cfg.plan_settings(), "shard_budget": None,
                                                       "bucket_bits": bits},
                         plan_id=plan_id, base=base, target=base + 1, committed=False, next_id=next_id,

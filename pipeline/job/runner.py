@@ -80,6 +80,7 @@ class RunSummary:
     version: int = 0  # the live version when the run ended
     committed: bool = False  # this run made a new version live
     nothing_new: bool = False  # the input is what the live version holds
+    replaced: bool = False  # another run replaced this run's plan (other input or settings): its work is not live
     counts: dict[str, int] = field(default_factory=dict)  # what the plan changes (see plan._counts)
 
     @property
@@ -262,13 +263,15 @@ def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: th
     while not ended():
         state = plan.state()
         if state == "replaced":
-            log.warning("%s: the plan was replaced by another run (the input changed); this worker stops", out)
+            log.warning("%s: the plan was replaced by another run (other input or settings); this worker stops", out)
             return
         if state == "committed":
             return
         for shard in manifest.shards:
             if ended():
                 return
+            if plan.state() != "open":  # committed, or replaced: its work tables may be gone already
+                break
             if (shard.id not in claims.held and not done(shard) and _ready(manifest, shard, done)
                     and claims.try_claim(shard)):
                 pause = 0.25
@@ -533,6 +536,11 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
                     break
             if writing is not None:
                 writing.result()
+        except Exception:
+            if _PlanWatch(out, manifest).state() != "replaced":
+                raise
+            # another run replaced the plan and removed its work tables (or the whole output: --overwrite)
+            log.warning("%s: the plan was replaced by another run while this worker read it", out, exc_info=True)
         finally:
             halt.set()  # before the prefetch is closed: its claiming thread may be waiting for this (a failed commit)
             shards.close()
@@ -540,6 +548,9 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
             bar.close()
             summary.seconds = time.perf_counter() - start
     state = _PlanWatch(out, manifest).state()
+    if state == "replaced":
+        summary.replaced = True
+        return summary
     if state == "committed":  # by this worker or another (its shards with no document have no part any more)
         summary.committed = True
     elif state == "open" and stop is not None and stop.is_set() and any(not is_done(out, s) for s in manifest.shards):

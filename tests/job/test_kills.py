@@ -188,3 +188,79 @@ def test_a_commit_in_a_process_that_did_not_plan_opens_its_buckets(tmp_path, min
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_ids_once(read_vectors(out), [f"doc{i}" for i in range(600)])
+
+
+def _shard_ids(out: Path) -> set[int]:
+    return {s["id"] for s in json.loads((out / "manifest.json").read_text())["shards"]}
+
+
+def test_shard_and_part_ids_are_never_used_twice(tmp_path, minilm_dir):
+    """A worker of an earlier plan may still be writing when a new plan is made (--overwrite, or new settings
+    before any vector): had the new plan numbered its shards from 0 again, that worker's part and marker would
+    stand for the new plan's shard of the same id. Ids go on from the highest any plan of the output used."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_jsonl(corpus / "a.jsonl", make_docs(40, seed=5))
+    run_ok(*embed_args([corpus], out, *SHARD))
+    first = _shard_ids(out)
+    run_ok(*embed_args([corpus], out, *SHARD, "--dims", "64", "--overwrite"))
+    second = _shard_ids(out)
+    assert min(second) > max(first), (first, second)
+    # a run with new settings killed before its first vector, holding a claim; then other settings again
+    killed_run(embed_args([corpus], out, *SHARD, "--dims", "32", "--overwrite"), "before-part-rename",
+               tmp_path / "run.log")
+    claimed = {int(p.name.split(".")[0]) for p in (out / "shards").glob("*.claim")}
+    assert claimed and min(claimed) > max(second)
+    run_ok(*embed_args([corpus], out, *SHARD, "--dims", "16"))
+    assert min(_shard_ids(out)) > max(claimed)
+    assert_ids_once(read_vectors(out), [d["id"] for d in make_docs(40, seed=5)])
+
+
+SLOW_EMBED = """
+import os, sys, time
+from pathlib import Path
+from pipeline.model.encoder import Embedder
+real, calls = Embedder.embed_encoded, []
+def slow(self, enc, **kw):
+    calls.append(1)
+    if len(calls) == 2:  # the first shard (call 1 embeds the check texts)
+        Path(os.environ["SLOW_FLAG"]).write_text("x")
+        time.sleep(float(os.environ["SLOW_SECONDS"]))
+    return real(self, enc, **kw)
+Embedder.embed_encoded = slow
+from pipeline.cli import main
+sys.argv = ["embed-corpus", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_run_with_new_settings_while_the_first_embeds_its_first_shard(tmp_path, minilm_dir):
+    """Run A (`--max-length 8`) is on its first shard, no vector written; run B with the corrected settings is
+    accepted on the same output and plans anew. A's shards kept their claims under B's plan (same ids), A's
+    parts were committed as B's: 16 of 64 documents with A's vectors, both exit 0. Now B's ids are new: A's work
+    is dropped, A says its plan was replaced (exit 75), and B's output is what a run with its settings gives."""
+    import time
+
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_jsonl(corpus / "a.jsonl", make_docs(64, seed=1, min_words=20, max_words=30))
+    script, flag = tmp_path / "slow_embed.py", tmp_path / "slow.flag"
+    script.write_text(SLOW_EMBED)
+    env = {**subprocess_env(), "SLOW_FLAG": str(flag), "SLOW_SECONDS": "8"}
+    log_a = tmp_path / "a.log"
+    with open(log_a, "wb") as f:
+        a = subprocess.Popen([sys.executable, str(script), *embed_args([corpus], out, "--shard-size", "8",
+                                                                        "--max-length", "8", "--lease-seconds", "3")],
+                             stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert a.poll() is None and time.monotonic() < deadline, log_a.read_text()
+            time.sleep(0.05)
+        run_ok(*embed_args([corpus], out, "--shard-size", "8", "--lease-seconds", "3"))
+        assert a.wait(timeout=120) == 75, log_a.read_text()
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert "replaced" in log_a.read_text()
+    scratch = tmp_path / "scratch"
+    run_ok(*embed_args([corpus], scratch, "--shard-size", "8"))
+    assert same(read_vectors(out), read_vectors(scratch))
