@@ -63,8 +63,12 @@ def check_model_settings(cfg: JobConfig, config: dict[str, Any] | None) -> None:
     if not config:
         return
     hidden = config.get("hidden_size") or config.get("d_model") or config.get("dim")
-    if cfg.dims is not None and hidden and cfg.dims > int(hidden):
-        raise PipelineError(f"dims: {cfg.dims} is larger than the model's {hidden} dimensions ({cfg.model})")
+    if cfg.dims is not None and hidden:
+        from pipeline.model.encoder import output_width
+
+        width = output_width(cfg.model, int(hidden))  # a Dense module after the pooling sets the vectors' size
+        if cfg.dims > width:
+            raise PipelineError(f"dims: {cfg.dims} is larger than the model's {width} dimensions ({cfg.model})")
     limit = config.get("max_position_embeddings")
     if cfg.max_length is not None and limit and cfg.max_length > int(limit):
         log.warning("max_length %d is above the model's %d positions: it is cut to %d", cfg.max_length, limit, limit)

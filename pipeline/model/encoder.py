@@ -224,6 +224,16 @@ def _pooling_mode(conf: dict[str, Any], where: str) -> str | None:
                         f"{', '.join(POOLING_MODES)})")
 
 
+def output_width(model: str, hidden: int) -> int:
+    """The size of a model's vectors before any Matryoshka cut, from its files alone: ``hidden``, or its last
+    sentence-transformers Dense module's output (a local folder's; a hub model's are read at load)."""
+    path = Path(resolve_model_path(model))
+    if not path.is_dir():
+        return hidden
+    head = Head.load(_st_files(str(path), computed_here=False).head, hidden, None)
+    return head.width if head.steps else hidden
+
+
 def _module_folder(root: Path, sub: str, hub_id: str | None) -> Path:
     """A module's folder with its weights: for a hub model, downloaded now (the first download took only the
     small JSON files)."""

@@ -176,3 +176,19 @@ def test_do_lower_case_lowercases_before_a_cased_tokenizer(tmp_path: Path, minil
     _edit_json(cased / "sentence_bert_config.json", do_lower_case=False)
     as_cased = Embedder.load(str(cased), device="cpu").embed_texts(texts)
     assert ((got * as_cased).sum(1) < 0.99).any(), "the tokenizer lowercases anyway: this test proves nothing"
+
+
+def test_dims_are_checked_against_the_dense_output_before_planning(tmp_path: Path, minilm_dir: Path) -> None:
+    """A Dense module that widens the vectors (384 -> 512, as EmbeddingGemma's 768 -> 3072 does): `--dims 448`
+    fits it, though not the hidden size the early check looked at; `--dims 600` is refused before planning."""
+    model = _save(minilm_dir, tmp_path / "model", models.Pooling(384, "mean"),
+                  models.Dense(384, 512, bias=True, activation_function=torch.nn.Identity()))
+    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS)])
+    args = ["run", "--input", str(corpus), "--model", str(tmp_path / "model"), *FAST]
+    refused = invoke(*args, "--output", str(tmp_path / "refused"), "--dims", "600")
+    assert refused.exit_code != 0 and "larger than the model's 512" in refused.output, refused.output
+    assert not (tmp_path / "refused" / "manifest.json").exists()
+    run_ok(*args, "--output", str(tmp_path / "out"), "--dims", "448")
+    table = read_vectors(tmp_path / "out")
+    order = [int(i[1:]) for i in table.column("id").to_pylist()]
+    np.testing.assert_allclose(embeddings(table), _reference(model, TEXTS, 448)[order], atol=2e-5)
