@@ -124,6 +124,15 @@ def _version_key(out: Path) -> tuple[int, int, int]:
     return number, st.st_ino, st.st_ctime_ns
 
 
+def _info_key(out: Path) -> tuple[int, ...]:
+    """Which ``index/info.json`` is current (written by rename: each generation is a new file)."""
+    try:
+        st = os.stat(index_dir(out) / "info.json")
+    except OSError:
+        return (0, 0, 0)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _same_model(given: str, recorded: str) -> bool:
     from pipeline.model.encoder import resolve_model_path
 
@@ -172,23 +181,14 @@ class Searcher:
             raise PipelineError(f"dims mismatch: the job embeds to {job_dims} dims but the index holds "
                                 f"{self.info['dims']}-dim vectors; rebuild it with `embed-corpus index build "
                                 f"{self.out}`")
-        fp = self.info.get("job_fingerprint")
-        if fp and self.job.get("fingerprint") and fp != self.job["fingerprint"]:
-            raise PipelineError(f"the index of {self.out} was built from vectors made with other settings "
-                                f"(fingerprint {fp}, the job's is now {self.job['fingerprint']}); rebuild it with "
-                                f"`embed-corpus index build {self.out}`")
-        # The index and its id map first: a missing file is reported before the model's load. The index is
-        # mapped, not read: start-up does not grow with its size, and only the pages a query touches are read.
-        self.index, _ = load_index(self.out, self.info, mmap=True)
-        # vectors of removed parts, and of parts that vanished since the last update, are never returned
-        self._version = _version_key(self.out)
-        self.filter, self.live_parts, self.live_starts = search_filter(self.out, self.info)
+        self._check_fingerprint(self.info)
+        # The index and its id map first: a missing file is reported before the model's load.
+        self._load(self.info, _info_key(self.out))
         vanished = len(self.info["parts"]) - len(self.live_parts)
         if vanished:
             log.warning("%d indexed parts of %s have vanished since the index was updated: their vectors are left "
                         "out of every result; `embed-corpus index update %s` removes them", vanished, self.out,
                         self.out)
-        self.ids = IdMap(index_dir(self.out) / self.info["files"]["ids"])
         try:
             self.embedder = embedder or query_embedder(self.out, device=device,
                                                        trust_remote_code=trust_remote_code)
@@ -203,10 +203,44 @@ class Searcher:
         self.texts = TextSource(self.out, self.job, getattr(self.embedder.tokenizer, "tokenizer", None))
         self.metric = self.info["metric"]
 
+    def _check_fingerprint(self, info: dict[str, Any]) -> None:
+        fp = info.get("job_fingerprint")
+        if fp and self.job.get("fingerprint") and fp != self.job["fingerprint"]:
+            raise PipelineError(f"the index of {self.out} was built from vectors made with other settings "
+                                f"(fingerprint {fp}, the job's is now {self.job['fingerprint']}); rebuild it with "
+                                f"`embed-corpus index build {self.out}`")
+
+    def _load(self, info: dict[str, Any], key: tuple[int, ...]) -> None:
+        """Take the index generation ``info`` names: the index (mapped, not read: start-up does not grow with its
+        size, and only the pages a query touches are read), its id map, and the filter that leaves out the
+        vectors of removed parts and of parts the live version no longer has."""
+        index, _ = load_index(self.out, info, mmap=True)
+        ids = IdMap(index_dir(self.out) / info["files"]["ids"])
+        version = _version_key(self.out)
+        self.filter, self.live_parts, self.live_starts = search_filter(self.out, info)
+        self.info, self.index, self.ids, self._version, self._index_key = info, index, ids, version, key
+
     def follow_live_version(self) -> None:
-        """If a run committed a new version since this searcher looked, leave out the indexed parts that version no
-        longer has and read texts through it (a readlink and a stat per call): a server or a stdin search loop that
-        outlives a nightly run never returns what the run deleted. Parts it added wait for the index update."""
+        """Follow what runs and index updates did since this searcher looked (a readlink and two stats per call),
+        so that a server or a stdin search loop that outlives a nightly run answers as a fresh search would: a new
+        index generation (``index update``, ``index build``) is taken whole (index, id map, filter); a version
+        committed since leaves out the indexed parts it no longer has (parts it added wait for the index update),
+        and texts are read through it.
+
+        Raises:
+            PipelineError: the index was rebuilt from vectors of other settings (a restart says what to do).
+        """
+        key = _info_key(self.out)
+        if key != self._index_key:
+            info = read_info(self.out)
+            if int(info["dims"]) != int(self.info["dims"]):
+                raise PipelineError(f"the index of {self.out} was rebuilt with {info['dims']}-dim vectors; this "
+                                    f"searcher embeds {self.info['dims']}-dim queries: start it again")
+            self._check_fingerprint(info)
+            self._load(info, key)
+            self.texts = TextSource(self.out, self.job, self.texts.tokenizer)
+            log.info("%s: index generation %s taken (%d vectors)", self.out, info.get("generation"),
+                     self.index.ntotal)
         now = _version_key(self.out)
         if now != self._version:
             self.filter, self.live_parts, self.live_starts = search_filter(self.out, self.info)

@@ -69,7 +69,7 @@ def update_index(
     recall_k: int | None = None,
     max_memory: str | int | None = None,
     gpu: bool = False,
-    recall_queries: int = RECALL_QUERIES,
+    recall_queries: int | None = None,
     query_side: int | None = None,
     seed: int = 0,
     **build_args: Any,
@@ -90,7 +90,8 @@ def update_index(
         recall_k: the k of that recall (default: the recorded one).
         max_memory: budget to check the grown index against (default: the recorded one).
         gpu: add on the GPU when faiss-gpu is installed (in-memory indexes).
-        recall_queries: queries per recall set.
+        recall_queries: queries per recall set (default: as many as the build's sets held, so that the recall of
+            successive updates is measured on sets of one size; ``RECALL_QUERIES`` for a build).
         query_side: as for ``build_index`` (None: measured again when the build measured it).
         seed: seed of the query sample.
         **build_args: passed to ``build_index`` when there is no index yet.
@@ -103,7 +104,8 @@ def update_index(
     folder = index_dir(out)
     if not (folder / INFO).exists():
         log.warning("%s has no index yet: building one", out)
-        kwargs = dict(build_args, gpu=gpu, recall_queries=recall_queries, seed=seed, query_side=query_side)
+        kwargs = dict(build_args, gpu=gpu, recall_queries=recall_queries or RECALL_QUERIES, seed=seed,
+                      query_side=query_side)
         for name, value in (("target_recall", target_recall), ("max_memory", max_memory), ("recall_k", recall_k)):
             if value is not None:
                 kwargs[name] = value
@@ -113,6 +115,10 @@ def update_index(
     if build_args:
         raise PipelineError(f"update_index: unknown arguments {sorted(build_args)}")
     with locked(folder / ".lock"):
+        if recall_queries is None:
+            held = read_info(out).get("recall_queries") or {}
+            recall_queries = int(held.get("asked") or max(held.get("tune", 0), held.get("report", 0))
+                                 or RECALL_QUERIES)
         return _update(out, target_recall, recall_k, max_memory, gpu, recall_queries, query_side, seed)
 
 
@@ -197,7 +203,7 @@ def _update(out: Path, target_recall: float | None, recall_k: int | None, max_me
             if mask.any():
                 index.add_with_ids(np.ascontiguousarray(qs.vectors[mask]), qs.positions[mask])
         added += len(held_out)
-    recall["recall_queries"]["kind"] = kind
+    recall["recall_queries"].update(kind=kind, asked=nq)
     choice = IndexChoice(**{k: v for k, v in info["choice"].items() if k in IndexChoice.__dataclass_fields__})
     _warn_not_reached(recall, choice)
     reasons = _rebuild_reasons({**info, "removed": removed}, new_err, n_live, recall["tuning"]["reached"])

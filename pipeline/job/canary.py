@@ -14,6 +14,7 @@ warning).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -252,10 +253,13 @@ def check_query_side(output: Path, job: dict, embedder) -> str | None:
         recorded = np.load(path)
     except (OSError, ValueError):
         return None
-    tok = embedder.tokenizer
-    documents = TextTokenizer(tok.tokenizer, tok.fmt, prompt=job.get("model", {}).get("prompt", ""))
-    enc = documents.encode(list(TEXTS))
-    got = np.asarray(embedder.embed_encoded(enc), np.float32)[np.flatnonzero(enc.chunk == 0)]
+    tok, cfg = embedder.tokenizer, job.get("config", {})
+    documents = copy.copy(embedder)  # the same model, framing documents as the run did (prompt, long documents)
+    documents.tokenizer = TextTokenizer(tok.tokenizer, tok.fmt, prompt=job.get("model", {}).get("prompt", ""),
+                                        long_docs=cfg.get("long_docs", "truncate"),
+                                        chunk_tokens=cfg.get("chunk_tokens", 512),
+                                        chunk_overlap=cfg.get("chunk_overlap", 0))
+    got = np.asarray(documents.embed_texts(list(TEXTS)), np.float32)
     same, what = _compare(got, recorded)
     if not same:
         made = job.get("versions", {})

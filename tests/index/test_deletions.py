@@ -120,3 +120,17 @@ def test_a_rewritten_part_is_replaced_not_kept_twice(tmp_path: Path) -> None:
     _, ids = _results(tmp_path, changed[:5], 1)
     assert [row[0] for row in ids] == [f"c{i}" for i in range(5)]
     assert vec.complete_parts(tmp_path)[1].name == "part-000001.parquet"
+
+
+def test_updates_measure_recall_on_sets_of_the_builds_size(tmp_path: Path) -> None:
+    """`index update` without a size took 1,000 queries per set where the build took 100: the recall of
+    successive nights was measured on sets of other sizes (50, 70, 52, 92 in the report)."""
+    x = clustered_vectors(N + SHARD, D, seed=33)
+    write_vector_output(tmp_path, x[:N], shard_size=SHARD)
+    built = build_index(tmp_path, factory="IVF16,Flat", recall_queries=100)
+    assert built["recall_queries"]["report"] == 100
+    _vanish_and_add(tmp_path, x)
+    info = update_index(tmp_path)
+    sizes = info["recall_queries"]
+    assert 90 <= sizes["tune"] <= 100 and 90 <= sizes["report"] <= 100, sizes  # less the queries of part 2
+    assert sizes["asked"] == 100 and update_index(tmp_path)["recall_queries"]["asked"] == 100

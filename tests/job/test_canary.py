@@ -158,6 +158,18 @@ def test_the_query_side_with_another_forward_is_refused(tmp_path, minilm_dir, mo
     assert got.exit_code != 0 and "check texts" in got.output, got.output
 
 
+def test_the_query_side_of_a_chunked_job_frames_the_check_texts_as_the_run(tmp_path, minilm_dir):
+    """`--long-docs chunk` with a max length shorter than the check texts: the run embedded their first chunks,
+    the query side truncated them (cosine 0.954) and refused to search, blaming the library versions."""
+    from pipeline.job.record import query_embedder
+
+    out = tmp_path / "out"
+    write_jsonl(tmp_path / "c" / "a.jsonl", make_docs(20, seed=1))
+    run_ok(*embed_args([tmp_path / "c"], out, "--long-docs", "chunk", "--max-length", "16", "--chunk-tokens", "12",
+                       "--chunk-overlap", "3"))
+    query_embedder(out, device="cpu")
+
+
 def test_an_output_made_before_records_is_checked_against_its_kept_vectors(tmp_path, minilm_dir, monkeypatch,
                                                                             caplog):
     """An output whose vectors were made before check texts were recorded: its next run would have taken whatever
