@@ -270,10 +270,11 @@ def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: th
         for shard in manifest.shards:
             if ended():
                 return
+            if shard.id in claims.held or done(shard) or not _ready(manifest, shard, done):
+                continue
             if plan.state() != "open":  # committed, or replaced: its work tables may be gone already
                 break
-            if (shard.id not in claims.held and not done(shard) and _ready(manifest, shard, done)
-                    and claims.try_claim(shard)):
+            if claims.try_claim(shard):
                 pause = 0.25
                 yield shard
         pending = [s for s in manifest.shards if not done(s)]
