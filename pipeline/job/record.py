@@ -78,10 +78,13 @@ def check_framing(out: Path, info: Any, has_vectors: bool) -> None:
     differ = [f"{k} {recorded[k]!r} -> {now[k]!r}" for k in FRAMING if k in recorded and k in now
               and recorded[k] != now[k]]
     if differ:
+        why = (" (embed-corpus before 2026-12-01 cut a --max-length above the model's sentence-transformers "
+               "max_seq_length down to it; now it is honoured)" if "max_length" in recorded and "max_length" in now
+               and recorded["max_length"] != now["max_length"] else "")
         raise ManifestMismatch(
-            f"{out}: the same settings now frame texts otherwise than when its vectors were made ({'; '.join(differ)}):"
-            " new vectors would not be comparable with the ones kept. Write to a new --output, or add --overwrite to "
-            "embed everything again."
+            f"{out}: the same settings now frame texts otherwise than when its vectors were made ({'; '.join(differ)})"
+            f"{why}: new vectors would not be comparable with the ones kept. Write to a new --output, or add "
+            "--overwrite to embed everything again."
         )
 
 
