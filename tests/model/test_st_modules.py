@@ -192,3 +192,31 @@ def test_dims_are_checked_against_the_dense_output_before_planning(tmp_path: Pat
     table = read_vectors(tmp_path / "out")
     order = [int(i[1:]) for i in table.column("id").to_pylist()]
     np.testing.assert_allclose(embeddings(table), _reference(model, TEXTS, 448)[order], atol=2e-5)
+
+
+def test_embeddinggemma_shape_bidirectional_gemma3_with_two_dense_modules(tmp_path: Path,
+                                                                          qwen_tokenizer_noeos_dir: Path) -> None:
+    """EmbeddingGemma's layout at a tiny size: a Gemma3 text model attending both ways (with a sliding window
+    shorter than the texts), mean pooling, Dense 64 -> 256 -> 64 without bias, Normalize; padded batches of texts
+    of different lengths give sentence-transformers' vectors."""
+    from transformers import AutoTokenizer, Gemma3TextConfig, Gemma3TextModel
+
+    tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_noeos_dir))
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
+                           sliding_window=8, use_bidirectional_attention=True, pad_token_id=tok.pad_token_id or 0)
+    torch.manual_seed(0)
+    base = tmp_path / "gemma"
+    Gemma3TextModel(cfg).eval().save_pretrained(base)
+    tok.save_pretrained(base)
+    model = SentenceTransformer(modules=[
+        models.Transformer(str(base), max_seq_length=256), models.Pooling(64, "mean"),
+        models.Dense(64, 256, bias=False, activation_function=torch.nn.Identity()),
+        models.Dense(256, 64, bias=False, activation_function=torch.nn.Identity()), models.Normalize()],
+        device="cpu")
+    model.save(str(tmp_path / "model"))
+    texts = ["The quick brown fox jumps over the lazy dog and keeps running far away " * 2, "Hello",
+             "a b c d e f g h i j k"]
+    emb = Embedder.load(str(tmp_path / "model"), device="cpu")
+    assert (emb.info.pooling, emb.info.width) == ("mean", 64)
+    np.testing.assert_allclose(emb.embed_texts(texts), _reference(model, texts), atol=2e-5)
