@@ -149,7 +149,7 @@ class Claims:
                                 age)
             now = time.time()
             write_json_atomic(self.path(shard), {"shard": shard.id, "worker": self.worker, "claimed_at": now,
-                                                 **process_identity()})
+                                                 "lease": self.lease, **process_identity()})
         with self._lock:
             self.held.add(shard.id)
             self.claimed_at[shard.id] = now
@@ -258,7 +258,7 @@ class Claims:
                     try:  # the claim's mtime is the heartbeat; its body carries the shard's progress
                         write_json_atomic(path, {"shard": sid, "worker": self.worker, "claimed_at": since.get(sid),
                                                  "rows_done": rows.get(sid, 0), "beat_at": time.time(),
-                                                 **process_identity()})
+                                                 "lease": self.lease, **process_identity()})
                     except OSError:
                         lost.append(sid)
             with self._lock:

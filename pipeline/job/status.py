@@ -105,7 +105,8 @@ def job_status(output: str | Path) -> Status:
     # after the commit, parts that hold no document (all their rows copied elsewhere) are collected: the marker counts
     done = {s.id: done[s.id] for s in manifest.shards if s.id in done and (manifest.committed or is_done(out, s))}
     failed = {k: v for k, v in failed.items() if k in ids and k not in done}
-    flying = [c for c in _claims(out, ids - set(done)) if c.get("age", 1e9) <= 3 * 300]
+    # in flight: a heartbeat within the claim's lease (its worker's --lease-seconds; 300 s in older claims)
+    flying = [c for c in _claims(out, ids - set(done)) if c.get("age", 1e9) <= float(c.get("lease") or 300)]
     in_flight = sum(int(c.get("rows_done", 0)) for c in flying)
     docs_done = sum(int(m.get("rows", 0)) for m in done.values()) + in_flight
     tokens_done = sum(int(m.get("tokens", 0)) for m in done.values())
