@@ -31,10 +31,10 @@ from pipeline.errors import EncodeError, InputError, PipelineError
 from pipeline.job import versions
 from pipeline.job.assemble import PartCache, copied_table, output_table
 from pipeline.job.canary import Accepted, check_canary, still_current
-from pipeline.job.claims import DEFAULT_LEASE, Claims
+from pipeline.job.claims import DEFAULT_LEASE, Claims, PlanWatch, claimed
 from pipeline.job.config import JobConfig
 from pipeline.job.diff import find
-from pipeline.job.manifest import DUP, EMBED, MANIFEST, REUSE, SAME, Manifest, Shard, load_manifest, read_work
+from pipeline.job.manifest import DUP, EMBED, REUSE, SAME, Manifest, Shard, load_manifest, read_work
 from pipeline.job.plan import has_vectors, prepare
 from pipeline.job.record import check_framing, check_model_files, write_job_record
 from pipeline.job.records import FieldSpec, extract, iter_raw
@@ -62,9 +62,6 @@ log = logging.getLogger(__name__)
 # of embedding it), and a shard is claimed only when it starts loading: shards claimed far ahead are idle work
 # that other workers cannot take at the end of a job (measured: with 2 ahead a worker held 4 claims).
 PREFETCH = 1
-# Longest pause between a waiting worker's looks for free shards (measured: at 5 s, the worker that finished
-# first exited 2.6 s after the job's commit, on two H200s).
-WAIT_MAX = 1.0
 
 
 @dataclass
@@ -200,95 +197,6 @@ def run_job(
         log.info("worker done%s", "" if age is None else f", {age:.1f}s after the process started")
         logging.getLogger("pipeline").removeHandler(handler)
         handler.close()
-
-
-def _ready(manifest: Manifest, shard: Shard, done) -> bool:
-    """A dup shard waits until every embed shard is ``done`` (the texts it copies can be in any of them)."""
-    if shard.kind != "dup":
-        return True
-    return all(done(s) for s in manifest.shards if s.kind == "embed")
-
-
-class _PlanWatch:
-    """Whether the plan a worker works from is still open, committed (by any worker), or replaced by another
-    run; ``manifest.json`` is parsed again only when its file changed (a waiting worker looks every second)."""
-
-    def __init__(self, out: Path, manifest: Manifest) -> None:
-        self.path = out / MANIFEST
-        self.plan_id = manifest.plan_id
-        self._key: tuple[int, ...] | None = None
-        self._state = "open"
-
-    def state(self) -> str:
-        """``open``, ``committed`` or ``replaced``."""
-        try:
-            st = self.path.stat()
-            key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            return "replaced"
-        if key != self._key:
-            current = load_manifest(self.path.parent)
-            self._state = ("replaced" if current is None or current.plan_id != self.plan_id else
-                           "committed" if current.committed else "open")
-            self._key = key
-        return self._state
-
-
-def _claimed(manifest: Manifest, claims: Claims, halt: threading.Event, stop: threading.Event | None
-             ) -> Iterator[Shard]:
-    """Shards this worker claims, in plan order, until none is left; waits while others hold live claims
-    (a dead worker's claims go stale after the lease and are taken over). Ends once ``halt`` or ``stop`` is set,
-    once the plan is committed (by any worker: shards with no document leave no part behind, so they look
-    pending again), or when another run replaced the plan."""
-    out = claims.out
-    plan = _PlanWatch(out, manifest)
-    seen_done: set[int] = set()
-
-    def done(shard: Shard) -> bool:
-        # A done-marker is final within a plan: each look reads only those not seen yet, so a worker waiting at
-        # the end of a job looks at a handful of files, not at every shard's.
-        if shard.id in seen_done:
-            return True
-        if is_done(out, shard):
-            seen_done.add(shard.id)
-            return True
-        return False
-
-    def ended() -> bool:
-        return halt.is_set() or (stop is not None and stop.is_set())
-
-    pause = 0.25  # between looks at others' claims: short at first (a peer finishing its last shard), then
-    # up to WAIT_MAX: a worker waiting at the end of a job exits within a second of the last shard (the job's
-    # wall time waits for every worker), and each look costs a few file checks
-    while not ended():
-        state = plan.state()
-        if state == "replaced":
-            log.warning("%s: the plan was replaced by another run (other input or settings); this worker stops", out)
-            return
-        if state == "committed":
-            return
-        for shard in manifest.shards:
-            if ended():
-                return
-            if shard.id in claims.held or done(shard) or not _ready(manifest, shard, done):
-                continue
-            if plan.state() != "open":  # committed, or replaced: its work tables may be gone already
-                break
-            if claims.try_claim(shard):
-                pause = 0.25
-                yield shard
-        pending = [s for s in manifest.shards if not done(s)]
-        if not pending:
-            return
-        left = [s for s in pending if s.id not in claims.held]
-        if not left:
-            # Only this worker's own shards are in flight. Keep watching until they are committed: one whose
-            # result is dropped (its claim was taken over while this worker stalled) is back in play.
-            halt.wait(0.2)
-            continue
-        claims.note_waiting(left)  # which shards, which workers, when their leases run out (WARNING once)
-        pause = min(2 * pause, WAIT_MAX, claims.lease / 10)
-        halt.wait(pause)
 
 
 def _needs_model(out: Path, manifest: Manifest) -> bool:
@@ -481,7 +389,7 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
     halt = threading.Event()  # set when this loop ends, so the claiming thread stops at once
     start = time.perf_counter()
     with Claims(out, lease_seconds) as claims:
-        shards = _prefetch(_claimed(manifest, claims, halt, stop), load, PREFETCH)
+        shards = _prefetch(claimed(manifest, claims, halt, stop), load, PREFETCH)
         waited_since = time.perf_counter()
         try:
             for shard, item in shards:
@@ -538,7 +446,7 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
             if writing is not None:
                 writing.result()
         except Exception:
-            if _PlanWatch(out, manifest).state() != "replaced":
+            if PlanWatch(out, manifest).state() != "replaced":
                 raise
             # another run replaced the plan and removed its work tables (or the whole output: --overwrite)
             log.warning("%s: the plan was replaced by another run while this worker read it", out, exc_info=True)
@@ -548,7 +456,7 @@ def _run(cfg: JobConfig, out: Path, manifest: Manifest, stop: threading.Event | 
             writer.shutdown(wait=True)
             bar.close()
             summary.seconds = time.perf_counter() - start
-    state = _PlanWatch(out, manifest).state()
+    state = PlanWatch(out, manifest).state()
     if state == "replaced":
         summary.replaced = True
         return summary
