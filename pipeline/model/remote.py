@@ -317,6 +317,15 @@ class RemoteEmbedder:
                                     "--instruction, or make the model's files available")
             if cfg.long_docs == "chunk":
                 raise PipelineError(f"long_docs: chunking needs the tokenizer of {cfg.model!r} here")
+            # the server frames, truncates and pools text its own way: a setting this side cannot apply would be
+            # recorded in job.json without being what made the vectors
+            if cfg.max_length is not None:
+                raise PipelineError(f"max_length: {cfg.model!r} cannot be read here, so texts go to the server "
+                                    "whole and it truncates them to its own limit; drop --max-length, or make the "
+                                    "model's files available (token ids are then cut here)")
+            if cfg.pooling != "auto":
+                raise PipelineError(f"pooling: the server pools as its model does; --pooling {cfg.pooling} cannot "
+                                    "be applied to vectors it returns")
             tokenizer: TextTokenizer | TextInput = TextInput(
                 format_instruction(cfg.instruction) if cfg.instruction is not None else "")
             local = None
@@ -368,8 +377,14 @@ class RemoteEmbedder:
         entry = self._server_entry()
         ours = entry.get("embed_corpus") if isinstance(entry.get("embed_corpus"), dict) else None
         if ours is not None and isinstance(self.tokenizer, TextInput):
-            # an embed-corpus server frames text as a query unless told; a bulk job embeds documents
-            self.extra = {"input_type": "document"}
+            if ours.get("document_prompt"):  # it would put its prompt before the text this side already framed
+                raise PipelineError(
+                    f"{self.endpoint}: the server frames documents with its own prompt "
+                    f"{ours['document_prompt']!r}, and the model's files are not here to send token ids instead: "
+                    "serve the model with `embed-corpus serve --model M`, or make the model's files available")
+            # an embed-corpus server frames text as a query unless told, and refuses text over its limit unless
+            # told to truncate (a local run truncates); a bulk job embeds documents
+            self.extra = {"input_type": "document", "truncate": True}
         enc = self.tokenizer.encode([PROBE_TEXT])
         width = self._request(enc, np.arange(1), None).shape[1]
         local = self.local
@@ -400,13 +415,16 @@ class RemoteEmbedder:
                  self.info.input)  # type: ignore[attr-defined]
 
     def _compare(self, ours: dict[str, Any]) -> None:
-        """Warn where an embed-corpus server frames or pools differently from the job's model here."""
+        """Refuse where an embed-corpus server pools otherwise than the job; warn where its max length is shorter."""
         if self.local is None:
             return
-        for key in ("pooling", "max_length"):
-            theirs, mine = ours.get(key), getattr(self.local, key)
-            if theirs is not None and theirs != mine:
-                log.warning("%s: the server's %s is %r, the job's model has %r", self.endpoint, key, theirs, mine)
+        theirs, mine = ours.get("pooling"), self.local.pooling
+        if theirs is not None and theirs != mine:  # its vectors would not be what job.json says made them
+            raise PipelineError(f"{self.endpoint}: the server pools {theirs}, the job asks for {mine}: serve the "
+                                f"model with the job's pooling, or run with --pooling {theirs}")
+        theirs, mine = ours.get("max_length"), self.local.max_length
+        if theirs is not None and theirs < mine:  # token ids are cut here; a longer input may be refused there
+            log.warning("%s: the server's max_length is %r, the job's is %r", self.endpoint, theirs, mine)
 
     # ------------------------------------------------------------------------------------------ requests
 

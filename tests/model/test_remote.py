@@ -161,6 +161,42 @@ def test_text_input_and_dims(tmp_path: Path, corpus: Path, local: Path, server: 
     assert_same_vectors(read_vectors(remote64), read_vectors(local64))
 
 
+def test_settings_a_server_would_not_apply_are_refused(tmp_path: Path, corpus: Path, server: ServeProcess) -> None:
+    """Text mode (no model files here) sent texts whole and took the server's pooling, so `--max-length 16` (min
+    cosine 0.627) and `--pooling cls` (0.519) were recorded in job.json without making the vectors, exit 0; in
+    token-id mode an embed-corpus server that pools otherwise only got a warning (0.373). All refused now."""
+    text = {"model": "nowhere-org/not-a-local-model", "api_model": MODEL}
+    with pytest.raises(PipelineError, match="max_length"):
+        run_job(_cfg(corpus, tmp_path / "a", server.url, max_length=16, **text))
+    with pytest.raises(PipelineError, match="pooling"):
+        run_job(_cfg(corpus, tmp_path / "b", server.url, pooling="cls", **text))
+    with pytest.raises(PipelineError, match="the server pools mean, the job asks for cls"):
+        run_job(_cfg(corpus, tmp_path / "c", server.url, pooling="cls"))
+    assert not any(done_markers(tmp_path / d) for d in "abc")
+
+
+def test_text_mode_against_a_server_with_its_own_document_prompt(tmp_path: Path, corpus: Path,
+                                                                 server: ServeProcess) -> None:
+    """`serve OUTPUT` of a job with a document prompt puts it before every document: in text mode this side had
+    framed them already (the prompt twice, cosine 0.687), or recorded none (0.014). Refused. And a text over the
+    server's limit goes with "truncate" (it was answered 400, where a local run truncates)."""
+    from pipeline.serve.app import ServerThread
+    from pipeline.serve.limits import ServeOptions
+    from pipeline.serve.service import Service
+
+    served = tmp_path / "served"
+    run_ok(*embed_args([corpus], served, "--instruction", "Find the passage"))
+    text = {"model": "nowhere-org/not-a-local-model", "api_model": MODEL}
+    service = Service.load(output=served, device="cpu", options=ServeOptions(batch_tokens=2048))
+    with ServerThread(service) as srv:
+        with pytest.raises(PipelineError, match="its own prompt"):
+            run_job(_cfg(corpus, tmp_path / "a", srv.url, **text))
+    long = write_jsonl(tmp_path / "long" / "docs.jsonl", [{"id": "long", "text": "river stone light " * 400}])
+    run_job(_cfg(long, tmp_path / "b", server.url, **text))
+    run_ok(*embed_args([long], tmp_path / "c"))
+    assert_same_vectors(read_vectors(tmp_path / "b"), read_vectors(tmp_path / "c"))
+
+
 def test_endpoint_forms() -> None:
     assert endpoint_paths("http://h:1")[2:] == ("/v1/embeddings", "/v1/models")
     assert endpoint_paths("http://h:1/v1/")[2:] == ("/v1/embeddings", "/v1/models")
