@@ -2,9 +2,9 @@
 # Nightly: embed the input files that are new since the last run (same job file, same OUTPUT: finished shards
 # are kept, new files planned and embedded), then bring the FAISS index up to date (`index update`: new vector
 # parts added, vanished ones removed; `index build` when there is no index yet, or when update says a rebuild is
-# due).
+# due; a build takes the job file's `index:` options).
 #
-# Usage: jobs/cron/nightly.sh JOB.yaml [more `embed-corpus run` arguments]
+# Usage: jobs/cron/nightly.sh JOB.yaml [more `embed-corpus run` arguments, not --output: the job file names it]
 #
 # Example crontab line (02:30 every night; the script logs to a file itself, cron mails only failures):
 #   30 2 * * *  /srv/embed-corpus/jobs/cron/nightly.sh /srv/embed-corpus/jobs/corpus.yaml >/dev/null
@@ -37,6 +37,13 @@ if [[ $# -lt 1 ]]; then
 fi
 job="$1"
 shift
+for arg in "$@"; do  # the lock, the log and the index steps follow the job file's output: so must the run
+    case "$arg" in
+        --output | --output=*)
+            echo "nightly: give the output directory in $job, not as $arg (the index steps use the job file's)" >&2
+            exit 2 ;;
+    esac
+done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="${EMBED_REPO:-$(cd "$here/../.." && pwd)}"
@@ -99,8 +106,8 @@ fi
 
 rebuild="${NIGHTLY_REBUILD:-auto}"
 if [[ ! -f "$out/index/info.json" || "$rebuild" == always ]]; then
-    say "$EMBED_CORPUS index build $out"
-    "$EMBED_CORPUS" index build "$out" || fail 1 "embed-corpus index build failed"
+    say "$EMBED_CORPUS index build $out --job $job"
+    "$EMBED_CORPUS" index build "$out" --job "$job" || fail 1 "embed-corpus index build failed"
 else
     say "$EMBED_CORPUS index update $out"
     info="$("$EMBED_CORPUS" index update "$out" --json)" || fail 1 "embed-corpus index update failed"
@@ -113,7 +120,7 @@ print("%s vectors added, %s in all%s" % (i.get("added", 0), i.get("live", i.get(
       ", %d vanished parts removed" % gone if gone else ""))')"
     if [[ -n "$reasons" && "$rebuild" == auto ]]; then
         say "rebuild due: $reasons"
-        "$EMBED_CORPUS" index build "$out" || fail 1 "embed-corpus index build failed"
+        "$EMBED_CORPUS" index build "$out" --job "$job" || fail 1 "embed-corpus index build failed"
     elif [[ -n "$reasons" ]]; then
         say "rebuild due (NIGHTLY_REBUILD=never, not rebuilding): $reasons"
     fi

@@ -90,14 +90,36 @@ def index() -> None:
 @click.option("--query-side-queries", "query_side", type=int, default=None,
               help="Corpus texts embedded as queries to measure query-side recall (default: 1000 when the job "
                    "recorded a query instruction or prompt, else none; 0: skip).")
+@click.option("--job", "job_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Take the options of this job file's `index:` block (flags given here win): a rebuild keeps "
+                   "the factory, metric and recall target the job's runs use.")
 @click.option("--json", "as_json", is_flag=True, help="Print info.json instead of a summary.")
-def build(output: str, factory: str | None, max_memory: str, lists: str, metric: str, target_recall: float,
-          recall_k: str, gpu: bool, workers: int, pieces: int | None, piece: int | None, merge: bool,
-          query_side: int | None, as_json: bool) -> None:
+@click.pass_context
+def build(ctx: click.Context, output: str, factory: str | None, max_memory: str, lists: str, metric: str,
+          target_recall: float, recall_k: str, gpu: bool, workers: int, pieces: int | None, piece: int | None,
+          merge: bool, query_side: int | None, job_file: str | None, as_json: bool) -> None:
     """Build the index of OUTPUT from its finished vector parts; the old index stays usable until the swap."""
     from pipeline.index.choice import format_size
     from pipeline.index.store import build_index, choice_for
 
+    if job_file is not None:  # the job's index options where no flag was given
+        from pipeline.job.config import ConfigError, build_config
+
+        try:
+            given = build_config(job_file, {}).index or {}
+        except ConfigError as exc:
+            _fail(str(exc))
+            return
+        values = {"factory": factory, "max_memory": max_memory, "lists": lists, "metric": metric,
+                  "target_recall": target_recall, "recall_k": recall_k, "gpu": gpu, "workers": workers,
+                  "pieces": pieces, "query_side": query_side}
+        for name, value in given.items():
+            if name in values and ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+                values[name] = str(value) if name == "recall_k" else value
+        factory, max_memory, lists, metric = values["factory"], values["max_memory"], values["lists"], values["metric"]
+        target_recall, recall_k, gpu, workers = (values["target_recall"], values["recall_k"], values["gpu"],
+                                                 values["workers"])
+        pieces, query_side = values["pieces"], values["query_side"]
     if (piece is not None or merge) and pieces is None:
         _fail("--piece and --merge need --pieces N (the number of pieces of the build)")
         return

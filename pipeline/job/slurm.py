@@ -160,7 +160,8 @@ def plan_submission(
             iargs += [f"--time={index_time}"] if index_time else ([f"--time={time_limit}"] if time_limit else [])
             iargs += [f"--cpus-per-task={index_cpus}"] if index_cpus else []
             iargs += [*extra, str(scripts / "index.sbatch")]
-            env = {**base_env, "EMBED_OUTPUT": str(output), "EMBED_INDEX_MODE": index_mode, "EMBED_INDEX_STEP": step}
+            env = {**base_env, "EMBED_OUTPUT": str(output), "EMBED_INDEX_MODE": index_mode, "EMBED_INDEX_STEP": step,
+                   "EMBED_JOB": str(job)}  # a build takes the job file's `index:` options
             if index_pieces > 1:
                 env["EMBED_INDEX_PIECES"] = str(index_pieces)
             if index_args:

@@ -706,10 +706,10 @@ def test_slurm_submit_queues_the_index_after_the_array(job_file: Path, tmp_path:
 # --- the nightly cron script -----------------------------------------------------------------------------------
 
 
-def nightly(job: Path, **env: str) -> subprocess.Popen:
+def nightly(job: Path, *args: str, **env: str) -> subprocess.Popen:
     full_env = subprocess_env()
     full_env.update(EMBED_CORPUS=str(Path(sys.executable).parent / "embed-corpus"), **env)
-    return subprocess.Popen(["bash", str(NIGHTLY), str(job)], env=full_env, stdout=subprocess.PIPE,
+    return subprocess.Popen(["bash", str(NIGHTLY), str(job), *args], env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -747,6 +747,29 @@ def test_nightly_twice_at_once(tmp_path: Path, minilm_dir: Path) -> None:
     log = (out / "logs" / "nightly.log").read_text()
     assert log.count(" done\n") == 3 and "50 vectors added, 150 in all" in log and "0 vectors added, 150 in all" in log
     assert json.loads((out / "index" / "info.json").read_text())["ntotal"] == 150
+
+
+def test_nightly_rebuilds_with_the_jobs_index_options_and_refuses_another_output(tmp_path: Path,
+                                                                                   minilm_dir: Path) -> None:
+    """A rebuild (NIGHTLY_REBUILD=always, or one `index update` calls due) ran `index build` with its defaults: the
+    job's `index: {factory: ..., metric: l2}` became Flat with inner product, exit 0. And `--output` on the
+    script's line sent the run elsewhere while the lock, the log and the index steps used the job file's."""
+    write_jsonl(tmp_path / "in" / "a.jsonl", make_docs(40, seed=9))
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: [{tmp_path / 'in'}]\noutput: {out}\nmodel: {MODEL}\nbatch-tokens: 2048\n"
+                   "device: cpu\nindex: {factory: 'IVF2,Flat', metric: l2, target-recall: 0.9}\n")
+    proc = nightly(job, NIGHTLY_REBUILD="always")
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    info = json.loads((out / "index" / "info.json").read_text())
+    assert (info["factory"], info["metric"], info["tuning"]["target"]) == ("IVF2,Flat", "l2", 0.9)
+    proc = nightly(job, "--output", str(tmp_path / "elsewhere"))
+    rc, text = proc.wait(timeout=60), proc.stdout.read()
+    assert rc == 2 and "not as --output" in text and not (tmp_path / "elsewhere").exists()
+    result = invoke("index", "build", str(out), "--job", str(job), "--metric", "ip")  # a flag given wins
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "index" / "info.json").read_text())
+    assert (info["factory"], info["metric"]) == ("IVF2,Flat", "ip")
 
 
 def test_nightly_fails_loudly(tmp_path: Path) -> None:
