@@ -142,7 +142,7 @@ def _update(out: Path, target_recall: float | None, recall_k: int | None, max_me
     if new and new[0].dims != info["dims"]:
         raise PipelineError(f"new parts have {new[0].dims} dims, the index {info['dims']}: rebuild the index")
     if not new and not vanished:
-        reasons = _rebuild_reasons(info, None, info["live"], True)
+        reasons = _still_due(info, _rebuild_reasons(info, None, info["live"], True))
         log.info("%s: index up to date (%d parts)", out, len(kept))
         return {**info, "added": 0, "added_parts": [], "removed_parts": [], "rebuild_due": bool(reasons),
                 "rebuild_reasons": reasons}
@@ -206,7 +206,8 @@ def _update(out: Path, target_recall: float | None, recall_k: int | None, max_me
     recall["recall_queries"].update(kind=kind, asked=nq)
     choice = IndexChoice(**{k: v for k, v in info["choice"].items() if k in IndexChoice.__dataclass_fields__})
     _warn_not_reached(recall, choice)
-    reasons = _rebuild_reasons({**info, "removed": removed}, new_err, n_live, recall["tuning"]["reached"])
+    reasons = _still_due(info, _rebuild_reasons({**info, "removed": removed}, new_err, n_live,
+                                                 recall["tuning"]["reached"]))
     if info["choice"].get("automatic"):
         try:
             now_choice = choose_index(n_live, d, budget, lists=info["choice"].get("lists", "auto") or "auto")
@@ -330,6 +331,21 @@ def _update_queries(out: Path, info: dict[str, Any], new: Sequence[Part], new_st
         kind = (f"recorded corpus queries plus {2 * per_set} new corpus vectors, two disjoint sets; each query's "
                 "own entry is left out of the results, which for this index type equals its absence")
     return sets[0], sets[1], held_out, kind, assignment_error(index, drift_vec)
+
+
+# What each reason of ``_rebuild_reasons`` says, by a phrase only it has.
+REASON_KINDS = ("of removed parts", "lists were trained", "has drifted", "no longer reaches")
+
+
+def _still_due(info: dict[str, Any], reasons: list[str]) -> list[str]:
+    """The reasons for a rebuild found now, and those an earlier update found of kinds not found now: a rebuild
+    once due stays due until it is made (a night that skipped or failed it, or one that adds nothing, must not
+    drop it), and a reason found again replaces its older wording (its figures change from night to night)."""
+    def kind(reason: str) -> str:
+        return next((k for k in REASON_KINDS if k in reason), reason)
+
+    now = {kind(r) for r in reasons}
+    return [r for r in info.get("rebuild_reasons") or [] if kind(r) not in now] + reasons
 
 
 def _rebuild_reasons(info: dict[str, Any], new_err: float | None, live: int, reached: bool) -> list[str]:

@@ -211,6 +211,13 @@ def test_update_says_when_a_rebuild_is_due(tmp_path: Path) -> None:
                         ids=[f"far{i}" for i in range(2000)])
     info = update_index(tmp_path)
     assert info["rebuild_due"] and any("drift" in r for r in info["rebuild_reasons"])
+    # the next night adds nothing (or its rebuild was skipped): the rebuild is still due, said once
+    again = update_index(tmp_path)
+    assert again["rebuild_due"] and again["rebuild_reasons"] == info["rebuild_reasons"]
+    write_vector_output(tmp_path, x[:100], shard_size=100, first_shard=3, ids=[f"more{i}" for i in range(100)])
+    later = update_index(tmp_path)  # new vectors that fit the lists: the drift found before still stands
+    assert later["rebuild_due"] and sum("drift" in r for r in later["rebuild_reasons"]) == 1
+    assert not build_index(tmp_path, factory="IVF16,Flat", recall_queries=200).get("rebuild_reasons")
 
 
 def test_update_without_an_index_builds_one(tmp_path: Path) -> None:
