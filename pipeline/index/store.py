@@ -595,12 +595,17 @@ def ensure_index(output: str | Path, **kwargs: Any) -> dict[str, Any]:
     ``kwargs`` are ``build_index``'s; only ``target_recall``, ``recall_k``, ``max_memory`` and ``gpu`` apply to an
     update.
     """
-    if (index_dir(output) / INFO).exists():
-        from pipeline.index.update import update_index
+    from pipeline.index.update import update_index
 
-        keep = {k: v for k, v in kwargs.items() if k in ("target_recall", "recall_k", "max_memory", "gpu")}
+    keep = {k: v for k, v in kwargs.items() if k in ("target_recall", "recall_k", "max_memory", "gpu")}
+    if (index_dir(output) / INFO).exists():
         return update_index(output, **keep)
-    return build_index(output, **kwargs)
+    # Workers of one job (Slurm array tasks, say) each end with this step: one builds, the others then update
+    # what it built (nothing new: at once) instead of each building the same index again.
+    with locked(Path(output) / ".index-ensure.lock"):
+        if (index_dir(output) / INFO).exists():
+            return update_index(output, **keep)
+        return build_index(output, **kwargs)
 
 
 def choice_for(output: str | Path, *, factory: str | None = None, max_memory: str | int = "4G",

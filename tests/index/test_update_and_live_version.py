@@ -174,3 +174,29 @@ def test_filter_removed_equals_the_ranges_it_holds() -> None:
         for a, b in ranges:
             expected |= (positions >= a) & (positions < b)
         np.testing.assert_array_equal(filt.removed(positions), expected)
+
+
+def test_workers_ending_together_build_the_index_once(tmp_path: Path, monkeypatch) -> None:
+    """Every array task of a job with an `index:` step ends with it: each found no index and built one, N builds
+    of the same index one after another. One builds; the others update what it built (nothing new)."""
+    import threading
+
+    import pipeline.index.store as store
+
+    write_vector_output(tmp_path, clustered_vectors(600, 16, seed=4), shard_size=200)
+    builds, real = [], store.build_index
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "build_index", counted)
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(store.ensure_index(tmp_path, recall_queries=50)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(results) == 3
+    assert len({r["generation"] for r in results}) == 1
