@@ -80,25 +80,30 @@ lock="${NIGHTLY_LOCK:-$out/.nightly.lock}"
 exec {err_fd}>&2  # kept for the one-line failure message
 exec >> "$log" 2>&1
 
-exec {lock_fd}> "$lock"
+command -v flock > /dev/null || fail 2 "flock is not installed (util-linux): runs could overlap"
+exec {lock_fd}> "$lock" || fail 2 "cannot open the lock file $lock"
 wait_s="${NIGHTLY_WAIT:-0}"
 if [[ "$wait_s" -gt 0 ]]; then
     say "waiting up to ${wait_s}s for the lock $lock"
     flock -w "$wait_s" "$lock_fd"
 else
     flock -n "$lock_fd"
-fi || {
+fi
+held=$?
+if [[ $held -eq 1 ]]; then  # flock's 1: the lock is held (or the wait ran out); anything else is an error
     say "skipped: another nightly run holds $lock"
     echo "nightly: skipped: another run holds $lock (see $log)" >&"$err_fd"
     exit 0
-}
+elif [[ $held -ne 0 ]]; then
+    fail 2 "flock $lock failed (exit $held)"
+fi
 
 say "start: $job -> $out"
 say "$EMBED_CORPUS run $job --quiet $*"
 "$EMBED_CORPUS" run "$job" --quiet "$@"
 rc=$?
 if [[ $rc -eq 75 ]]; then
-    fail 75 "the embedding was stopped by a signal; the next run resumes it"
+    fail 75 "the embedding stopped before the end (a signal, or another run replaced its plan); the next run resumes it"
 elif [[ $rc -ne 0 ]]; then
     fail "$rc" "embed-corpus run exited $rc"
 fi
