@@ -698,7 +698,8 @@ def test_slurm_submit_queues_the_index_after_the_array(job_file: Path, tmp_path:
     assert result.exit_code == 0, result.output
     first, second = calls.read_text().splitlines()
     assert first.startswith(f"{job_file}||") and "--array=0-1" in first
-    assert second.startswith(f"|{tmp_path / 'out'}|--dependency=afterok:1001 ")
+    # the index job knows the job file: its build takes the `index:` options
+    assert second.startswith(f"{job_file}|{tmp_path / 'out'}|--dependency=afterok:1001 ")
     assert "job 1001" in result.output and "index job: 1002" in result.output
     assert (tmp_path / "out" / "logs" / "slurm").is_dir()
 
