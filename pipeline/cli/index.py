@@ -102,6 +102,9 @@ def build(ctx: click.Context, output: str, factory: str | None, max_memory: str,
     from pipeline.index.choice import format_size
     from pipeline.index.store import build_index, choice_for
 
+    opts: dict[str, Any] = {"factory": factory, "max_memory": max_memory, "lists": lists, "metric": metric,
+                            "target_recall": target_recall, "recall_k": int(recall_k), "gpu": gpu,
+                            "workers": workers, "pieces": pieces, "query_side": query_side}
     if job_file is not None:  # the job's index options where no flag was given
         from pipeline.job.config import ConfigError, build_config
 
@@ -110,27 +113,20 @@ def build(ctx: click.Context, output: str, factory: str | None, max_memory: str,
         except ConfigError as exc:
             _fail(str(exc))
             return
-        values = {"factory": factory, "max_memory": max_memory, "lists": lists, "metric": metric,
-                  "target_recall": target_recall, "recall_k": recall_k, "gpu": gpu, "workers": workers,
-                  "pieces": pieces, "query_side": query_side}
-        for name, value in given.items():
-            if name in values and ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
-                values[name] = str(value) if name == "recall_k" else value
-        factory, max_memory, lists, metric = values["factory"], values["max_memory"], values["lists"], values["metric"]
-        target_recall, recall_k, gpu, workers = (values["target_recall"], values["recall_k"], values["gpu"],
-                                                 values["workers"])
-        pieces, query_side = values["pieces"], values["query_side"]
+        opts.update({name: value for name, value in given.items()
+                     if name in opts and ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT})
+        opts["recall_k"] = int(opts["recall_k"])
+    pieces = opts["pieces"]
     if (piece is not None or merge) and pieces is None:
         _fail("--piece and --merge need --pieces N (the number of pieces of the build)")
         return
     try:
         if piece is None and not merge and not as_json:
-            choice = choice_for(output, factory=factory, max_memory=max_memory, metric=metric, lists=lists)
+            choice = choice_for(output, factory=opts["factory"], max_memory=opts["max_memory"],
+                                metric=opts["metric"], lists=opts["lists"])
             reason = choice.reason if choice.automatic or choice.on_disk else "as given (--factory)"
             click.echo(f"index: {choice.factory}{' (lists on disk)' if choice.on_disk else ''}: {reason}")
-        info = build_index(output, factory=factory, max_memory=max_memory, metric=metric, lists=lists,
-                           target_recall=target_recall, recall_k=int(recall_k), gpu=gpu, workers=workers,
-                           pieces=pieces, piece=piece, merge=merge, query_side=query_side)
+        info = build_index(output, **opts, piece=piece, merge=merge)
     except PipelineError as exc:
         _fail(str(exc))
         return

@@ -377,8 +377,9 @@ def _json_batch(
     return RawBatch(table, pa.array(rows, pa.int64()), bad)
 
 
-def _first_type_safe(values: list[Any]) -> pa.DataType | None:
-    """``_first_type`` of the values Arrow can take (a lone surrogate in the first one must not fail it)."""
+def _first_type(values: list[Any]) -> pa.DataType | None:
+    """The Arrow type of the first non-null value Arrow can take (None: let Arrow infer from all of them); a lone
+    surrogate in the first one must not fail it."""
     for v in values:
         if v is not None:
             try:
@@ -386,12 +387,6 @@ def _first_type_safe(values: list[Any]) -> pa.DataType | None:
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeEncodeError):
                 continue
     return None
-
-
-def _first_type(values: list[Any]) -> pa.DataType | None:
-    """The Arrow type of the first non-null value (None: let Arrow infer from all of them)."""
-    first = next((v for v in values if v is not None), None)
-    return None if first is None else pa.array([first]).type
 
 
 def _misfits(values: dict[str, list[Any]], types: dict[str, pa.DataType | None]) -> list[tuple[int, str, str]]:
@@ -405,7 +400,7 @@ def _misfits(values: dict[str, list[Any]], types: dict[str, pa.DataType | None])
             continue
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeEncodeError):
             pass
-        typ = typ or _first_type_safe(vals)
+        typ = typ or _first_type(vals)
         for i, v in enumerate(vals):
             try:
                 pa.array([v], type=typ)

@@ -77,6 +77,12 @@ def file_stat(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
+def check_unchanged(path: Path, stat: list[int] | tuple[int, ...]) -> None:
+    """Raise ``InputError`` where ``path``'s stat is no longer ``stat`` (the file changed while it was read)."""
+    if list(file_stat(path)) != list(stat):
+        raise InputError(f"{path}: the file changed while it was being read; run again once it is written")
+
+
 def file_digest(path: Path) -> str:
     """BLAKE2b-128 of the whole file (hex)."""
     h = hashlib.blake2b(digest_size=16)
@@ -105,8 +111,7 @@ def identify(path: Path, root: Path, known: dict[str, InputFile], planned_at: fl
         digest = before.digest
     else:
         digest = file_digest(path)
-        if file_stat(path) != stat:
-            raise InputError(f"{path}: the file changed while it was being read; run again once it is written")
+        check_unchanged(path, stat)
     key = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
     return InputFile(str(path), key, fmt[0], fmt[1], stat[0], digest, tuple(stat))
 
@@ -321,8 +326,8 @@ def scan(out: Path, info: InputFile, spec: FieldSpec) -> tuple[FileScan, bool]:
         return cached, True
     log.info("scanning %s", info.path)
     result = scan_file(info, spec)
-    if info.stat and tuple(file_stat(Path(info.path))) != tuple(info.stat):  # kept under another content's digest
-        raise InputError(f"{info.path}: the file changed while it was being read; run again once it is written")
+    if info.stat:  # a scan of other content would be kept under this content's digest
+        check_unchanged(Path(info.path), info.stat)
     save_scan(out, info, result, spec)
     return result, False
 

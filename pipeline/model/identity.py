@@ -57,14 +57,18 @@ def model_files(model: str) -> dict[str, str] | None:
     return {name: file_digest(folder / name) for name in loaded_files(folder)}
 
 
+def _weights(names: list[str]) -> list[str]:
+    """The weight files among ``names``: the ``*.safetensors``, else the ``*.bin`` (transformers prefers the first)."""
+    return [n for n in names if n.endswith(".safetensors")] or [n for n in names if n.endswith(".bin")]
+
+
 def loaded_files(folder: Path) -> list[str]:
     """The files of a model folder that its loading reads: the top level's configs, tokenizer files, code and
     weights (``*.bin`` only where there is no ``*.safetensors``, which transformers prefers), and the config and
     weights of each sentence-transformers module. Not its other folders (``onnx/``, ``checkpoint-*/``: another tool's
     files, added or removed without changing this model), and no links followed into other folders."""
     top = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    weights = [n for n in top if n.endswith(".safetensors")] or [n for n in top if n.endswith(".bin")]
-    names = [n for n in top if n.endswith(LOADED_SUFFIXES)] + weights
+    names = [n for n in top if n.endswith(LOADED_SUFFIXES)] + _weights(top)
     modules = folder / "modules.json"
     if modules.is_file():
         try:
@@ -76,8 +80,7 @@ def loaded_files(folder: Path) -> list[str]:
             if sub and (folder / sub / "config.json").is_file():
                 names.append(f"{sub}/config.json")
                 inner = sorted(p.name for p in (folder / sub).iterdir() if p.is_file())  # a Dense module's weights
-                names += [f"{sub}/{n}" for n in [n for n in inner if n.endswith(".safetensors")]
-                          or [n for n in inner if n.endswith(".bin")]]
+                names += [f"{sub}/{n}" for n in _weights(inner)]
     return sorted(set(names))
 
 

@@ -59,6 +59,7 @@ def st_files(path: str, computed_here: bool = True) -> STFiles:
     for module in read_json(root / "modules.json") if (root / "modules.json").exists() else []:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
         where = module.get("path") or module.get("name")
+        conf = read_json(root / module.get("path", "") / "config.json")
         if computed_here and kind not in ST_MODULES:  # another module type: other vectors than this forward's
             raise PipelineError(
                 f"{root}: modules.json has a {kind} module ({where}); embed-corpus computes only "
@@ -73,11 +74,9 @@ def st_files(path: str, computed_here: bool = True) -> STFiles:
             head.append(("normalize", None))
         elif kind == "Pooling":
             pooled = True
-            conf = read_json(root / module.get("path", "") / "config.json")
             pooling = _pooling_mode(conf, f"{root / module.get('path', '')}/config.json")
             include_prompt = conf.get("include_prompt", True) is not False
         if kind in ("Dense", "Normalize") and computed_here:
-            conf = read_json(root / module.get("path", "") / "config.json")
             other = {conf.get("module_input_name"), conf.get("module_output_name")} - {None, "sentence_embedding"}
             if other:
                 raise PipelineError(f"{root}: the {kind} module ({where}) works on {sorted(other)}, not on the pooled "
