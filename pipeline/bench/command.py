@@ -270,6 +270,18 @@ def after_first_shard(log: dict[str, Any]) -> int | None:
     return round(total) if total else None
 
 
+def first_shard_extra_s(log: dict[str, Any]) -> float | None:
+    """Seconds the first shard of the run took beyond its tokens at the rate after it (``after_first_shard``):
+    what the process's first pass over real packs costs once; None where that rate is not known."""
+    rate = after_first_shard(log)
+    if not rate:
+        return None
+    cols = {name: i for i, name in enumerate(log["columns"])}
+    first = min(log["rows"], key=lambda r: r[cols["start_s"]])
+    per_worker = rate / len({r[cols["worker"]] for r in log["rows"]})
+    return round(first[cols["seconds"]] - first[cols["tokens"]] / per_worker, 2)
+
+
 def kill_hard(proc: subprocess.Popen) -> None:
     """``kill -9`` the process (a worker lost with its node)."""
     os.kill(proc.pid, signal.SIGKILL)
@@ -286,9 +298,13 @@ def read_output(output: Path) -> tuple[list[str], np.ndarray]:
 
 
 def compare_outputs(output: Path, reference: dict[str, np.ndarray], expected_ids: list[str]) -> dict[str, Any]:
-    """Every expected id exactly once, and the min cosine of each vector against the reference's."""
+    """Every expected id exactly once, and the min cosine of each vector that has a reference against it
+    (``reference_rows`` of them)."""
     ids, vectors = read_output(output)
     once = len(ids) == len(set(ids)) and sorted(ids) == sorted(expected_ids)
-    ref = np.stack([reference[i] for i in ids]) if once else None
-    return {"ids_once": once, "rows": len(ids),
-            "min_cosine_vs_reference": round(float((vectors * ref).sum(1).min()), 6) if ref is not None else None}
+    known = np.asarray([i in reference for i in ids], dtype=bool)
+    cosine = None
+    if once and known.any():
+        ref = np.stack([reference[i] for i, k in zip(ids, known, strict=True) if k])
+        cosine = round(float((vectors[known] * ref).sum(1).min()), 6)
+    return {"ids_once": once, "rows": len(ids), "reference_rows": int(known.sum()), "min_cosine_vs_reference": cosine}

@@ -203,7 +203,11 @@ LABELS = {
                         "(warm compile cache)",
     "run_tokens_per_s_after_first_shard": "the same runs' steady rate from the end of each worker's first shard "
                                           "(command.after_first_shard: the first pass over real packs of a "
-                                          "process is slower); _default_shards likewise",
+                                          "process is slower); _default_shards likewise; run_first_shard_extra_s"
+                                          "(_default): the first shard's seconds beyond its tokens at that rate",
+    "run_docs": "documents of the command's runs: the bench's (their vectors checked against the model alone's: "
+                "run_check_*.reference_rows) and, where more than docs, more drawn the same way (seed 2), so that "
+                "the command runs long enough to show its steady state",
     "run_tokens_per_s_default_shards": "the real command again (warm cache) without --shard-size: the shard "
                                        "sizing a user gets (about a minute of work per shard, the last ones "
                                        "shorter), run_shards_default shards; its steady rate",
@@ -261,14 +265,16 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
               dtype: str | None = None, profile: Path | None = None, levers: bool = False,
               reference_docs: int = 32, repeats: int = 3, run_command: bool = True,
               run_shard_size: int | None = None, ab: bool = True, logs: Path | None = None,
-              split: tuple[int, ...] = ()) -> dict[str, Any]:
+              split: tuple[int, ...] = (), run_docs: int | None = None) -> dict[str, Any]:
     """One model size, every figure from this one process. Returns the record (keys explained in ``LABELS``).
 
     Repeated ``repeats`` times, interleaved: the card's ceiling, the model alone, the pipeline (``run_job``),
     the sentence-transformers policy on the first ``st_docs`` documents, and (``long_docs``) 8K-32K-token
     documents; each figure is the median with every run and the spread recorded. Then the real command in a
-    subprocess (``run_command``): a cold start (empty compile cache) and a warm one, over the same Parquet file
-    with shards of ``run_shard_size`` rows (default: a quarter of the documents). ``ab``: in the middle repeat,
+    subprocess (``run_command``): a cold start (empty compile cache) and a warm one, over a Parquet file of the
+    same documents, with ``run_docs - n_docs`` more drawn the same way (so that the command runs long enough to
+    show its steady state: the bench's corpus is a few seconds of work), in shards of ``run_shard_size`` rows
+    (default: a quarter of ``n_docs``). ``ab``: in the middle repeat,
     the model alone with the old wait on the device after every batch, and with half the token budget (what
     those two choices are worth). The first ``reference_docs`` documents also run one at a time through a
     float32 copy of the model: how close each bf16 path comes to it.
@@ -425,8 +431,14 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
         torch.cuda.empty_cache()
 
     if model_dir is not None:
-        rec.update(_measure_command(size, model_dir, src, workdir, shard_size, device, logs or workdir / "logs",
-                                    dict(zip(ids, vec_model, strict=True)), ids))
+        run_src, run_ids = src, ids
+        if run_docs and run_docs > n_docs:  # the bench's documents first: the model alone's vectors check them
+            run_ids = ids + [f"d{i}" for i in range(n_docs, run_docs)]
+            run_src = workdir / f"run-corpus-{size}.parquet"
+            more = make_corpus(tok, run_docs - n_docs, seed=2)
+            pq.write_table(pa.table({"id": run_ids, "text": texts + more}), run_src, row_group_size=256)
+        rec.update(_measure_command(size, model_dir, run_src, workdir, shard_size, device, logs or workdir / "logs",
+                                    dict(zip(ids, vec_model, strict=True)), run_ids))
         rec["run_over_model"] = round(rec["run_tokens_per_s"] / rec["model_tokens_per_s"], 3)
         rec["run_over_pipeline"] = round(rec["run_tokens_per_s"] / rec["tokens_per_s"], 3)
         rec["run_over_model_default_shards"] = round(rec["run_tokens_per_s_default_shards"]
@@ -475,10 +487,12 @@ def _measure_command(size: str, model_dir: Path, src: Path, workdir: Path, shard
                        run_tail_s_default=got["tail_s"], run_check_default=check,
                        run_shard_timing_default=got["shard_timing"], run_shard_log_default=got["shard_log"],
                        run_gpu_clocks_default=got["gpu_clocks"],
-                       run_tokens_per_s_after_first_shard_default_shards=command.after_first_shard(got["shard_log"]))
+                       run_tokens_per_s_after_first_shard_default_shards=command.after_first_shard(got["shard_log"]),
+                       run_first_shard_extra_s_default=command.first_shard_extra_s(got["shard_log"]))
             continue
         if label == "warm":
             out["run_tokens_per_s_after_first_shard"] = command.after_first_shard(got["shard_log"])
+            out["run_first_shard_extra_s"] = command.first_shard_extra_s(got["shard_log"])
         out[f"run_shard_timing_{label}"] = got["shard_timing"]
         out[f"run_gpu_clocks_{label}"] = got["gpu_clocks"]
         out[f"startup_s_{label}"] = got["startup_s"]
@@ -534,7 +548,8 @@ def table(records: list[dict[str, Any]]) -> str:
                     f"{r.get('run_tokens_per_s_after_first_shard') or '-'} tok/s "
                     f"({r.get('run_after_first_shard_over_model', '-')}), default shard sizing "
                     f"{r['run_tokens_per_s_after_first_shard_default_shards']:,} tok/s "
-                    f"({r['run_after_first_shard_over_model_default_shards']} of model alone)")
+                    f"({r['run_after_first_shard_over_model_default_shards']} of model alone); the first shard's "
+                    f"extra seconds {r.get('run_first_shard_extra_s')} / {r.get('run_first_shard_extra_s_default')}")
         if "long_tokens_per_s" in r:
             lines.append(f"  8K-32K docs {_pm(r, 'long_tokens_per_s')} tok/s ({r['long_share_of_ceiling']:.1%})")
         if "ab" in r:
@@ -559,7 +574,8 @@ def main(sizes: list[str], tokenizer_dir: str, docs: dict[str, int], batch_token
          out: Path, compile: bool = True, long_docs: int = 0, st_docs: dict[str, int] | None = None,
          profile: bool = False, levers: bool = False, reference_docs: int = 32, device: str = "cuda",
          repeats: int = 3, run_command: bool = True, run_shard_size: int | None = None, ab: bool = True,
-         logs: Path | None = None, split: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+         logs: Path | None = None, split: tuple[int, ...] = (),
+         run_docs: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Every size in turn, in this process; the records file is rewritten after each size (all records of
     this run, nothing merged from elsewhere)."""
     import tempfile
@@ -572,7 +588,7 @@ def main(sizes: list[str], tokenizer_dir: str, docs: dict[str, int], batch_token
                             st_docs=(st_docs or {}).get(size), profile=out.parent if profile else None,
                             levers=levers, reference_docs=reference_docs, device=device, repeats=repeats,
                             run_command=run_command, run_shard_size=run_shard_size, ab=ab,
-                            logs=logs or out.parent / "logs", split=split)
+                            logs=logs or out.parent / "logs", split=split, run_docs=(run_docs or {}).get(size))
             records.append(rec)
             log.warning("%s", json.dumps(rec))
             out.parent.mkdir(parents=True, exist_ok=True)

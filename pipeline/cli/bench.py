@@ -25,6 +25,9 @@ import click
               help="Also time the real command (embed-corpus run in a subprocess, cold and warm compile cache).")
 @click.option("--run-shard-size", type=int, default=None,
               help="Rows per shard of the pipeline and command runs (default: a quarter of --docs).")
+@click.option("--run-docs", "run_spec", multiple=True,
+              help="Documents of the command's runs: N or SIZE=N (repeatable), --docs's and more drawn the same "
+                   "way, so that the command runs long enough for a steady state (default: --docs).")
 @click.option("--ab/--no-ab", default=True, show_default=True,
               help="Also time the model alone waiting on the device after each batch, and at half the budget; and "
                    "the default against each recent change undone (bench.paths.CHANGES).")
@@ -42,7 +45,8 @@ import click
 @click.option("--device", default="cuda", show_default=True, help="cuda (the figures) or cpu (a smoke run).")
 @click.option("--out", "out_path", type=click.Path(), default="bench.json", show_default=True)
 def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | None, docs_spec: tuple[str, ...],
-          st_spec: tuple[str, ...], repeats: int, run_command: bool, run_shard_size: int | None, ab: bool,
+          st_spec: tuple[str, ...], repeats: int, run_command: bool, run_shard_size: int | None,
+          run_spec: tuple[str, ...], ab: bool,
           profile: bool, levers: bool, split_docs: tuple[int, ...], batch_tokens: int | None, long_docs: int,
           compile: bool, reference_docs: int, device: str, out_path: str) -> None:
     """GPU throughput: the pipeline vs the sentence-transformers policy, on random Qwen3 weights."""
@@ -54,11 +58,12 @@ def bench(sizes: tuple[str, ...], tokenizer_dir: str | None, tiktoken: str | Non
     small = ("0.6B", "tiny")
     n_docs = _per_size(docs_spec, sizes, "--docs", {s: 16000 if s in small else 4000 for s in sizes})
     n_st = _per_size(st_spec, sizes, "--st-docs", {s: 3000 if s in small else 1500 for s in sizes})
+    run_docs = _per_size(run_spec, sizes, "--run-docs", n_docs)
     budget = {s: batch_tokens for s in sizes}
     records = bench_mod.main(list(sizes), tokenizer_dir, n_docs, budget, Path(out_path), compile=compile,
                              long_docs=long_docs, st_docs=n_st, profile=profile, levers=levers,
                              reference_docs=reference_docs, device=device, repeats=repeats, run_command=run_command,
-                             run_shard_size=run_shard_size, ab=ab, split=split_docs)
+                             run_shard_size=run_shard_size, ab=ab, split=split_docs, run_docs=run_docs)
     click.echo(bench_mod.table(records))
     click.echo(f"results: {out_path}")
 

@@ -90,13 +90,17 @@ def test_rate_after_each_workers_first_shard():
     assert command.after_first_shard({"columns": cols, "rows": rows[:2]}) is None  # one shard per worker
     assert command.after_first_shard({"columns": cols, "rows": rows[:3]}) is None  # worker 1: one shard
     assert command.after_first_shard({"columns": cols, "rows": [rows[0], rows[2], rows[4]]}) == 100
+    # one worker: 150 tokens in its first 2 s, 100/s after -> the first shard took 0.5 s beyond that rate
+    one = [row(0, 0, 150, 10.0, 2.0), rows[2], rows[4]]
+    assert command.first_shard_extra_s({"columns": cols, "rows": one}) == 0.5
+    assert command.first_shard_extra_s({"columns": cols, "rows": one[:1]}) is None
 
 
 @pytest.mark.slow
 def test_bench_record_on_the_tiny_shape(tmp_path, qwen_tokenizer_dir):
     rec = gpu.run_bench("tiny", tokenizer_dir=str(qwen_tokenizer_dir), n_docs=24, batch_tokens=None,
                         workdir=tmp_path / "work", st_docs=8, device="cpu", repeats=3, reference_docs=4,
-                        run_shard_size=8, logs=tmp_path / "logs", split=(8,), profile=tmp_path)
+                        run_shard_size=8, logs=tmp_path / "logs", split=(8,), profile=tmp_path, run_docs=32)
     # the profile: batches from across the plan (CPU: no device kernels to share out)
     assert rec["profile"]["batches"] == min(8, rec["profile"]["of_batches"]) and rec["profile"]["tokens"] > 0
     assert (tmp_path / "profile-tiny.txt").exists() and (tmp_path / "profile-tiny.json").exists()
@@ -129,14 +133,14 @@ def test_bench_record_on_the_tiny_shape(tmp_path, qwen_tokenizer_dir):
     assert rec["flops_per_token"] < rec["flops_per_token_all_positions"]
     # the real command: every id once, its vectors those of the model alone, timings that add up
     assert rec["run_over_model"] == pytest.approx(rec["run_tokens_per_s"] / rec["model_tokens_per_s"], abs=1e-3)
-    for label in ("cold", "warm"):
+    for label in ("cold", "warm"):  # the bench's 24 documents and 8 more (run_docs)
         check = rec[f"run_check_{label}"]
-        assert check["ids_once"] and check["rows"] == 24
+        assert check["ids_once"] and check["rows"] == 32 and check["reference_rows"] == 24
         assert check["min_cosine_vs_reference"] >= 0.99999
         assert 0 < rec[f"startup_s_{label}"] < rec[f"run_wall_s_{label}"]
         assert any("loaded in" in line for line in rec[f"run_log_{label}"])  # where the start-up went
     assert rec["run_whole_tokens_per_s"] == pytest.approx(rec["run_tokens"] / rec["run_wall_s_warm"], rel=0.01)
-    assert rec["run_shards"] == 3 and rec["run_docs"] == 24
+    assert rec["run_shards"] == 4 and rec["run_docs"] == 32 and rec["run_first_shard_extra_s"] is not None
     # again with the command's own shard sizing (one shard at this size), the same vectors
     assert rec["run_shards_default"] == 1 and rec["run_check_default"]["ids_once"]
     assert rec["run_check_default"]["min_cosine_vs_reference"] >= 0.99999

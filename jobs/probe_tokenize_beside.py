@@ -1,0 +1,46 @@
+"""Probe (GPU): does the work done beside the model (the next shard read and tokenized in the prefetch thread)
+slow the command? The same `embed-corpus run` (0.6B, random weights, default shard sizing) from several copies
+of the package, in turn, twice: each line one run, its steady rate and each shard's model rate.
+
+    python3 jobs/probe_tokenize_beside.py TOKENIZER_DIR DOCS WORKDIR NAME=PACKAGE_PARENT [NAME=PACKAGE_PARENT ...]
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import AutoTokenizer
+
+from pipeline.bench import command
+from pipeline.bench.gpu import make_corpus, random_model
+from pipeline.bench.synthetic import save_embedding_dir
+
+tokdir, n_docs, work = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]).resolve()
+variants = [spec.split("=", 1) for spec in sys.argv[4:]]
+work.mkdir(parents=True, exist_ok=True)
+tok = AutoTokenizer.from_pretrained(tokdir)
+tok.model_max_length = 1 << 30
+texts = make_corpus(tok, n_docs)
+model_dir = save_embedding_dir(random_model("0.6B", "cuda", "bfloat16"), work / "model", tokenizer_dir=tokdir)
+torch.cuda.empty_cache()
+src = work / "corpus.parquet"
+pq.write_table(pa.table({"id": [f"d{i}" for i in range(n_docs)], "text": texts}), src, row_group_size=256)
+os.chdir(work)  # `python -m pipeline.cli` finds the package of PYTHONPATH, not one in the current folder
+for rnd in range(2):
+    for name, parent in variants:
+        out = work / f"run-{name}-{rnd}"
+        env = command.command_env(compile_cache=work / "cache", devices="0")
+        env["PYTHONPATH"] = str(Path(parent).resolve())
+        got = command.measure(command.run_args([src], out, model_dir), env, out, work / "logs" / f"{name}-{rnd}.log",
+                              timeout=170)
+        cols = {c: i for i, c in enumerate(got["shard_log"]["columns"])}
+        shards = [(r[cols["rows"]], round(r[cols["tokens"]] / r[cols["model_s"]])) for r in got["shard_log"]["rows"]]
+        print(json.dumps({"variant": name, "round": rnd, "steady": got["steady_tokens_per_s"],
+                          "after_first": command.after_first_shard(got["shard_log"]),
+                          "first_extra_s": command.first_shard_extra_s(got["shard_log"]),
+                          "startup_s": got["startup_s"], "wall_s": got["wall_s"], "timing": got["shard_timing"],
+                          "shards_rows_rate": shards}), flush=True)
