@@ -393,6 +393,7 @@ class RemoteEmbedder:
             hint = f"; pass --dims {width} if that is intended" if width < expected and self.dims is None else ""
             raise PipelineError(f"{self.endpoint}: the server returns {width}-dim vectors for {self.api_model!r}, "
                                 f"the job needs {expected}{hint}")
+        self._check_full_width(width, expected)
         server = {k: entry[k] for k in ("id", "owned_by", "created") if k in entry}
         if ours is not None:
             server["embed_corpus"] = ours
@@ -516,6 +517,16 @@ class RemoteEmbedder:
             raise PipelineError(f"{self.endpoint}: not an embeddings response ({exc})") from exc
         return np.stack(vecs).astype(np.float32, copy=False), tokens
 
+    def _check_full_width(self, width: int, dims: int) -> None:
+        """A vector wider than the job's dims is cut here only if it is the whole vector of the job's model: a
+        server that ignores ``dimensions`` and sends wider vectors than the model's files here give serves
+        another model, whose first ``dims`` numbers are not this model's Matryoshka vector."""
+        full = self.local.width if self.local is not None else None
+        if width != dims and full is not None and width != full:
+            raise PipelineError(
+                f"{self.endpoint}: the server returns {width}-dim vectors for {self.api_model!r}, but {self.model} "
+                f"gives {full} ({dims} with 'dimensions'): it serves another model")
+
     def _fit(self, vectors: np.ndarray) -> np.ndarray:
         """Cut to the job's dims if the server ignored ``dimensions`` (Matryoshka: first N, then normalise)."""
         dims = self.info.dims if self.info is not None else vectors.shape[1]
@@ -523,6 +534,7 @@ class RemoteEmbedder:
             return vectors
         if vectors.shape[1] < dims or self.dims is None:
             raise PipelineError(f"{self.endpoint}: got {vectors.shape[1]}-dim vectors, the job needs {dims}")
+        self._check_full_width(vectors.shape[1], dims)
         if not self._warned_cut:
             log.warning("%s ignores 'dimensions'; cutting its %d-dim vectors to %d here", self.endpoint,
                         vectors.shape[1], dims)
@@ -573,9 +585,9 @@ class RemoteEmbedder:
             first = int(np.flatnonzero(bad)[0])
             raise EncodeError(f"the server returned {int(bad.sum())} non-finite vectors, the first for sequence "
                               f"{first}", index=first)
-        if self.normalize:
-            norms = np.linalg.norm(out, axis=1, keepdims=True)
-            np.divide(out, norms, out=out, where=norms > 0)
+        if self.normalize:  # norms in float64: a float32 sum of squares of large values overflows (to 0 vectors)
+            norms = np.linalg.norm(out.astype(np.float64), axis=1, keepdims=True)
+            np.divide(out, norms, out=out, where=norms > 0, casting="unsafe")
         return out
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:

@@ -355,6 +355,35 @@ def test_a_server_whose_model_changed_is_refused_not_mixed(tmp_path: Path, corpu
     assert live_version(out) == 1 and read_vectors(out).equals(before)
 
 
+def _rewrite_vectors(change: Callable[[np.ndarray], np.ndarray]) -> Callable[[bytes], bytes]:
+    def rewrite(payload: bytes) -> bytes:
+        body = json.loads(payload)
+        for item in body["data"]:
+            item["embedding"] = change(np.asarray(item["embedding"], dtype=np.float64)).tolist()
+        return json.dumps(body).encode()
+    return rewrite
+
+
+def test_a_wider_server_that_ignores_dimensions_is_refused_not_cut(tmp_path: Path, corpus: Path,
+                                                                   server: ServeProcess) -> None:
+    """`--dims 64` through a server that ignores `dimensions` and serves a wider model (here: 128 numbers, not
+    MiniLM's 384): the first 64 were kept as this model's Matryoshka vectors, exit 0. Refused now."""
+    wider = _rewrite_vectors(lambda v: np.concatenate([v[::-1], v]))
+    with FlakyProxy(server.url, lambda n: None, rewrite=wider) as proxy:
+        with pytest.raises(PipelineError, match="serves another model"):
+            run_job(_cfg(corpus, tmp_path / "out", proxy.url, dims=64))
+    assert not done_markers(tmp_path / "out")
+
+
+def test_large_vectors_are_normalised_not_zeroed(tmp_path: Path, corpus: Path, local: Path,
+                                                 server: ServeProcess) -> None:
+    """A server whose vectors are large (unnormalised, 1e25 each): their float32 norms overflowed and every vector
+    was written as zeros, exit 0. Norms are taken in float64."""
+    with FlakyProxy(server.url, lambda n: None, rewrite=_rewrite_vectors(lambda v: v * 1e25)) as proxy:
+        run_job(_cfg(corpus, tmp_path / "out", proxy.url))
+    assert_same_vectors(read_vectors(tmp_path / "out"), read_vectors(local))
+
+
 def test_a_4xx_is_not_retried_and_a_wrong_model_is_named(
         tmp_path: Path, corpus: Path, server: ServeProcess, fast_retries: None) -> None:
     with FlakyProxy(server.url, lambda n: None if n == 0 else 400) as proxy:
