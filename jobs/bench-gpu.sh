@@ -44,7 +44,7 @@ single)
   sizes=(${3:-4B 0.6B})
   args=()
   for s in "${sizes[@]}"; do args+=(--size "$s"); done
-  CUDA_VISIBLE_DEVICES=0 $py -m pipeline.cli bench "${args[@]}" "${tok[@]}" \
+  CUDA_VISIBLE_DEVICES=0 $py -m pipeline.cli bench ${args[@]+"${args[@]}"} "${tok[@]}" \
     --docs 4B=$((1600 * k)) --docs 0.6B=$((6000 * k)) --run-docs 4B=$((6000 * k)) --run-docs 0.6B=$((30000 * k)) \
     --st-docs 4B=300 --st-docs 0.6B=800 --long-docs 6 \
     --repeats 3 --profile --split 400 --split 1500 --out "$out/bench${3:+-$3}.json" 2>&1 \

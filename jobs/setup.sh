@@ -29,7 +29,7 @@ extras=()
 [[ -n ${EMBED_CORPUS_EXTRAS:-} ]] && extras+=(${EMBED_CORPUS_EXTRAS//,/ })
 spec=.
 if ((${#extras[@]})); then
-    spec=".[$(IFS=,; echo "${extras[*]}")]"
+    spec=".[$(IFS=,; echo ${extras[*]+"${extras[*]}"})]"
 fi
 
 # What a stamp vouches for: these two files and the extras. The tests' packages include the demo's.

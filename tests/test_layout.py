@@ -128,3 +128,31 @@ def test_modules_stay_readable() -> None:
     long = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if len(p.read_text().splitlines()) > 620]
     unexplained = [p for p in long if f"`{p}` is long" not in architecture]
     assert unexplained == []
+
+
+def _unguarded_empty_array_expansions(text: str) -> list[str]:
+    """``"${a[@]}"`` / ``${a[*]}`` of arrays that can be empty (``a=()``, ``read -a a``), not written
+    ``${a[@]+"${a[@]}"}``: under ``set -u``, bash before 4.4 stops there ("unbound variable")."""
+    import re
+
+    if not re.search(r"^\s*set -[a-z]*u", text, re.M):
+        return []
+    names = set(re.findall(r"\b([A-Za-z_]\w*)=\(\)", text)) | set(re.findall(r"read -r -a (\w+)", text))
+    bad = []
+    for name in names:
+        for m in re.finditer(r'\$\{' + name + r'\[[@*]\]([^}]*)\}', text):
+            guarded = m.group(1).startswith("+") or text[max(0, m.start() - len(name) - 6):m.start()].endswith("+\"")
+            if not guarded:
+                bad.append(m.group(0))
+    return bad
+
+
+def test_shell_scripts_run_on_old_bash() -> None:
+    """Slurm clusters still run RHEL/CentOS 7 (bash 4.2): an empty array expanded under ``set -u`` there is an
+    unbound variable, and the index job's `"${pieces[@]}"` stopped every whole-index build that way."""
+    root = Path(__file__).resolve().parents[1]
+    scripts = [*root.glob("jobs/**/*.sh"), *root.glob("jobs/**/*.sbatch"), root / ".ci" / "run"]
+    found = {str(p.relative_to(root)): bad for p in scripts if (bad := _unguarded_empty_array_expansions(p.read_text()))}
+    assert not found, found
+    planted = 'set -uo pipefail\nx=()\necho "${x[@]}" ${y[@]+"${y[@]}"}\n'
+    assert _unguarded_empty_array_expansions(planted) == ['${x[@]}']
