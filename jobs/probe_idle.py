@@ -19,7 +19,11 @@ The corpus is cut in thirds (each its own packs), then, in one process after the
   f. third 3 again (seen, busy before)
 Each pass: tokens/s, device ms per pack (CUDA events queued with the pack), the host's time to queue it (the
 host running ahead of the device or in step with it), and the SM clock, power and clock-event reasons sampled
-every 100 ms. With ``PROBE_BLAS=cublaslt`` the products go through cuBLASLt.
+every 100 ms. With ``PROBE_BLAS=cublaslt`` the products go through cuBLASLt. With ``PROBE_PREWARM=1``, before
+pass a, every matrix product of every pack of the three thirds is run once on its own (the layers' products at
+each pack's token count, the last layer's at its sequence count, the rope's float32 product): if the first
+passes then run as fast as the seen ones, the fading first pass is the products' per-shape cost, and a small set
+of pack shapes run once at start-up would remove it.
 
     python3 jobs/probe_idle.py SIZE TOKENIZER_DIR DOCS
 """
@@ -100,6 +104,30 @@ def one_pass(emb: Embedder, enc, sampler: Sampler, label: str) -> dict:
             "host_queue_s": [round(h - t0, 3) for h in host], "clocks": sampler.between(t0, t1)}
 
 
+def prewarm(emb: Embedder, encs: list, cfg, device: str = "cuda") -> int:
+    """Each product of each pack of ``encs`` once, on its own: (token count | sequence count) x each weight."""
+    hidden, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for n, k in
+               (((n_q + 2 * n_kv) * hd, hidden), (hidden, n_q * hd), (2 * inter, hidden), (hidden, inter))]
+    inv = torch.rand(1, hd // 2, 1, device=device)
+    tokens, seqs = set(), set()
+    for enc in encs:
+        for batch in emb.plan_batches(enc.lengths):
+            tokens.add(int(enc.lengths[batch].sum()))
+            seqs.add(len(batch))
+    x = torch.randn(max(tokens | seqs), max(hidden, inter, n_q * hd), device=device, dtype=torch.bfloat16)
+    pos = torch.arange(max(tokens), device=device, dtype=torch.float32)[None, None, :]
+    for m in sorted(tokens | seqs):
+        for w in weights:
+            torch.nn.functional.linear(x[:m, : w.shape[1]], w)
+        if m in tokens:
+            inv @ pos[..., :m]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return len(tokens | seqs)
+
+
 def burn(seconds: float) -> None:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t0 = time.perf_counter()
@@ -122,6 +150,11 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(len(texts))
     thirds = [emb.tokenizer.encode([texts[i] for i in rows]) for rows in np.array_split(order, 3)]
     emb.packed.warmup()
+    prewarmed = 0
+    if os.environ.get("PROBE_PREWARM"):
+        t0 = time.perf_counter()
+        prewarmed = prewarm(emb, thirds, model.config)
+        print(f"prewarmed {prewarmed} row counts in {time.perf_counter() - t0:.1f} s", flush=True)
     sampler = Sampler()
     time.sleep(1.0)
     passes = []
@@ -136,7 +169,8 @@ def main() -> None:
     passes.append(one_pass(emb, thirds[2], sampler, "e: third 3, new, 20 s idle before"))
     passes.append(one_pass(emb, thirds[2], sampler, "f: third 3, seen, busy before"))
     sampler.stop()
-    out = {"size": size, "blas": os.environ.get("PROBE_BLAS", "default"), "docs": n_docs,
+    out = {"size": size, "blas": os.environ.get("PROBE_BLAS", "default"), "prewarmed_row_counts": prewarmed,
+           "docs": n_docs,
            "seconds": round(time.perf_counter() - t, 1), "passes": passes}
     for p in passes:
         print(f"{size} {out['blas']:9} {p['label']:42} {p['tokens_per_s']:>9,} tok/s  device {p['device_s']:.3f} s"
