@@ -152,7 +152,8 @@ def test_shell_scripts_run_on_old_bash() -> None:
     unbound variable, and the index job's `"${pieces[@]}"` stopped every whole-index build that way."""
     root = Path(__file__).resolve().parents[1]
     scripts = [*root.glob("jobs/**/*.sh"), *root.glob("jobs/**/*.sbatch"), root / ".ci" / "run"]
-    found = {str(p.relative_to(root)): bad for p in scripts if (bad := _unguarded_empty_array_expansions(p.read_text()))}
+    found = {str(p.relative_to(root)): bad for p in scripts
+             if (bad := _unguarded_empty_array_expansions(p.read_text()))}
     assert not found, found
     planted = 'set -uo pipefail\nx=()\necho "${x[@]}" ${y[@]+"${y[@]}"}\n'
     assert _unguarded_empty_array_expansions(planted) == ['${x[@]}']

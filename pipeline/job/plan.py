@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError, ManifestMismatch, where
+from pipeline.errors import InputError, ManifestMismatch, PipelineError, where
 from pipeline.job import passes, versions
 from pipeline.job.buckets import Scratch, Spill, bucket_bits, remove_stale_spills
 from pipeline.job.config import JobConfig, fingerprint_fields
@@ -120,6 +120,24 @@ def discard_output(out: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+# Names an output folder may hold before its first plan, or that say it is one (a plan writes ID_FLOOR first).
+NEUTRAL = (".plan.lock", ".claims.lock", "logs")
+MARKS = (MANIFEST, ID_FLOOR, "job.json", TRASH)
+
+
+def check_own_folder(out: Path) -> None:
+    """Refuse an existing folder that holds anything but an embed-corpus output: ``--overwrite`` would delete its
+    files, and a run would take its ``plan/`` or ``versions/`` folders for an interrupted discard's leftovers."""
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not names or any(name in MARKS for name in names):
+        return
+    foreign = [name for name in names if name not in NEUTRAL]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PipelineError(f"output {out}: the folder holds files that are not an embed-corpus output ({shown}); "
+                            "give a new or empty folder (nothing was changed)")
+
+
 def _remove_leftovers(out: Path) -> None:
     """An output folder without a manifest holds nothing valid: remove what an interrupted discard left."""
     found = [name for name in LEFTOVERS if (out / name).exists() or (out / name).is_symlink()]
@@ -144,11 +162,15 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
         ManifestMismatch: the output holds vectors made with other settings.
     """
     out = Path(cfg.output)
+    check_own_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     with locked(out / ".plan.lock"):
+        check_own_folder(out)
         shutil.rmtree(out / TRASH, ignore_errors=True)  # left by an --overwrite that was killed
         remove_stale_spills(out)
         floor = _id_floor(out)  # before --overwrite moves the old plan's claims and parts away
+        if not dry_run and not (out / ID_FLOOR).exists():
+            _write_floor(out, floor)  # marks the folder as an output before anything else is written to it
         if overwrite and not dry_run:
             prior = load_manifest(out)
             floor = max(floor, prior.next_id if prior else 0)
@@ -167,7 +189,8 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
             write_json_atomic(out / MANIFEST, old.to_json())
         known = {pf.file.path: pf.file for pf in old.files} if old else {}
         planned_at = old.created_at if old else 0.0
-        infos = [identify(path, root, known, planned_at) for path, root in expand_inputs(cfg.input, taken=set(known))]
+        infos = [identify(path, root, known, planned_at)
+                 for path, root in expand_inputs(cfg.input, taken=set(known), output=out)]
         if old is not None and _same_inputs(old, infos):
             return old  # resume the plan (or nothing new since the last commit)
         manifest = make_plan(out, cfg, settings, infos, old, dry_run=dry_run, id_floor=floor)

@@ -97,8 +97,8 @@ def _saved_dataset_files(path: Path) -> list[Path]:
         raise InputError(f"{path}: not a readable `datasets` save_to_disk folder ({exc})") from exc
 
 
-def expand_inputs(specs: tuple[str, ...] | list[str], taken: frozenset[str] | set[str] = frozenset()
-                  ) -> list[tuple[Path, Path]]:
+def expand_inputs(specs: tuple[str, ...] | list[str], taken: frozenset[str] | set[str] = frozenset(),
+                  output: Path | None = None) -> list[tuple[Path, Path]]:
     """Resolve ``--input`` values into files, each with the root its key is taken relative to.
 
     A directory is searched recursively for Parquet/JSONL/Arrow files (a ``datasets`` save_to_disk folder gives
@@ -107,7 +107,8 @@ def expand_inputs(specs: tuple[str, ...] | list[str], taken: frozenset[str] | se
     a whole JSON object): a ``config.json`` is not a corpus. A ``.json`` file in ``taken`` (the paths the last
     plan read) is read whatever its first line: damaged since, it is named with its bad line, not left out (which
     would delete its documents from the output). A pattern with ``*?[`` is a glob; the files it matches are read
-    as if named. Anything else must be an existing file (a named ``.json`` file is JSONL).
+    as if named. Anything else must be an existing file (a named ``.json`` file is JSONL). Files under
+    ``output`` (the job's output folder inside an input folder: its parts and plan files) are not input.
 
     Returns:
         ``(file, root)`` pairs, absolute, in a stable order, without repeats.
@@ -143,8 +144,11 @@ def expand_inputs(specs: tuple[str, ...] | list[str], taken: frozenset[str] | se
         found.extend(files)
     seen: set[Path] = set()
     unique = []
+    skip = output.resolve() if output is not None else None
     for file, root in found:
         file, root = file.resolve(), root.resolve()
+        if skip is not None and file.is_relative_to(skip):
+            continue
         if file not in seen:
             seen.add(file)
             unique.append((file, root))

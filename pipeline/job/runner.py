@@ -35,7 +35,7 @@ from pipeline.job.claims import DEFAULT_LEASE, Claims, PlanWatch, claimed
 from pipeline.job.config import JobConfig
 from pipeline.job.diff import find
 from pipeline.job.manifest import DUP, EMBED, REUSE, SAME, Manifest, Shard, load_manifest, read_work
-from pipeline.job.plan import has_vectors, prepare
+from pipeline.job.plan import check_own_folder, has_vectors, prepare
 from pipeline.job.record import check_framing, check_model_files, write_job_record
 from pipeline.job.records import FieldSpec, extract, iter_raw
 from pipeline.job.scan import generated_id_hashes, hash128, id_hashes, keep_hashes
@@ -181,6 +181,7 @@ def run_job(
         InputError, ManifestMismatch, EncodeError, PipelineError: with a message for the user.
     """
     out = Path(cfg.output)
+    check_own_folder(out)  # before its log file goes there
     out.mkdir(parents=True, exist_ok=True)
     handler = attach_log_file(out)
     try:
