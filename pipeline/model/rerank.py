@@ -202,6 +202,9 @@ def load_reranker(
     archs = list(getattr(config, "architectures", None) or [])
     try:
         if any(a.endswith("ForSequenceClassification") for a in archs):
+            if instruction is not None:  # it would be dropped: the scores would not be the ones asked for
+                raise PipelineError(f"rerank model {model!r} is a cross-encoder: it takes no task instruction "
+                                    "(a rerank instruction is for Qwen3-Reranker models)")
             net = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
                                                                      trust_remote_code=trust_remote_code)
             limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512),

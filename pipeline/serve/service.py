@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.job.records import is_blank
 from pipeline.model.encoder import check_prompt
 from pipeline.model.tokens import Encoded, TextTokenizer
 from pipeline.serve.batcher import Batcher
@@ -240,9 +241,14 @@ class Service:
             raise _bad(f"'input' holds {count} inputs; at most {self.options.max_inputs} per request", "input")
         if texts is not None:
             for i, t in enumerate(texts):
-                if not t.strip():
+                if is_blank(t):  # the batch job's rule: whitespace, control or zero-width characters only
                     raise _bad(f"'input[{i}]' is empty: give some text" if count > 1 or isinstance(raw, list)
                                else "'input' is empty: give some text", "input")
+        if token_ids is not None:
+            for name in ("instruction", "input_type"):
+                if body.get(name) is not None:
+                    raise _bad(f"'{name}' applies to text input: token ids are embedded exactly as given (frame "
+                               "them as the model's documents or queries are framed, or send the text)", name)
         dims = self.info.dims
         dimensions = body.get("dimensions")
         if dimensions is not None and (not _is_int(dimensions) or not 1 <= dimensions <= dims):
@@ -352,7 +358,7 @@ class Service:
         if len(queries) > self.options.max_inputs:
             raise _bad(f"'query' holds {len(queries)} queries; at most {self.options.max_inputs}", "query")
         for i, q in enumerate(queries):
-            if not q.strip():
+            if is_blank(q):
                 raise _bad("empty query: give some text to search for" + (f" (query {i})" if len(queries) > 1
                                                                           else ""), "query")
         rerank = _get_bool(body, "rerank", False)
@@ -402,6 +408,9 @@ class Service:
         top_n = _get_int(body, "top_n", len(texts), 1, 1 << 30)
         return_documents = _get_bool(body, "return_documents", True)
         instruction = _get_text(body, "instruction")
+        if instruction is not None and getattr(self.reranker, "instruction", None) is None:
+            raise _bad("this reranker is a cross-encoder: it takes no 'instruction' (that is for Qwen3-Reranker "
+                       "models)", "instruction")
         with self._search_lock:
             saved = getattr(self.reranker, "instruction", None)
             try:

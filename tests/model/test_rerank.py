@@ -104,6 +104,9 @@ def test_cross_encoder_scores_equal_the_model(tmp_path: Path, minilm_dir: Path) 
         ref = [torch.sigmoid(model(**tok(q, d, return_tensors="pt", truncation=True)).logits[0, 0]).item()
                for q, d in PAIRS]
     np.testing.assert_allclose(got, ref, atol=1e-5)
+    # a cross-encoder has no task instruction: one given was dropped and the scores were these, silently
+    with pytest.raises(PipelineError, match="cross-encoder"):
+        load_reranker(str(model_dir), device="cpu", instruction="Find documents about physics")
 
 
 def test_a_model_that_is_not_a_reranker_is_refused(minilm_dir: Path) -> None:

@@ -207,6 +207,12 @@ LONG = "river stone light paper garden " * 200  # > 256 tokens, MiniLM's maximum
     ({"input": "x", "input_type": "passage"}, 400, "input_type", None),
     ({"input": "x", "instruction": ""}, 400, "instruction", None),
     ({"input": "x", "truncate": "yes"}, 400, "truncate", None),
+    # the batch job's blank rule (these were embedded, 200, where the job rejects the row)
+    ({"input": "\u200b"}, 400, "input", None),
+    ({"input": ["ok", "\ufeff\x00"]}, 400, "input", None),
+    # token ids are embedded as given: a framing asked for with them was dropped, 200
+    ({"input": [[101, 102]], "instruction": "Find the passage"}, 400, "instruction", None),
+    ({"input": [[101, 102]], "input_type": "query"}, 400, "input_type", None),
 ])
 def test_bad_embedding_requests_get_openai_errors(minilm_server: ServerThread, body, status, param, code) -> None:
     r = httpx.post(minilm_server.url + "/v1/embeddings", json=body, timeout=30)
@@ -442,7 +448,8 @@ def test_search_answers_as_an_exact_search_and_the_reranker_recipe(minilm_job, m
 
     many = httpx.post(minilm_server.url + "/search", json={"query": [query, "coffee"], "k": 2}, timeout=60).json()
     assert [e["query"] for e in many["data"]] == [query, "coffee"]
-    for body, status in (({"query": ""}, 400), ({"query": "x", "k": 0}, 400), ({"query": 3}, 400), ({}, 400),
+    for body, status in (({"query": ""}, 400), ({"query": "\u2060\u200d"}, 400), ({"query": "x", "k": 0}, 400),
+                         ({"query": 3}, 400), ({}, 400),
                          ({"query": "x", "rerank": "yes"}, 400)):
         r = httpx.post(minilm_server.url + "/search", json=body, timeout=30)
         assert r.status_code == status and r.json()["error"]["message"], (body, r.text)
@@ -490,3 +497,27 @@ def test_models_health_and_metrics(minilm_server: ServerThread, reranker_dir: Pa
     assert 'embed_corpus_requests_total{endpoint="/v1/embeddings",status="200"}' in text
     assert "embed_corpus_request_seconds_bucket" in text and "embed_corpus_tokens_total" in text
     assert "embed_corpus_queue_depth" in text
+
+
+def test_a_cross_encoder_reranker_refuses_an_instruction(minilm_job, minilm_dir: Path, tmp_path: Path) -> None:
+    """A cross-encoder takes no task instruction: `/v1/rerank` with one answered 200 with the scores of none."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    ce = tmp_path / "ce"
+    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=1)
+                                  ).eval().save_pretrained(ce)
+    for f in minilm_dir.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, ce / f.name)
+    service = Service.load(minilm_job[0], device="cpu", options=ServeOptions(batch_tokens=2048), rerank_model=str(ce))
+    with ServerThread(service) as srv:
+        body = {"query": "Which bear eats bamboo?", "documents": SENTENCES[:3]}
+        assert httpx.post(srv.url + "/v1/rerank", json=body, timeout=60).status_code == 200
+        r = httpx.post(srv.url + "/v1/rerank", json={**body, "instruction": "Find documents about physics"},
+                       timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "instruction", r.text
