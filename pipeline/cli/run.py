@@ -97,7 +97,7 @@ def run(job_file: str | None, overwrite: bool, build_index: bool | None, plan_on
             fail(f"a worker stopped on a full disk (see above): {StorageError(cfg.output)}", EXIT_STORAGE)
         elif code:
             fail("a worker failed (see above); rerun the same command to finish", code)
-        _index_after_run(cfg)
+        _index_after_run(cfg, build_index is False)
         return
     stop = threading.Event()
 
@@ -130,7 +130,7 @@ def run(job_file: str | None, overwrite: bool, build_index: bool | None, plan_on
     if summary.replaced:
         fail(f"{cfg.output}: another run replaced this run's plan (its input or settings differ), so what this run "
              "was given is not what the output holds: run it again once the other run is done", EXIT_STOPPED)
-    _index_after_run(cfg)
+    _index_after_run(cfg, build_index is False)
 
 
 def _changes(counts: dict[str, int]) -> str:
@@ -169,14 +169,17 @@ def _plan_only(cfg: JobConfig, overwrite: bool) -> None:
                f"shards: {', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or 'none'}")
 
 
-def _index_after_run(cfg: JobConfig) -> None:
-    """The job's ``index:`` step: build the index, or add the new parts to it (nightly)."""
-    if cfg.index is None:
-        return
+def _index_after_run(cfg: JobConfig, no_index: bool = False) -> None:
+    """The job's ``index:`` step: build the index, or add the new parts to it (nightly). An output that has an
+    index gets it updated whatever the job says, unless ``--no-index``: its searches would otherwise miss every
+    document of the parts this run rewrote until an ``index update``, exit 0."""
+    from pipeline.index.files import INFO, index_dir
     from pipeline.index.store import ensure_index
 
+    if no_index or (cfg.index is None and not (index_dir(cfg.output) / INFO).exists()):
+        return
     try:
-        info = ensure_index(cfg.output, **cfg.index)
+        info = ensure_index(cfg.output, **(cfg.index or {}))
     except StorageError as exc:
         fail(f"index: {exc}", EXIT_STORAGE)
         return

@@ -48,6 +48,28 @@ def test_no_index_flag_skips_the_step(tmp_path, minilm_dir):
     assert not (tmp_path / "out" / "index").exists()
 
 
+def test_an_output_with_an_index_has_it_updated_by_every_run(tmp_path, minilm_dir):
+    """`run --index` once, then plain reruns: the index was left as it was, and a search after an edit returned
+    nothing for the rewritten part's documents (only a warning on stderr), exit 0. Now every run of an output
+    that has an index updates it; `--no-index` leaves it."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    docs = make_docs(20, seed=1)
+    write_jsonl(corpus / "a.jsonl", docs)
+    base = ["run", "--input", str(corpus), "--output", str(out), "--model", MODEL, "--device", "cpu",
+            "--batch-tokens", "2048", "--quiet"]
+    run_ok(*base, "--index")
+    docs[3] = {"id": docs[3]["id"], "text": "zebra zebra zebra orbit lantern"}
+    write_jsonl(corpus / "a.jsonl", docs)
+    run_ok(*base)
+    got = json.loads(run_ok("search", str(out), "zebra zebra zebra orbit lantern", "-k", "3", "--json").output)
+    hits = got["results"] if isinstance(got, dict) else got[0]["results"]
+    assert hits and hits[0]["id"] == docs[3]["id"]
+    generation = json.loads((out / "index" / "info.json").read_text())
+    write_jsonl(corpus / "b.jsonl", make_docs(4, seed=2, start=100))
+    run_ok(*base, "--no-index")
+    assert json.loads((out / "index" / "info.json").read_text()) == generation
+
+
 def test_unknown_index_option_is_a_config_error(tmp_path):
     result = invoke("run", _job(tmp_path, {"nlist": 12}))
     assert result.exit_code == 2
