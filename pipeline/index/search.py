@@ -167,11 +167,12 @@ class Searcher:
 
     def __init__(self, output: str | Path, *, model: str | None = None, device: str | None = None,
                  embedder=None, trust_remote_code: bool = False) -> None:
-        from pipeline.job.record import query_embedder, read_job_record
+        from pipeline.job.record import JobWatch, query_embedder, read_job_record
 
         self.out = Path(output)
         self.info = read_info(self.out)
         self.job = read_job_record(self.out)
+        self._job_watch = JobWatch(self.out, self.job)
         recorded = self.job["config"]["model"]
         if model is not None and not _same_model(model, recorded):
             raise PipelineError(f"the index of {self.out} holds vectors of model {recorded!r}; queries must be "
@@ -228,8 +229,11 @@ class Searcher:
         and texts are read through it.
 
         Raises:
-            PipelineError: the index was rebuilt from vectors of other settings (a restart says what to do).
+            PipelineError: the index was rebuilt from vectors of other settings, or ``job.json`` says to embed
+                queries otherwise than this searcher does (a restart says what to do).
         """
+        if self._job_watch.changed():
+            raise PipelineError(self._job_watch.message())
         key = _info_key(self.out)
         if key != self._index_key:
             info = read_info(self.out)

@@ -7,6 +7,7 @@ length, prompts, dims; versions). ``search``, ``eval`` and ``serve`` read it to 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from pipeline.model.identity import changed_files, model_files
 from pipeline.util import write_json_atomic
 
 JOB_RECORD = "job.json"
+log = logging.getLogger(__name__)
 
 
 def write_job_record(out: Path, cfg: JobConfig, embedder: Embedder, files: dict[str, str] | None = None) -> None:
@@ -93,6 +95,71 @@ def _changed(recorded: dict[str, str] | None, now: dict[str, str] | None) -> str
     either side is unknown: an output made before files were recorded, a model without a folder here)."""
     changed = changed_files(recorded, now) if recorded and now is not None else []
     return ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+
+
+# Settings that change no stored vector, only how queries are embedded: not in the fingerprint, so a rerun that
+# changes one is not refused; it is recorded at once (``record_query_side``), whether or not the run embeds.
+QUERY_SIDE = ("query_instruction",)
+
+
+def record_query_side(out: Path, cfg: JobConfig) -> None:
+    """Write this run's query-side settings into ``job.json`` when they differ from what it says: a rerun with
+    nothing new to embed never rewrote it, so its ``--query-instruction`` was dropped and search kept the old one,
+    exit 0."""
+    path = Path(out) / JOB_RECORD
+    if not path.exists():
+        return
+    record = json.loads(path.read_text())
+    config, now = record.get("config") or {}, cfg.to_dict()
+    changed = {k: now.get(k) for k in QUERY_SIDE if config.get(k) != now.get(k)}
+    if changed:
+        log.warning("%s: query side changed (%s): search and serve embed queries so from now on", out,
+                    ", ".join(f"{k} {config.get(k)!r} -> {v!r}" for k, v in changed.items()))
+        write_json_atomic(path, {**record, "config": {**config, **changed}, "updated_at": time.time()})
+
+
+def query_side_of(record: dict[str, Any]) -> dict[str, Any]:
+    """What of a job record decides how queries are embedded: settings, model, its files and framing."""
+    config = record.get("config") or {}
+    return {"fingerprint": record.get("fingerprint"), "model": record.get("model"),
+            "model_files": record.get("model_files"), **{k: config.get(k) for k in QUERY_SIDE}}
+
+
+class JobWatch:
+    """Whether ``OUTPUT/job.json`` still says how to embed queries what it said when a searcher or a server loaded
+    its query embedder (a stat per call; the file is read again only when it changed). A rerun with another model
+    (``--overwrite``), other model files or another query instruction: the loaded embedder no longer embeds queries
+    as a fresh search does, and answering with it would give other results, without an error."""
+
+    def __init__(self, out: str | Path, record: dict[str, Any]) -> None:
+        self.path = Path(out) / JOB_RECORD
+        self.side = query_side_of(record)
+        self.key = self._key()
+        self.differ: str | None = None
+
+    def _key(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def changed(self) -> str | None:
+        """What changed (``None``: nothing that matters); once changed, it stays so."""
+        key = self._key()
+        if self.differ is None and key != self.key:
+            try:
+                now = query_side_of(json.loads(self.path.read_text()))
+            except (OSError, ValueError):  # gone (--overwrite under way) or being replaced: look again next time
+                return None
+            self.key = key
+            differ = [k for k in self.side if self.side[k] != now.get(k)]
+            self.differ = ", ".join(differ) or None
+        return self.differ
+
+    def message(self) -> str:
+        return (f"{self.path} changed since this process loaded its query embedder ({self.differ}): its queries "
+                "would not be embedded as a fresh search embeds them; start it again")
 
 
 def read_job_record(output: str | Path) -> dict[str, Any]:

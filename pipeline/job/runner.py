@@ -36,7 +36,7 @@ from pipeline.job.config import JobConfig
 from pipeline.job.diff import find
 from pipeline.job.manifest import DUP, EMBED, REUSE, SAME, Manifest, Shard, load_manifest, read_work
 from pipeline.job.plan import check_own_folder, has_vectors, prepare
-from pipeline.job.record import check_framing, check_model_files, write_job_record
+from pipeline.job.record import check_framing, check_model_files, record_query_side, write_job_record
 from pipeline.job.records import FieldSpec, extract, iter_raw
 from pipeline.job.scan import generated_id_hashes, hash128, id_hashes, keep_hashes
 from pipeline.job.sink import (
@@ -192,6 +192,7 @@ def run_job(
         if embedder is None and loads_during_planning(cfg):
             embedder = ModelLoad(lambda: load_embedder(cfg))
         manifest = prepare(cfg, overwrite=overwrite)
+        record_query_side(out, cfg)
         return _run(cfg, out, manifest, stop, embedder, lease_seconds)
     finally:
         age = process_age()

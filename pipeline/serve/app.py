@@ -131,12 +131,14 @@ def create_app(service: Service):
         return enc, await asyncio.wrap_future(service.batcher.submit(enc, announced=True))
 
     async def embeddings(request: Request) -> Response:
+        service.check_job()
         req = service.parse_embeddings(await read_json(request))
         enc, vectors = await embed(service.encode, req)
         body = await run_in_threadpool(service.embeddings_body, req, enc, vectors)
         return Response(body, media_type="application/json")
 
     async def search(request: Request) -> Response:
+        service.check_job()
         req = service.parse_search(await read_json(request))
         _, vectors = await embed(service.encode_texts, req["queries"], "query", req["instruction"], True)
         return JSONResponse(await run_in_threadpool(service.search, req, vectors))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.job.record import JobWatch
 from pipeline.job.records import is_blank
 from pipeline.model.encoder import check_prompt
 from pipeline.model.tokens import Encoded, TextTokenizer
@@ -64,6 +65,7 @@ class Service:
         self.aliases = set(names) | {self.info.model, self.info.path, Path(self.info.model).name}
         self.output = output
         self.job = job or {}
+        self._job_watch = JobWatch(output, job) if output is not None and job else None
         self.searcher = searcher
         self.search_error = search_error
         self.reranker = reranker
@@ -447,7 +449,19 @@ class Service:
                          "owned_by": "embed-corpus", "embed_corpus": {"task": "rerank", "kind": self.reranker.kind}})
         return {"object": "list", "data": data}
 
+    def check_job(self) -> None:
+        """Refuse to embed for ``serve OUTPUT`` once the job's record says to embed queries otherwise (a rerun with
+        another model, other model files, another query instruction): 503 until the server is started again.
+
+        Raises:
+            ApiError: 503.
+        """
+        if self._job_watch is not None and self._job_watch.changed():
+            raise ApiError(503, self._job_watch.message(), code="job_changed")
+
     def health(self) -> tuple[int, dict[str, Any]]:
+        if self._job_watch is not None and self._job_watch.changed():
+            return 503, {"status": self._job_watch.message(), "model": self.names[0]}
         ok = self.batcher.alive
         return (200 if ok else 503), {"status": "ok" if ok else "model worker stopped", "model": self.names[0],
                                       "queued": self.batcher.depth(), "search": self.searcher is not None,

@@ -497,3 +497,23 @@ def test_search_and_eval_take_trust_remote_code_from_the_command_line_only(
     res = _cli("search", foreign, "bamboo", "--device", "cpu", "--trust-remote-code")
     assert res.exit_code == 0, res.output
     assert seen == [True]
+
+
+def test_a_rerun_with_another_query_instruction_is_recorded_and_followed(tmp_path: Path, tiny_qwen3_dir: Path
+                                                                          ) -> None:
+    """A rerun with nothing new to embed never rewrote job.json: its --query-instruction was dropped and search
+    kept the old one, exit 0. Now it is recorded at once; a searcher opened before refuses to go on (its query
+    embedder frames queries the old way) and a new one embeds as an output made with the new instruction does."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"doc{i}", "text": t}) + "\n" for i, t in enumerate(SENTENCES)))
+    out = _run(tmp_path / "a", [corpus], str(tiny_qwen3_dir), query_instruction="Old task")
+    build_index(out)
+    before = Searcher(out)
+    _run(tmp_path / "a", [corpus], str(tiny_qwen3_dir), query_instruction="New task")  # nothing new to embed
+    assert json.loads((out / "job.json").read_text())["config"]["query_instruction"] == "New task"
+    with pytest.raises(PipelineError, match="changed since this process loaded its query embedder"):
+        before.follow_live_version()
+    fresh = _run(tmp_path / "b", [corpus], str(tiny_qwen3_dir), query_instruction="New task")
+    build_index(fresh)
+    query = "Which bear eats bamboo?"
+    np.testing.assert_allclose(Searcher(out).embed([query]), Searcher(fresh).embed([query]), atol=1e-6)

@@ -521,3 +521,18 @@ def test_a_cross_encoder_reranker_refuses_an_instruction(minilm_job, minilm_dir:
         r = httpx.post(srv.url + "/v1/rerank", json={**body, "instruction": "Find documents about physics"},
                        timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "instruction", r.text
+
+
+def test_a_server_refuses_once_the_job_embeds_queries_otherwise(tmp_path: Path, tiny_qwen3_dir: Path) -> None:
+    """`serve OUTPUT` kept embedding queries with what it loaded after a rerun changed the job's query side (here
+    the query instruction; the same for a model replaced with --overwrite): 200 with vectors a fresh search would
+    not make. Now 503, saying to restart it."""
+    out, _ = _job(tmp_path, str(tiny_qwen3_dir), query_instruction="Old task")
+    build_index(out)
+    with ServerThread(Service.load(out, device="cpu", options=ServeOptions(batch_tokens=2048))) as srv:
+        assert httpx.post(srv.url + "/v1/embeddings", json={"input": "bamboo"}, timeout=30).status_code == 200
+        _job(tmp_path, str(tiny_qwen3_dir), query_instruction="New task")
+        for route, body in (("/v1/embeddings", {"input": "bamboo"}), ("/search", {"query": "bamboo"})):
+            r = httpx.post(srv.url + route, json=body, timeout=30)
+            assert r.status_code == 503 and "start it again" in r.json()["error"]["message"], r.text
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 503
