@@ -120,8 +120,10 @@ def record_query_side(out: Path, cfg: JobConfig) -> None:
 
 def query_side_of(record: dict[str, Any]) -> dict[str, Any]:
     """What of a job record decides how queries are embedded: settings, model, its files and framing."""
-    config = record.get("config") or {}
-    return {"fingerprint": record.get("fingerprint"), "model": record.get("model"),
+    config, model = record.get("config") or {}, record.get("model") or {}
+    # the framing, not all of the model record: a run on another device (bf16 on a GPU, float32 on a CPU)
+    # records another compute dtype for the same queries
+    return {"fingerprint": record.get("fingerprint"), "model": {k: model.get(k) for k in ("model", *FRAMING)},
             "model_files": record.get("model_files"), **{k: config.get(k) for k in QUERY_SIDE}}
 
 
