@@ -14,8 +14,11 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.job import versions
+from pipeline.job.claims import process_is_gone
 from pipeline.job.manifest import load_manifest
 from pipeline.job.sink import is_done, read_markers
+
+IDLE_AFTER = 300  # seconds without a live claim or a finished shard after which a plan counts as stopped
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Status:
     docs_in_flight: int = 0  # documents done in shards not finished yet
     counts: dict[str, int] = field(default_factory=dict)  # what the plan changes
     versions_kept: list[int] = field(default_factory=list)
+    idle_seconds: float | None = None  # no worker holds a shard and none finished one for this long (None: busy)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +52,9 @@ class Status:
         eta = "-" if self.eta_seconds is None else _duration(self.eta_seconds)
         live = f"version {self.version}, {self.version_docs:,} documents" if self.version else "none yet"
         state = "committed" if self.plan_committed else f"in progress (makes version {self.plan_target})"
+        if self.idle_seconds is not None:
+            state = (f"stopped (makes version {self.plan_target}): no worker has held a shard for "
+                     f"{_duration(self.idle_seconds)}; a run that failed or was stopped: rerun it to finish")
         c = self.counts
         changes = (f"{c.get('added', 0):,} added, {c.get('changed', 0):,} changed, {c.get('deleted', 0):,} deleted, "
                    f"{c.get('unchanged', 0):,} unchanged; texts: {c.get('embedded', 0):,} to embed, "
@@ -105,8 +112,13 @@ def job_status(output: str | Path) -> Status:
     # after the commit, parts that hold no document (all their rows copied elsewhere) are collected: the marker counts
     done = {s.id: done[s.id] for s in manifest.shards if s.id in done and (manifest.committed or is_done(out, s))}
     failed = {k: v for k, v in failed.items() if k in ids and k not in done}
-    # in flight: a heartbeat within the claim's lease (its worker's --lease-seconds; 300 s in older claims)
-    flying = [c for c in _claims(out, ids - set(done)) if c.get("age", 1e9) <= float(c.get("lease") or 300)]
+    # in flight: a heartbeat within the claim's lease (its worker's --lease-seconds; 300 s in older claims), from a
+    # process that may still run (one of this machine that is gone is not in flight, whatever its last heartbeat)
+    every = _claims(out, ids)
+    claims = [c for c in every if not process_is_gone(c)]
+    dead = [time.time() - c["age"] for c in every if process_is_gone(c)]
+    flying = [c for c in claims if int(c.get("shard", -1)) not in done
+              and c.get("age", 1e9) <= float(c.get("lease") or 300)]
     in_flight = sum(int(c.get("rows_done", 0)) for c in flying)
     docs_done = sum(int(m.get("rows", 0)) for m in done.values()) + in_flight
     tokens_done = sum(int(m.get("tokens", 0)) for m in done.values())
@@ -120,6 +132,14 @@ def job_status(output: str | Path) -> Status:
         span = end - min(starts)
     docs_rate = docs_done / span if span > 0 else 0.0
     pending_docs = max(0, docs_total - docs_done)
+    # no claim alive, and nothing finished or claimed for a lease or last done by a process of this machine that
+    # is gone: no worker is at it (a run that failed on bad input, was killed or stopped); within a lease it may be
+    # starting (loading its model) or between two shards
+    lease = max([float(c.get("lease") or IDLE_AFTER) for c in claims] or [IDLE_AFTER])
+    last = max([manifest.created_at, *ends, *(time.time() - c["age"] for c in claims)])
+    idle = time.time() - last
+    stopped = idle > lease or (dead and max(dead) >= last)
+    idle_seconds = idle if not manifest.committed and not flying and pending_docs and stopped else None
     live = versions.live_version(out)
     info = versions.version_info(out, live) if live else {}
     kept = sorted(int(p.name) for p in (out / versions.VERSIONS).glob("[0-9]*")) \
@@ -135,7 +155,8 @@ def job_status(output: str | Path) -> Status:
         tokens_done=tokens_done,
         docs_per_s=docs_rate,
         tokens_per_s=tokens_done / span if span > 0 else 0.0,
-        eta_seconds=0.0 if not pending_docs else (pending_docs / docs_rate if docs_rate > 0 else None),
+        eta_seconds=0.0 if not pending_docs else (pending_docs / docs_rate if docs_rate > 0 and idle_seconds is None
+                                                  else None),
         rejected_rows=sum(pf.rejected for pf in manifest.files),
         failures={k: str(v.get("error", "")) for k, v in failed.items()},
         version=live,
@@ -145,4 +166,5 @@ def job_status(output: str | Path) -> Status:
         docs_in_flight=in_flight,
         counts=dict(manifest.counts),
         versions_kept=kept,
+        idle_seconds=idle_seconds,
     )

@@ -264,3 +264,26 @@ def test_a_run_with_new_settings_while_the_first_embeds_its_first_shard(tmp_path
     scratch = tmp_path / "scratch"
     run_ok(*embed_args([corpus], scratch, "--shard-size", "8"))
     assert same(read_vectors(out), read_vectors(scratch))
+
+
+def test_status_says_stopped_when_no_worker_is_at_it(tmp_path, minilm_dir, monkeypatch):
+    """`status` said "in progress" with an ETA after the run's worker was killed (or failed), and kept saying it:
+    a claim of a process of this machine that is gone is not in flight, and a plan no worker has touched for a
+    lease is stopped."""
+    import pipeline.job.status as status_mod
+
+    corpus = write_jsonl(tmp_path / "corpus" / "c.jsonl", make_docs(60, seed=3))
+    out = tmp_path / "out"
+    killed_run(embed_args([corpus], out, "--shard-size", "12"), "before-part-rename", tmp_path / "run.log")
+    st = json.loads(run_ok("status", out, "--json").output)
+    assert st["idle_seconds"] is not None and st["eta_seconds"] is None and st["docs_in_flight"] == 0
+    assert "stopped (makes version 1)" in run_ok("status", out).output
+    run_ok(*embed_args([corpus], out, "--shard-size", "12"))
+    st = json.loads(run_ok("status", out, "--json").output)
+    assert st["plan_committed"] and st["idle_seconds"] is None
+    # a plan no worker has touched for a lease (a run that failed and left no claim)
+    write_jsonl(tmp_path / "corpus" / "d.jsonl", make_docs(30, seed=4, prefix="more"))
+    killed_run(embed_args([corpus.parent], out, "--shard-size", "12"), "after-plan-write", tmp_path / "run2.log")
+    assert "in progress (makes version 2)" in run_ok("status", out).output  # within a lease: it may be starting
+    monkeypatch.setattr(status_mod, "IDLE_AFTER", 0)
+    assert "stopped (makes version 2)" in run_ok("status", out).output
