@@ -274,6 +274,11 @@ def make_config(values: dict[str, Any]) -> JobConfig:
         value = values[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"{name}: {value!r} must be an integer")
+    for f in dataclasses.fields(JobConfig):  # a YAML job file gives any type: `text-field: {body}` is a mapping
+        value = values.get(f.name)
+        if f.type in ("str", "str | None") and value is not None and not isinstance(value, str):
+            hint = " (in YAML, quote a template: '{title} {text}')" if isinstance(value, dict) else ""
+            raise ConfigError(f"{f.name.replace('_', '-')}: {value!r} must be a string{hint}")
     values.setdefault("id_field_given", values.get("id_field") is not None)  # named, even as the default "id"
     try:
         cfg = JobConfig(**values)

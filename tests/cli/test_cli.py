@@ -167,6 +167,9 @@ def test_job_file_keys_with_dashes_or_underscores_and_flags_win(tmp_path, minilm
         ({"dims": "many"}, ["dims", "many"]),
         ({"long-docs": "sometimes"}, ["long_docs", "sometimes"]),
         ({"chunk_overlap": 600}, ["chunk_overlap"]),
+        # YAML read `text-field: {body}` as a mapping: a traceback, exit 1; `id-field: [id]` named no key
+        ({"text-field": {"body": None}}, ["text-field", "quote a template"]),
+        ({"id-field": ["id"]}, ["id-field", "must be a string"]),
     ],
 )
 def test_bad_job_file_is_a_clear_error(tmp_path, values, needles):
