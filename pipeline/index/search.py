@@ -108,9 +108,21 @@ class TextSource:
         return texts, fields
 
     def _chunk_text(self, text: str, start: int, end: int) -> str:
-        """The tokens ``[start, end)`` of a chunked document, decoded (the whole text without a tokenizer)."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # spans index the text's own tokens
-        return self.tokenizer.decode(ids[start:end])
+        """The document's own characters under its tokens ``[start, end)`` (spans index the text's own tokens).
+
+        Cut from the text by the tokenizer's character offsets, not decoded: an uncased tokenizer's decoding is
+        lowercased and without accents ("emile zola etait" for "Émile Zola était"), and that was shown as the
+        result's text and handed to the reranker. A tokenizer without offsets (a slow one) decodes.
+        """
+        try:
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        except (NotImplementedError, ValueError, TypeError):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.tokenizer.decode(ids[start:end])
+        end = min(end, len(offsets))
+        if start >= end:
+            return ""
+        return text[offsets[start][0]:offsets[end - 1][1]]
 
 
 def _version_key(out: Path) -> tuple[int, int, int]:

@@ -517,3 +517,17 @@ def test_a_rerun_with_another_query_instruction_is_recorded_and_followed(tmp_pat
     build_index(fresh)
     query = "Which bear eats bamboo?"
     np.testing.assert_allclose(Searcher(out).embed([query]), Searcher(fresh).embed([query]), atol=1e-6)
+
+
+def test_chunk_text_is_the_documents_own_characters(tmp_path: Path, minilm_dir: Path) -> None:
+    """An uncased tokenizer's decoding lowercases and strips accents: a chunk's text was shown (and handed to the
+    reranker) as "emile zola etait un ecrivain francais" for "Émile Zola était un écrivain français"."""
+    doc = " ".join(f"Émile Zola était un écrivain français, né à Paris; livre numéro {i}." for i in range(12))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "fr", "text": doc}) + "\n")
+    out = _run(tmp_path, [corpus], str(minilm_dir), long_docs="chunk", chunk_tokens=32, chunk_overlap=0)
+    build_index(out)
+    results = Searcher(out, device="cpu").search(["Zola"], k=20)[0]["results"]
+    assert len(results) > 2
+    for r in results:
+        assert r["text"].strip() and r["text"] in doc and "é" in r["text"], r["text"]
