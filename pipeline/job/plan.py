@@ -143,8 +143,8 @@ def _remove_leftovers(out: Path) -> None:
     found = [name for name in LEFTOVERS if (out / name).exists() or (out / name).is_symlink()]
     if not found:
         return
-    log.warning("%s has no manifest.json but holds %s (an --overwrite was interrupted): removing them", out,
-                ", ".join(found))
+    log.warning("%s has no manifest.json but holds %s (left by a run stopped or failed before its plan was "
+                "written, or by an --overwrite): removing them", out, ", ".join(found))
     for name in found:
         path = out / name
         if path.is_symlink() or path.is_file():
