@@ -120,9 +120,13 @@ def discard_output(out: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-# Names an output folder may hold before its first plan, or that say it is one (a plan writes ID_FLOOR first).
-NEUTRAL = (".plan.lock", ".claims.lock", "logs")
+# Names an output folder may hold before its first plan (its logs, lock files: .plan.lock, nightly.sh's
+# .nightly.lock), or that say it is one (a plan writes ID_FLOOR first).
 MARKS = (MANIFEST, ID_FLOOR, "job.json", TRASH)
+
+
+def _neutral(name: str) -> bool:
+    return name == "logs" or (name.startswith(".") and name.endswith(".lock"))
 
 
 def check_own_folder(out: Path) -> None:
@@ -131,7 +135,7 @@ def check_own_folder(out: Path) -> None:
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not names or any(name in MARKS for name in names):
         return
-    foreign = [name for name in names if name not in NEUTRAL]
+    foreign = [name for name in names if not _neutral(name)]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise PipelineError(f"output {out}: the folder holds files that are not an embed-corpus output ({shown}); "

@@ -69,9 +69,11 @@ def test_outputs_and_empty_folders_are_taken(tmp_path: Path) -> None:
     run_ok(*embed_args([corpus], empty))
     run_ok(*embed_args([corpus], empty, "--overwrite"))  # its own output: discarded and made again
     assert_ids_once(read_vectors(empty), [f"doc{i}" for i in range(6)])
-    logs_only = tmp_path / "logs-only"
-    (logs_only / "logs").mkdir(parents=True)
-    run_ok(*embed_args([corpus], logs_only))
+    first_night = tmp_path / "first-night"  # what nightly.sh makes before the first run: its log and lock
+    (first_night / "logs").mkdir(parents=True)
+    (first_night / "logs" / "nightly.log").write_text("start\n")
+    (first_night / ".nightly.lock").touch()
+    run_ok(*embed_args([corpus], first_night))
 
 
 def test_an_output_inside_the_input_folder_is_not_read_as_input(tmp_path: Path) -> None:
