@@ -99,8 +99,9 @@ elif [[ $held -ne 0 ]]; then
 fi
 
 say "start: $job -> $out"
-say "$EMBED_CORPUS run $job --quiet $*"
-"$EMBED_CORPUS" run "$job" --quiet "$@"
+# --no-index: the index steps below are this script's (a build, or an update whose rebuild advice it follows)
+say "$EMBED_CORPUS run $job --quiet --no-index $*"
+"$EMBED_CORPUS" run "$job" --quiet --no-index "$@"
 rc=$?
 if [[ $rc -eq 75 ]]; then
     fail 75 "the embedding stopped before the end (a signal, or another run replaced its plan); the next run resumes it"
