@@ -269,8 +269,10 @@ class Searcher:
         Raises:
             PipelineError: an empty query.
         """
+        from pipeline.job.records import is_blank
+
         for i, q in enumerate(queries):
-            if not isinstance(q, str) or not q.strip():
+            if not isinstance(q, str) or is_blank(q):  # the batch job's rule (zero-width, BOM, NUL: blank too)
                 where = f" (query {i + 1})" if len(queries) > 1 else ""
                 raise PipelineError(f"empty query{where}: give some text to search for")
         return self.embedder.embed_texts(list(queries))

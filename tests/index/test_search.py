@@ -279,6 +279,8 @@ def test_clear_errors(qwen_job: tuple[Path, dict[str, str]], tmp_path: Path, min
     assert res.exit_code == 1 and "dims mismatch" in res.output
     with pytest.raises(PipelineError, match="empty query"):
         Searcher(out, device="cpu").search([""], k=1)
+    with pytest.raises(PipelineError, match="empty query"):  # the job's blank rule: it was embedded and searched
+        Searcher(out, device="cpu").search(["\u200b\ufeff"], k=1)
 
 
 def test_index_cli_build_and_update(qwen_job: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
