@@ -173,7 +173,7 @@ def prepare(cfg: JobConfig, *, overwrite: bool = False, dry_run: bool = False) -
         shutil.rmtree(out / TRASH, ignore_errors=True)  # left by an --overwrite that was killed
         remove_stale_spills(out)
         floor = _id_floor(out)  # before --overwrite moves the old plan's claims and parts away
-        if not dry_run and not (out / ID_FLOOR).exists():
+        if not (out / ID_FLOOR).exists():  # --plan-only too: it caches its scans under plan/
             _write_floor(out, floor)  # marks the folder as an output before anything else is written to it
         if overwrite and not dry_run:
             prior = load_manifest(out)

@@ -69,6 +69,9 @@ def test_outputs_and_empty_folders_are_taken(tmp_path: Path) -> None:
     run_ok(*embed_args([corpus], empty))
     run_ok(*embed_args([corpus], empty, "--overwrite"))  # its own output: discarded and made again
     assert_ids_once(read_vectors(empty), [f"doc{i}" for i in range(6)])
+    planned = tmp_path / "planned"  # --plan-only first (it caches its scans in the output), then the run
+    run_ok(*embed_args([corpus], planned, "--plan-only"))
+    run_ok(*embed_args([corpus], planned))
     first_night = tmp_path / "first-night"  # what nightly.sh makes before the first run: its log and lock
     (first_night / "logs").mkdir(parents=True)
     (first_night / "logs" / "nightly.log").write_text("start\n")
