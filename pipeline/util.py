@@ -31,6 +31,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def file_key(path: Path) -> tuple[int, int, int] | None:
+    """Which file ``path`` is now (inode, modification time, size; None where it cannot be read): a file written
+    by rename, or rewritten, gets another key, so a reader knows when to read it again."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def fsync_file(path: Path) -> None:
     """Flush a file's data to the disk (before a rename publishes it)."""
     with open(path, "rb+") as f:

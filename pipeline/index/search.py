@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.index.files import index_dir, load_index, read_info, search_filter
 from pipeline.index.params import search as filtered_search
 from pipeline.job.versions import live_version
+from pipeline.util import file_key
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +139,7 @@ def _version_key(out: Path) -> tuple[int, int, int]:
 
 def _info_key(out: Path) -> tuple[int, ...]:
     """Which ``index/info.json`` is current (written by rename: each generation is a new file)."""
-    try:
-        st = os.stat(index_dir(out) / "info.json")
-    except OSError:
-        return (0, 0, 0)
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return file_key(index_dir(out) / "info.json") or (0, 0, 0)
 
 
 def _same_model(given: str, recorded: str) -> bool:

@@ -17,7 +17,7 @@ from pipeline.job.canary import check_query_side
 from pipeline.job.config import JobConfig
 from pipeline.model.encoder import Embedder
 from pipeline.model.identity import changed_files, model_files
-from pipeline.util import write_json_atomic
+from pipeline.util import file_key, write_json_atomic
 
 JOB_RECORD = "job.json"
 log = logging.getLogger(__name__)
@@ -136,19 +136,12 @@ class JobWatch:
     def __init__(self, out: str | Path, record: dict[str, Any]) -> None:
         self.path = Path(out) / JOB_RECORD
         self.side = query_side_of(record)
-        self.key = self._key()
+        self.key = file_key(self.path)
         self.differ: str | None = None
-
-    def _key(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def changed(self) -> str | None:
         """What changed (``None``: nothing that matters); once changed, it stays so."""
-        key = self._key()
+        key = file_key(self.path)
         if self.differ is None and key != self.key:
             try:
                 now = query_side_of(json.loads(self.path.read_text()))

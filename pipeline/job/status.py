@@ -114,9 +114,12 @@ def job_status(output: str | Path) -> Status:
     failed = {k: v for k, v in failed.items() if k in ids and k not in done}
     # in flight: a heartbeat within the claim's lease (its worker's --lease-seconds; 300 s in older claims), from a
     # process that may still run (one of this machine that is gone is not in flight, whatever its last heartbeat)
-    every = _claims(out, ids)
-    claims = [c for c in every if not process_is_gone(c)]
-    dead = [time.time() - c["age"] for c in every if process_is_gone(c)]
+    claims, dead = [], []  # claims of processes that may still run; last beats of those certainly gone
+    for c in _claims(out, ids):
+        if process_is_gone(c):
+            dead.append(time.time() - c["age"])
+        else:
+            claims.append(c)
     flying = [c for c in claims if int(c.get("shard", -1)) not in done
               and c.get("age", 1e9) <= float(c.get("lease") or 300)]
     in_flight = sum(int(c.get("rows_done", 0)) for c in flying)
