@@ -19,11 +19,13 @@ The corpus is cut in thirds (each its own packs), then, in one process after the
   f. third 3 again (seen, busy before)
 Each pass: tokens/s, device ms per pack (CUDA events queued with the pack), the host's time to queue it (the
 host running ahead of the device or in step with it), and the SM clock, power and clock-event reasons sampled
-every 100 ms. With ``PROBE_BLAS=cublaslt`` the products go through cuBLASLt. With ``PROBE_PREWARM=1``, before
+every 100 ms. With ``PROBE_BLAS=cublaslt`` the products go through cuBLASLt. With ``PROBE_PREWARM=exact``, before
 pass a, every matrix product of every pack of the three thirds is run once on its own (the layers' products at
 each pack's token count, the last layer's at its sequence count, the rope's float32 product): if the first
 passes then run as fast as the seen ones, the fading first pass is the products' per-shape cost, and a small set
-of pack shapes run once at start-up would remove it.
+of pack shapes run once at start-up would remove it. ``PROBE_PREWARM=geo`` runs the same products at row counts
+1..budget ~2% apart instead (what start-up could do without knowing the packs). ``PROBE_QUICK=1`` leaves out
+the idle passes c and e.
 
     python3 jobs/probe_idle.py SIZE TOKENIZER_DIR DOCS
 """
@@ -128,6 +130,33 @@ def prewarm(emb: Embedder, encs: list, cfg, device: str = "cuda") -> int:
     return len(tokens | seqs)
 
 
+def geometric_rows(top: int, ratio: float = 1.02) -> list[int]:
+    """Row counts 1..``top`` spaced by ``ratio`` (every count up to 1 / (ratio - 1), then ~2% apart)."""
+    rows, m = set(), 1.0
+    while m < top:
+        rows.add(int(m))
+        m = max(m * ratio, int(m) + 1)
+    return sorted(rows | {top})
+
+
+def prewarm_geometric(emb: Embedder, cfg, top: int, device: str = "cuda") -> int:
+    """Each product once at row counts 1..``top`` ~2% apart (no knowledge of the packs to come)."""
+    hidden, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for n, k in
+               (((n_q + 2 * n_kv) * hd, hidden), (hidden, n_q * hd), (2 * inter, hidden), (hidden, inter))]
+    inv = torch.rand(1, hd // 2, 1, device=device)
+    rows = geometric_rows(top)
+    x = torch.randn(top, max(hidden, inter, n_q * hd), device=device, dtype=torch.bfloat16)
+    pos = torch.arange(top, device=device, dtype=torch.float32)[None, None, :]
+    for m in rows:
+        for w in weights:
+            torch.nn.functional.linear(x[:m, : w.shape[1]], w)
+        inv @ pos[..., :m]
+    torch.cuda.synchronize()
+    return len(rows)
+
+
 def burn(seconds: float) -> None:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t0 = time.perf_counter()
@@ -151,9 +180,11 @@ def main() -> None:
     thirds = [emb.tokenizer.encode([texts[i] for i in rows]) for rows in np.array_split(order, 3)]
     emb.packed.warmup()
     prewarmed = 0
-    if os.environ.get("PROBE_PREWARM"):
+    mode = os.environ.get("PROBE_PREWARM", "")
+    if mode:
         t0 = time.perf_counter()
-        prewarmed = prewarm(emb, thirds, model.config)
+        prewarmed = (prewarm_geometric(emb, model.config, emb.batch_tokens) if mode == "geo"
+                     else prewarm(emb, thirds, model.config))
         print(f"prewarmed {prewarmed} row counts in {time.perf_counter() - t0:.1f} s", flush=True)
     sampler = Sampler()
     time.sleep(1.0)
@@ -162,14 +193,18 @@ def main() -> None:
     burn(5.0)
     passes.append(one_pass(emb, thirds[0], sampler, "a: third 1, new, after 5 s of products"))
     passes.append(one_pass(emb, thirds[0], sampler, "b: third 1, seen, busy before"))
-    time.sleep(20)
-    passes.append(one_pass(emb, thirds[0], sampler, "c: third 1, seen, 20 s idle before"))
+    quick = bool(os.environ.get("PROBE_QUICK"))  # without the idle passes c and e
+    if not quick:
+        time.sleep(20)
+        passes.append(one_pass(emb, thirds[0], sampler, "c: third 1, seen, 20 s idle before"))
     passes.append(one_pass(emb, thirds[1], sampler, "d: third 2, new, busy before"))
-    time.sleep(20)
-    passes.append(one_pass(emb, thirds[2], sampler, "e: third 3, new, 20 s idle before"))
+    if not quick:
+        time.sleep(20)
+        passes.append(one_pass(emb, thirds[2], sampler, "e: third 3, new, 20 s idle before"))
     passes.append(one_pass(emb, thirds[2], sampler, "f: third 3, seen, busy before"))
     sampler.stop()
-    out = {"size": size, "blas": os.environ.get("PROBE_BLAS", "default"), "prewarmed_row_counts": prewarmed,
+    out = {"size": size, "blas": os.environ.get("PROBE_BLAS", "default"), "prewarm": mode or "none",
+           "prewarmed_row_counts": prewarmed,
            "docs": n_docs,
            "seconds": round(time.perf_counter() - t, 1), "passes": passes}
     for p in passes:

@@ -243,6 +243,8 @@ class Embedder:
         if emb.packed is not None and emb.packed.compiled:
             log.info("compiled forward warmed up in %.1fs", emb.packed.warmup())
             step("warm-up")
+            emb.packed.warm_products(emb.batch_tokens)
+            step("products")
         age = process_age()
         log.info("model start-up: %s%s", ", ".join(f"{k} {v:.1f}s" for k, v in steps.items()),
                  f"; {age:.1f}s after the process started" if age is not None else "")

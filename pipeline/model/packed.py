@@ -312,6 +312,35 @@ class PackedDecoder:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
+    def warm_products(self, max_tokens: int) -> int:
+        """Run a layer's matrix products (and the rotary embedding's) once at row counts from 1 to ``max_tokens``,
+        ~2% apart (``spaced_counts``), on CUDA; elsewhere nothing.
+
+        In a fresh process, a pack whose products have row counts unlike any run before makes the host wait for
+        the device inside the product (cuBLAS), so the device idles between packs until the process has run
+        packs of most sizes: the command's first shards ran at 0.75-0.93 of its later rate (0.6B on an H200).
+        After this, the packs of a first pass are queued ahead of the device as later ones are
+        (``data/benchmarks/h200-probe-prewarm-2026-12-01.txt``). The values computed are thrown away.
+
+        Returns:
+            The number of row counts run.
+        """
+        if self.device.type != "cuda":
+            return 0
+        ly = self.layers[0]
+        products = ((ly.qkv, ly.qkv_b), (ly.o, None), (ly.gate_up, None), (ly.down, None))
+        widest = max(w.shape[1] for w, _ in products)
+        rows = torch.zeros(max_tokens * widest, device=self.device, dtype=ly.qkv.dtype)
+        positions = torch.arange(max_tokens, device=self.device)[None]
+        counts = spaced_counts(max_tokens)
+        with torch.inference_mode(), torch.cuda.device(self.device):
+            for m in counts:
+                for w, b in products:  # each with a contiguous (m, in) input, as the forward's are
+                    F.linear(rows[: m * w.shape[1]].view(m, w.shape[1]), w, b)
+                self.model.rotary_emb(rows[:1], positions[:, :m])
+            torch.cuda.synchronize(self.device)
+        return len(counts)
+
     def host_layout(self, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
         """What the kernel needs to know of a pack besides its cumulative lengths, computed on the host: the
         padded layout (sdpa) or the query-block tables of the causal layers and of the last layer (triton)."""
@@ -468,6 +497,16 @@ def padded_layout(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     gather = np.where(key_mask, starts[:, None] + pos, starts[:, None]).reshape(-1)
     scatter = (np.arange(n, dtype=np.int64)[:, None] * longest + pos)[key_mask]
     return gather, scatter, key_mask
+
+
+def spaced_counts(top: int, ratio: float = 1.02) -> list[int]:
+    """Whole numbers from 1 to ``top`` (included), each at least ``ratio`` times the one before: every number
+    while steps of 1 are wider than that, then about ``ratio - 1`` apart (413 numbers up to 65,536)."""
+    counts, m = [], 1.0
+    while m < top:
+        counts.append(int(m))
+        m = max(m * ratio, int(m) + 1)
+    return counts + [top]
 
 
 def pack_arrays(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ import torch
 from helpers import assert_ids_once, assert_same_vectors, read_vectors, run_ok, write_jsonl
 
 from pipeline.model.encoder import Embedder
-from pipeline.model.packed import pack_arrays, padded_layout
+from pipeline.model.packed import pack_arrays, padded_layout, spaced_counts
 
 TEXTS = [
     "Hello world",
@@ -203,6 +203,28 @@ def test_warmup_runs_one_pack_and_leaves_the_vectors_alone(embedders):
     assert np.array_equal(before, packed.embed_texts(TEXTS))
 
 
+def test_spaced_counts_cover_one_to_the_budget_about_two_percent_apart():
+    counts = spaced_counts(65536)
+    assert counts[:50] == list(range(1, 51)) and counts[-1] == 65536
+    assert all(b > a for a, b in zip(counts, counts[1:], strict=False))
+    gaps = [b / a for a, b in zip(counts[50:], counts[51:-1], strict=False)]
+    assert max(gaps) < 1.04 and sum(gaps) / len(gaps) < 1.021 and len(counts) < 450
+    assert spaced_counts(1) == [1] and spaced_counts(3) == [1, 2, 3]
+
+
+def test_warm_products_runs_nothing_off_cuda(embedders):
+    _, packed = embedders
+    assert packed.packed.warm_products(4096) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_warm_products_runs_every_count_and_leaves_the_vectors_alone(tiny_qwen3_dir):
+    emb = Embedder.load(str(tiny_qwen3_dir), device="cuda", compile=False)
+    before = emb.embed_texts(TEXTS)
+    assert emb.packed.warm_products(3000) == len(spaced_counts(3000))
+    assert np.array_equal(before, emb.embed_texts(TEXTS))
+
+
 def _float32_reference(tiny_qwen3_dir):
     """The float32 padded CPU path (itself checked against transformers' own forward in test_qwen_reference)."""
     return Embedder.load(str(tiny_qwen3_dir), device="cpu", attention="padded")
@@ -260,3 +282,4 @@ def test_compiled_default_real_command_on_gpu(tmp_path, tiny_qwen3_dir):
                      strict=True))
     cos = np.array([(by_id[d["id"]] * ref[i]).sum() for i, d in enumerate(docs)])
     assert cos.min() >= 0.995, cos
+
