@@ -144,6 +144,39 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def import_generation_code_lazily() -> None:
+    """Import transformers' assisted-decoding code with its scikit-learn import put off until it is used.
+
+    transformers 5.17 (the H200 image's) imports ``sklearn.metrics.roc_curve`` at the top of
+    ``generation.candidate_generator``, which every model class imports: 3.6 s of a worker's start-up there, for
+    a function of assisted decoding that embedding never calls (later releases import it inside that function).
+    Here that module is imported while transformers' check says scikit-learn is absent; then the check is
+    given back, and ``roc_curve`` becomes a stand-in that imports scikit-learn's on its first call. Nothing
+    changes but when scikit-learn is imported. Does nothing once that module is imported.
+    """
+    import sys
+
+    if "transformers.generation.candidate_generator" in sys.modules:
+        return
+    import transformers.utils as hf_utils
+
+    available = hf_utils.is_sklearn_available
+    hf_utils.is_sklearn_available = lambda: False
+    try:
+        from transformers.generation import candidate_generator
+    finally:
+        hf_utils.is_sklearn_available = available
+    candidate_generator.is_sklearn_available = available
+    if available() and not hasattr(candidate_generator, "roc_curve"):
+
+        def roc_curve(*args, **kwargs):
+            from sklearn.metrics import roc_curve as sklearn_roc_curve
+
+            return sklearn_roc_curve(*args, **kwargs)
+
+        candidate_generator.roc_curve = roc_curve
+
+
 def default_device() -> str:
     import torch
 
@@ -215,6 +248,7 @@ class Embedder:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        import_generation_code_lazily()
         step("import torch")
         hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
         path = resolve_model_path(model)

@@ -283,3 +283,29 @@ def test_compiled_default_real_command_on_gpu(tmp_path, tiny_qwen3_dir):
     cos = np.array([(by_id[d["id"]] * ref[i]).sum() for i, d in enumerate(docs)])
     assert cos.min() >= 0.995, cos
 
+
+def test_generation_code_is_imported_without_scikit_learn_and_still_finds_it_when_used():
+    """The start-up shortcut (``import_generation_code_lazily``): loading a model class imports no scikit-learn,
+    and transformers' assisted decoding still sees it installed and gets its real ``roc_curve`` on first use."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    code = """
+import sys
+from pipeline.model.encoder import import_generation_code_lazily
+import_generation_code_lazily()
+from transformers import Qwen3Model  # the model classes import the generation code
+import transformers.modeling_utils
+assert "sklearn" not in sys.modules, "scikit-learn was imported at start-up"
+from transformers.generation import candidate_generator as cg
+assert cg.is_sklearn_available()
+fpr, tpr, thresholds = cg.roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+assert "sklearn" in sys.modules and list(tpr)[-1] == 1.0
+print("ok")
+"""
+    pytest.importorskip("sklearn")
+    got = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert got.returncode == 0 and got.stdout.strip() == "ok", got.stderr[-2000:]
