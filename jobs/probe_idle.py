@@ -201,7 +201,8 @@ def main() -> None:
     if not quick:
         time.sleep(20)
         passes.append(one_pass(emb, thirds[2], sampler, "e: third 3, new, 20 s idle before"))
-    passes.append(one_pass(emb, thirds[2], sampler, "f: third 3, seen, busy before"))
+    passes.append(one_pass(emb, thirds[2], sampler, "f: third 3, new, busy before" if quick
+                           else "f: third 3, seen, busy before"))
     sampler.stop()
     out = {"size": size, "blas": os.environ.get("PROBE_BLAS", "default"), "prewarm": mode or "none",
            "prewarmed_row_counts": prewarmed,

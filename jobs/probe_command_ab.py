@@ -1,8 +1,9 @@
-"""Probe (GPU): does the work done beside the model (the next shard read and tokenized in the prefetch thread)
-slow the command? The same `embed-corpus run` (0.6B, random weights, default shard sizing) from several copies
-of the package, in turn, twice: each line one run, its steady rate and each shard's model rate.
+"""Probe (GPU): the same `embed-corpus run` (random weights of SIZE, default shard sizing, warm compile cache
+after the first run) from several copies of the package, in turn, ROUNDS times: each line one run, its steady
+rate, start-up, each shard's model rate and the model's start-up steps. An A/B of a change in one device call
+(first used to ask whether tokenizing beside the model slows it: ``h200-probe-tokenize-beside-2026-12-01.txt``).
 
-    python3 jobs/probe_tokenize_beside.py TOKENIZER_DIR DOCS WORKDIR NAME=PACKAGE_PARENT [NAME=PACKAGE_PARENT ...]
+    python3 jobs/probe_command_ab.py SIZE TOKENIZER_DIR DOCS ROUNDS WORKDIR NAME=PACKAGE_PARENT [...]
 """
 
 import json
@@ -19,18 +20,19 @@ from pipeline.bench import command
 from pipeline.bench.gpu import make_corpus, random_model
 from pipeline.bench.synthetic import save_embedding_dir
 
-tokdir, n_docs, work = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]).resolve()
-variants = [spec.split("=", 1) for spec in sys.argv[4:]]
+size, tokdir, n_docs, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+work = Path(sys.argv[5]).resolve()
+variants = [spec.split("=", 1) for spec in sys.argv[6:]]
 work.mkdir(parents=True, exist_ok=True)
 tok = AutoTokenizer.from_pretrained(tokdir)
 tok.model_max_length = 1 << 30
 texts = make_corpus(tok, n_docs)
-model_dir = save_embedding_dir(random_model("0.6B", "cuda", "bfloat16"), work / "model", tokenizer_dir=tokdir)
+model_dir = save_embedding_dir(random_model(size, "cuda", "bfloat16"), work / "model", tokenizer_dir=tokdir)
 torch.cuda.empty_cache()
 src = work / "corpus.parquet"
 pq.write_table(pa.table({"id": [f"d{i}" for i in range(n_docs)], "text": texts}), src, row_group_size=256)
 os.chdir(work)  # `python -m pipeline.cli` finds the package of PYTHONPATH, not one in the current folder
-for rnd in range(2):
+for rnd in range(rounds):
     for name, parent in variants:
         out = work / f"run-{name}-{rnd}"
         env = command.command_env(compile_cache=work / "cache", devices="0")
@@ -43,4 +45,5 @@ for rnd in range(2):
                           "after_first": command.after_first_shard(got["shard_log"]),
                           "first_extra_s": command.first_shard_extra_s(got["shard_log"]),
                           "startup_s": got["startup_s"], "wall_s": got["wall_s"], "timing": got["shard_timing"],
-                          "shards_rows_rate": shards}), flush=True)
+                          "shards_rows_rate": shards,
+                          "model_startup": [line for line in got["log"] if "model start-up" in line]}), flush=True)
