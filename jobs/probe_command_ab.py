@@ -7,7 +7,7 @@ rate, start-up, each shard's model rate and the model's start-up steps. An A/B o
 """
 
 import json
-import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,14 +31,19 @@ model_dir = save_embedding_dir(random_model(size, "cuda", "bfloat16"), work / "m
 torch.cuda.empty_cache()
 src = work / "corpus.parquet"
 pq.write_table(pa.table({"id": [f"d{i}" for i in range(n_docs)], "text": texts}), src, row_group_size=256)
-os.chdir(work)  # `python -m pipeline.cli` finds the package of PYTHONPATH, not one in the current folder
 for rnd in range(rounds):
     for name, parent in variants:
         out = work / f"run-{name}-{rnd}"
         env = command.command_env(compile_cache=work / "cache", devices="0")
         env["PYTHONPATH"] = str(Path(parent).resolve())
+        ran = subprocess.run([sys.executable, "-c", "import pipeline; print(pipeline.__file__)"], env=env, cwd=work,
+                             capture_output=True, text=True).stdout.strip()
+        if not Path(ran).is_relative_to(Path(parent).resolve()):
+            raise SystemExit(f"{name}: the command imports {ran}, not the package under {parent}")
+        # run in ``work`` (no package there): `python -m` puts the current folder first on the import path, so
+        # in the checkout every variant would run the checkout's package, whatever PYTHONPATH says
         got = command.measure(command.run_args([src], out, model_dir), env, out, work / "logs" / f"{name}-{rnd}.log",
-                              timeout=170)
+                              timeout=170, cwd=work)
         cols = {c: i for i, c in enumerate(got["shard_log"]["columns"])}
         shards = [(r[cols["rows"]], round(r[cols["tokens"]] / r[cols["model_s"]])) for r in got["shard_log"]["rows"]]
         print(json.dumps({"variant": name, "round": rnd, "steady": got["steady_tokens_per_s"],

@@ -56,13 +56,14 @@ def command_env(*, compile_cache: Path | None = None, devices: str | None = None
     return env
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, float]:
-    """Start the command with its output in ``log``; returns the process and the wall-clock start."""
+def start(args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> tuple[subprocess.Popen, float]:
+    """Start the command with its output in ``log``, in ``cwd`` (``python -m`` imports the package found there
+    before ``PYTHONPATH``'s); returns the process and the wall-clock start."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
         f.write(f"$ {' '.join(args)}\n".encode())
         launched = time.time()
-        proc = subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(REPO))
+        proc = subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(cwd))
     return proc, launched
 
 
@@ -76,11 +77,12 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float | None = None) -> f
     return ended
 
 
-def measure(args: list[str], env: dict[str, str], output: Path, log: Path, timeout: float | None = None
-            ) -> dict[str, Any]:
-    """Run one command to the end and return ``timings``, its logs and the GPUs' clocks while it ran."""
+def measure(args: list[str], env: dict[str, str], output: Path, log: Path, timeout: float | None = None,
+            cwd: Path = REPO) -> dict[str, Any]:
+    """Run one command to the end (in ``cwd``) and return ``timings``, its logs and the GPUs' clocks while it
+    ran."""
     with GpuClocks() as clocks:
-        proc, launched = start(args, env, log)
+        proc, launched = start(args, env, log, cwd)
         ended = finish(proc, log, timeout)
     return {**timings(output, launched, ended), "log": startup_log(output, launched),
             "shard_timing": shard_timing(output), "shard_log": shard_log(output, launched),
