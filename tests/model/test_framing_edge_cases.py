@@ -135,6 +135,24 @@ def test_trailing_endoftext_strings_stripped_whatever_the_text_length(qwen_token
     assert not long.truncated[0]
 
 
+
+def test_a_shard_tokenized_in_calls_of_a_few_texts_gets_one_calls_ids(qwen_tokenizer_dir: Path) -> None:
+    """Texts go to the tokenizer TOKENIZE_CALL at a time (shorter holds of the interpreter lock): the ids of
+    every text, on both sides of each call's edge, are those of one call over all of them."""
+    from pipeline.model.tokens import TOKENIZE_CALL
+
+    hf = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir))
+    tok = TextTokenizer(hf, SequenceFormat((), (ENDOFTEXT_ID,), 64, strip_suffix=True))
+    texts = [f"document {i}: " + "word " * (i % 7) + "<|endoftext|>" * (i % 2) for i in range(2 * TOKENIZE_CALL + 3)]
+    enc = tok.encode(texts)
+    whole = hf(texts, add_special_tokens=False)["input_ids"]
+    assert len(enc) == len(texts)
+    for i, ids in enumerate(whole):
+        while ids and ids[-1] == ENDOFTEXT_ID:
+            ids.pop()
+        assert enc.sequence(i).tolist() == ids + [ENDOFTEXT_ID], i
+
+
 # --- 4. truncation reads a prefix of a long text: it must give the whole text's first tokens --------------------
 
 PIECES = [
