@@ -152,7 +152,8 @@ def import_generation_code_lazily() -> None:
     a function of assisted decoding that embedding never calls (later releases import it inside that function).
     Here that module is imported while transformers' check says scikit-learn is absent; then the check is
     given back, and ``roc_curve`` becomes a stand-in that imports scikit-learn's on its first call. Nothing
-    changes but when scikit-learn is imported. Does nothing once that module is imported.
+    changes but when scikit-learn is imported. Does nothing once that module is imported, or where transformers
+    has no such module or check.
     """
     import sys
 
@@ -160,10 +161,14 @@ def import_generation_code_lazily() -> None:
         return
     import transformers.utils as hf_utils
 
-    available = hf_utils.is_sklearn_available
+    available = getattr(hf_utils, "is_sklearn_available", None)
+    if available is None:  # a transformers without that check: nothing to put off
+        return
     hf_utils.is_sklearn_available = lambda: False
     try:
         from transformers.generation import candidate_generator
+    except ImportError:  # a transformers without that module: its model classes do not import it either
+        return
     finally:
         hf_utils.is_sklearn_available = available
     candidate_generator.is_sklearn_available = available

@@ -323,23 +323,32 @@ class PackedDecoder:
         (``data/benchmarks/h200-probe-prewarm-2026-12-01.txt``). The values computed are thrown away.
 
         Returns:
-            The number of row counts run.
+            The number of row counts run: fewer where the device ran out of memory (a token budget the forward
+            itself only meets by splitting packs); the rest is left undone, with a warning.
         """
         if self.device.type != "cuda":
             return 0
         ly = self.layers[0]
         products = ((ly.qkv, ly.qkv_b), (ly.o, None), (ly.gate_up, None), (ly.down, None))
         widest = max(w.shape[1] for w, _ in products)
-        rows = torch.zeros(max_tokens * widest, device=self.device, dtype=ly.qkv.dtype)
-        positions = torch.arange(max_tokens, device=self.device)[None]
         counts = spaced_counts(max_tokens)
-        with torch.inference_mode(), torch.cuda.device(self.device):
-            for m in counts:
-                for w, b in products:  # each with a contiguous (m, in) input, as the forward's are
-                    F.linear(rows[: m * w.shape[1]].view(m, w.shape[1]), w, b)
-                self.model.rotary_emb(rows[:1], positions[:, :m])
-            torch.cuda.synchronize(self.device)
-        return len(counts)
+        done = 0
+        try:
+            rows = torch.zeros(max_tokens * widest, device=self.device, dtype=ly.qkv.dtype)
+            positions = torch.arange(max_tokens, device=self.device)[None]
+            with torch.inference_mode(), torch.cuda.device(self.device):
+                for m in counts:
+                    for w, b in products:  # each with a contiguous (m, in) input, as the forward's are
+                        F.linear(rows[: m * w.shape[1]].view(m, w.shape[1]), w, b)
+                    self.model.rotary_emb(rows[:1], positions[:, :m])
+                    done += 1
+                torch.cuda.synchronize(self.device)
+        except torch.OutOfMemoryError:
+            rows = positions = None
+            torch.cuda.empty_cache()
+            log.warning("product warm-up stopped at %d rows (%d of %d row counts run): out of device memory; the "
+                        "first packs may run slower", counts[min(done, len(counts) - 1)], done, len(counts))
+        return done
 
     def host_layout(self, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
         """What the kernel needs to know of a pack besides its cumulative lengths, computed on the host: the
