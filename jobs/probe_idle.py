@@ -47,6 +47,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from pipeline.bench.gpu import make_corpus, random_model  # noqa: E402
 from pipeline.model.encoder import Embedder  # noqa: E402
+from pipeline.model.packed import spaced_counts  # noqa: E402
 
 QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
 
@@ -130,15 +131,6 @@ def prewarm(emb: Embedder, encs: list, cfg, device: str = "cuda") -> int:
     return len(tokens | seqs)
 
 
-def geometric_rows(top: int, ratio: float = 1.02) -> list[int]:
-    """Row counts 1..``top`` spaced by ``ratio`` (every count up to 1 / (ratio - 1), then ~2% apart)."""
-    rows, m = set(), 1.0
-    while m < top:
-        rows.add(int(m))
-        m = max(m * ratio, int(m) + 1)
-    return sorted(rows | {top})
-
-
 def prewarm_geometric(emb: Embedder, cfg, top: int, device: str = "cuda") -> int:
     """Each product once at row counts 1..``top`` ~2% apart (no knowledge of the packs to come)."""
     hidden, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -146,7 +138,7 @@ def prewarm_geometric(emb: Embedder, cfg, top: int, device: str = "cuda") -> int
     weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for n, k in
                (((n_q + 2 * n_kv) * hd, hidden), (hidden, n_q * hd), (2 * inter, hidden), (hidden, inter))]
     inv = torch.rand(1, hd // 2, 1, device=device)
-    rows = geometric_rows(top)
+    rows = spaced_counts(top)
     x = torch.randn(top, max(hidden, inter, n_q * hd), device=device, dtype=torch.bfloat16)
     pos = torch.arange(top, device=device, dtype=torch.float32)[None, None, :]
     for m in rows:
