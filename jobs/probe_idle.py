@@ -107,18 +107,24 @@ def one_pass(emb: Embedder, enc, sampler: Sampler, label: str) -> dict:
             "host_queue_s": [round(h - t0, 3) for h in host], "clocks": sampler.between(t0, t1)}
 
 
-def prewarm(emb: Embedder, encs: list, cfg, device: str = "cuda") -> int:
-    """Each product of each pack of ``encs`` once, on its own: (token count | sequence count) x each weight."""
-    hidden, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for n, k in
-               (((n_q + 2 * n_kv) * hd, hidden), (hidden, n_q * hd), (2 * inter, hidden), (hidden, inter))]
-    inv = torch.rand(1, hd // 2, 1, device=device)
+def pack_counts(emb: Embedder, encs: list) -> tuple[set[int], set[int]]:
+    """The token counts and the sequence counts of the packs of ``encs``."""
     tokens, seqs = set(), set()
     for enc in encs:
         for batch in emb.plan_batches(enc.lengths):
             tokens.add(int(enc.lengths[batch].sum()))
             seqs.add(len(batch))
+    return tokens, seqs
+
+
+def prewarm(cfg, tokens: set[int], seqs: set[int] = frozenset(), device: str = "cuda") -> int:
+    """Each product of a layer once on its own at each row count of ``tokens | seqs`` (random weights of the
+    model's shapes), and the rope's float32 product at each of ``tokens``."""
+    hidden, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for n, k in
+               (((n_q + 2 * n_kv) * hd, hidden), (hidden, n_q * hd), (2 * inter, hidden), (hidden, inter))]
+    inv = torch.rand(1, hd // 2, 1, device=device)
     x = torch.randn(max(tokens | seqs), max(hidden, inter, n_q * hd), device=device, dtype=torch.bfloat16)
     pos = torch.arange(max(tokens), device=device, dtype=torch.float32)[None, None, :]
     for m in sorted(tokens | seqs):
@@ -126,27 +132,8 @@ def prewarm(emb: Embedder, encs: list, cfg, device: str = "cuda") -> int:
             torch.nn.functional.linear(x[:m, : w.shape[1]], w)
         if m in tokens:
             inv @ pos[..., :m]
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return len(tokens | seqs)
-
-
-def prewarm_geometric(emb: Embedder, cfg, top: int, device: str = "cuda") -> int:
-    """Each product once at row counts 1..``top`` ~2% apart (no knowledge of the packs to come)."""
-    hidden, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for n, k in
-               (((n_q + 2 * n_kv) * hd, hidden), (hidden, n_q * hd), (2 * inter, hidden), (hidden, inter))]
-    inv = torch.rand(1, hd // 2, 1, device=device)
-    rows = spaced_counts(top)
-    x = torch.randn(top, max(hidden, inter, n_q * hd), device=device, dtype=torch.bfloat16)
-    pos = torch.arange(top, device=device, dtype=torch.float32)[None, None, :]
-    for m in rows:
-        for w in weights:
-            torch.nn.functional.linear(x[:m, : w.shape[1]], w)
-        inv @ pos[..., :m]
     torch.cuda.synchronize()
-    return len(rows)
+    return len(tokens | seqs)
 
 
 def burn(seconds: float) -> None:
@@ -175,8 +162,9 @@ def main() -> None:
     mode = os.environ.get("PROBE_PREWARM", "")
     if mode:
         t0 = time.perf_counter()
-        prewarmed = (prewarm_geometric(emb, model.config, emb.batch_tokens) if mode == "geo"
-                     else prewarm(emb, thirds, model.config))
+        # geo: row counts 1..budget ~2% apart (no knowledge of the packs to come); exact: the packs' own
+        prewarmed = (prewarm(model.config, set(spaced_counts(emb.batch_tokens))) if mode == "geo"
+                     else prewarm(model.config, *pack_counts(emb, thirds)))
         print(f"prewarmed {prewarmed} row counts in {time.perf_counter() - t0:.1f} s", flush=True)
     sampler = Sampler()
     time.sleep(1.0)
