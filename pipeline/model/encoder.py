@@ -250,10 +250,11 @@ class Embedder:
             mark = now
 
         import torch
+
+        import_generation_code_lazily()  # before anything imports transformers' model classes (AutoModel does)
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        import_generation_code_lazily()
         step("import torch")
         hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
         path = resolve_model_path(model)

@@ -180,22 +180,6 @@ def test_default_token_budget_by_path_and_model_size():
     assert default_batch_tokens("padded", "cpu", 64) == 4096
 
 
-def test_compile_cache_goes_to_the_documented_folder_unless_the_user_chose_one(monkeypatch, tmp_path):
-    from pipeline.model.packed import compile_cache_dir, use_compile_cache
-
-    for var in ("EMBED_CORPUS_COMPILE_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert compile_cache_dir() == tmp_path / "xdg" / "embed-corpus" / "compile"
-    monkeypatch.setenv("EMBED_CORPUS_COMPILE_CACHE", str(tmp_path / "shared"))
-    assert use_compile_cache() == tmp_path / "shared" / "inductor"
-    import os
-
-    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "shared" / "triton")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert use_compile_cache() == tmp_path / "mine"  # the user's own setting wins
-
-
 def test_warmup_runs_one_pack_and_leaves_the_vectors_alone(embedders):
     _, packed = embedders
     before = packed.embed_texts(TEXTS)
@@ -282,6 +266,33 @@ def test_compiled_default_real_command_on_gpu(tmp_path, tiny_qwen3_dir):
                      strict=True))
     cos = np.array([(by_id[d["id"]] * ref[i]).sum() for i, d in enumerate(docs)])
     assert cos.min() >= 0.995, cos
+
+
+def test_model_load_puts_off_scikit_learn_before_transformers_model_classes_are_imported(tiny_qwen3_dir):
+    """``Embedder.load`` runs the scikit-learn shortcut before it imports ``AutoModel``: transformers 5.17 imports
+    the generation code (and with it scikit-learn) as ``AutoModel``'s module loads, so the shortcut after that
+    import did nothing (the H200 image's import step still spent 1.5 s in scikit-learn)."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    code = f"""
+import sys
+from pipeline.model import encoder
+calls = []
+real = encoder.import_generation_code_lazily
+def spy():
+    calls.append("transformers.models.auto.auto_factory" in sys.modules)
+    real()
+encoder.import_generation_code_lazily = spy
+encoder.Embedder.load({str(tiny_qwen3_dir)!r}, device="cpu", attention="padded")
+assert calls == [False], calls
+print("ok")
+"""
+    got = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert got.returncode == 0 and got.stdout.strip() == "ok", got.stderr[-2000:]
 
 
 def test_generation_code_is_imported_without_scikit_learn_and_still_finds_it_when_used():
