@@ -42,13 +42,14 @@ def run_args(inputs: list[Path], output: Path, model_dir: Path, *, shard_size: i
 def command_env(*, compile_cache: Path | None = None, devices: str | None = None,
                 trace_recompiles: bool = False) -> dict[str, str]:
     """The environment of a measured command: this checkout first on ``PYTHONPATH``; a compile cache of its
-    own (a fresh folder makes a cold start; the same folder again a warm one); the GPUs it may see."""
+    own, with the bytecode cache in it (a fresh folder makes a cold start; the same folder again a warm one); the
+    GPUs it may see."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     if compile_cache is not None:
         env["EMBED_CORPUS_COMPILE_CACHE"] = str(compile_cache)
-        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        env.pop("TRITON_CACHE_DIR", None)
+        for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "PYTHONPYCACHEPREFIX"):
+            env.pop(var, None)
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     if trace_recompiles:

@@ -288,8 +288,8 @@ def run_bench(size: str, *, tokenizer_dir: str, n_docs: int, batch_tokens: int |
     from pipeline.bench.synthetic import save_embedding_dir
     from pipeline.job.config import make_config
     from pipeline.job.runner import run_job
+    from pipeline.model.caches import compile_cache_dir
     from pipeline.model.encoder import Embedder
-    from pipeline.model.packed import compile_cache_dir
 
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
     rec: dict[str, Any] = {"model_size": size, "gpu": gpu, "date": time.strftime("%Y-%m-%d"), "docs": n_docs,

@@ -12,6 +12,7 @@ from pipeline.cli.index import eval_cmd, index, search
 from pipeline.cli.run import run, status
 from pipeline.cli.serve import serve
 from pipeline.cli.slurm import slurm
+from pipeline.model.caches import use_bytecode_cache
 from pipeline.util import configure_logging
 
 
@@ -26,6 +27,7 @@ def main() -> None:
     # A user's own setting wins, under either of torch's names for it.
     if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    use_bytecode_cache()  # before any command imports torch
 
 
 for command in (run, status, index, search, bench, bench_attention, bench_job, bench_scale, slurm, serve):

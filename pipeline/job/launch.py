@@ -113,8 +113,10 @@ def _child(cfg: JobConfig, env: dict[str, str], lease: float, threads: int | Non
     """A worker process: load the model while the parent plans, then work shards until none is left. It ends
     without the interpreter's teardown (``util.fast_exit``) once its parts and markers are written: seconds
     per worker on a GPU, paid by the job's wall time. An unexpected error ends it the usual way (traceback)."""
+    from pipeline.model.caches import use_bytecode_cache
     from pipeline.util import exit_code, fast_exit
 
+    use_bytecode_cache()  # a spawned process starts with Python's own setting, not the parent's
     fast_exit(exit_code(_work, cfg, env, lease, threads, planned, parent))
 
 

@@ -22,7 +22,7 @@ rounding:
 
 Start-up: the token dimension is marked dynamic before the first call, so one compilation (``warmup``, a small
 pack) makes the graph every pack uses, and compiled kernels are kept on disk between runs in
-``compile_cache_dir()`` (shared by every worker that sees the same folder).
+``caches.compile_cache_dir()`` (shared by every worker that sees the same folder).
 """
 
 from __future__ import annotations
@@ -31,46 +31,19 @@ import copy
 import functools
 import inspect
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.model import attention, rotary
+from pipeline.model.caches import use_compile_cache
 
 log = logging.getLogger(__name__)
 
 PACKED_TYPES = {"qwen3", "qwen2"}
-
-
-def compile_cache_dir() -> Path:
-    """Where compiled kernels are kept between runs: ``$EMBED_CORPUS_COMPILE_CACHE``, else
-    ``$XDG_CACHE_HOME/embed-corpus/compile`` (``~/.cache/embed-corpus/compile``)."""
-    explicit = os.environ.get("EMBED_CORPUS_COMPILE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "embed-corpus" / "compile"
-
-
-def use_compile_cache() -> Path:
-    """Point torch.compile's (Inductor's) and Triton's on-disk caches at ``compile_cache_dir()``, unless
-    ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` are set already (then those win). Their defaults live
-    under ``/tmp`` (Inductor) and ``~/.triton``: a cluster node's ``/tmp`` is often emptied between jobs, and a
-    folder on a shared filesystem lets every worker of every node reuse what the first one compiled (both
-    caches write each entry under a temporary name and rename it, so workers can share them).
-
-    Returns:
-        The folder in use for Inductor's cache.
-    """
-    root = compile_cache_dir()
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def _dynamic_tokens(*tensors: torch.Tensor) -> None:
