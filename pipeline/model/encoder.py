@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import EncodeError, PipelineError
+from pipeline.model.identity import own_weights
 from pipeline.model.stfiles import Head, lowercase_first, st_files
 from pipeline.model.tokens import Encoded, SequenceFormat, TextTokenizer
 
@@ -275,6 +276,7 @@ class Embedder:
         except (OSError, ValueError) as exc:
             raise PipelineError(f"model {model!r}: cannot load ({exc})") from exc
         net.eval().to(torch.device(device))
+        own_weights(net)
         step("weights")
         log.info("model %s loaded in %.1fs (%s)", model, steps["tokenizer"] + steps["weights"],
                  "straight to the device" if direct else "through host memory")

@@ -106,3 +106,21 @@ def file_digest(path: Path) -> str:
 def changed_files(before: dict[str, str], now: dict[str, str]) -> list[str]:
     """Names of the files added, removed or changed between two ``model_files`` results."""
     return sorted(name for name in set(before) | set(now) if before.get(name) != now.get(name))
+
+
+def own_weights(net) -> None:
+    """Give the CPU weights of a loaded model memory of their own, off its checkpoint file.
+
+    transformers memory-maps a safetensors checkpoint and keeps a CPU tensor of its stored dtype as a view of
+    the map: a new revision copied over the same file (``cp``) then changed the weights of a running server or
+    CPU job under it, after ``model_files`` was checked, and its vectors with them. Costs one copy of the CPU
+    weights at load (GPU weights are copies already).
+    """
+    import itertools
+
+    import torch
+
+    with torch.no_grad():
+        for t in itertools.chain(net.parameters(), net.buffers()):
+            if t.device.type == "cpu":
+                t.data = t.data.clone()

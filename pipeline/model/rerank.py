@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.model.encoder import default_device, resolve_model_path
+from pipeline.model.identity import own_weights
 
 log = logging.getLogger(__name__)
 
@@ -226,5 +227,6 @@ def load_reranker(
     except (OSError, ValueError) as exc:
         raise PipelineError(f"rerank model {model!r}: cannot load ({exc})") from exc
     net.eval().to(torch.device(device))
+    own_weights(net)
     log.info("reranker %s: %s, max_length %d, %s on %s", model, cls.kind, max_length, compute_dtype, device)
     return cls(net, tokenizer, model, device, max_length, batch_size, **kwargs)

@@ -224,8 +224,8 @@ def _dense_weights(folder: Path, n_in: int, n_out: int, has_bias: bool, activati
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         raise PipelineError(f"{folder}: the Dense module's weights {shapes} do not fit its config ({n_in} -> {n_out}, "
                             f"bias {has_bias})")
-    dev = torch.device(device)
-    return (weight.to(dev, torch.float32), None if bias is None else bias.to(dev, torch.float32),
+    dev = torch.device(device)  # copies: safetensors' tensors are views of the file's memory map (own_weights)
+    return (weight.to(dev, torch.float32, copy=True), None if bias is None else bias.to(dev, torch.float32, copy=True),
             getattr(torch.nn, activation)())
 
 

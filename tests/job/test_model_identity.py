@@ -131,3 +131,24 @@ def test_a_large_file_is_sampled_and_a_change_anywhere_in_it_is_seen(tmp_path, m
     path.write_bytes(data.tobytes())
     assert file_digest(path) == before
     assert changed_files({"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": "4"}) == ["b", "c"]
+
+
+def test_a_checkpoint_overwritten_in_place_leaves_a_loaded_embedder_alone(tmp_path, minilm_dir):
+    """transformers memory-maps a safetensors checkpoint and keeps a CPU tensor of its stored dtype as the map: a
+    new revision written over the same file changed the weights of a running server or CPU job under it, after
+    its digests were checked, and its vectors with them (exit 0). The loaded weights are the process's own."""
+    from pipeline.model.encoder import Embedder
+
+    model = _model_copy(minilm_dir, tmp_path / "model")
+    texts = ["a first document", "and another one"]
+    emb = Embedder.load(str(model), device="cpu")
+    before = emb.embed_texts(texts)
+    revision = _model_copy(minilm_dir, tmp_path / "revision")
+    _update_weights(revision)
+    weights = model / "model.safetensors"
+    inode = weights.stat().st_ino
+    shutil.copyfile(revision / "model.safetensors", weights)  # as `cp` writes it: over the same file
+    assert weights.stat().st_ino == inode
+    assert np.array_equal(emb.embed_texts(texts), before)
+    fresh = Embedder.load(str(model), device="cpu").embed_texts(texts)
+    assert not np.allclose(fresh, before, atol=1e-3)  # the overwrite did change what a load reads

@@ -220,3 +220,20 @@ def test_embeddinggemma_shape_bidirectional_gemma3_with_two_dense_modules(tmp_pa
     emb = Embedder.load(str(tmp_path / "model"), device="cpu")
     assert (emb.info.pooling, emb.info.width) == ("mean", 64)
     np.testing.assert_allclose(emb.embed_texts(texts), _reference(model, texts), atol=2e-5)
+
+
+def test_a_dense_module_overwritten_in_place_leaves_a_loaded_head_alone(tmp_path: Path, minilm_dir: Path) -> None:
+    """The Dense head's weights are read with safetensors' ``load_file``, whose tensors are views of the file's
+    memory map: a new revision copied over it (``cp``) changed a running server's head, and its vectors."""
+    import shutil
+
+    _dense_tanh(minilm_dir, tmp_path / "model")
+    emb = Embedder.load(str(tmp_path / "model"), device="cpu")
+    before = emb.embed_texts(TEXTS)
+    torch.manual_seed(1)  # the same shapes, other weights
+    (tmp_path / "revision").mkdir()
+    models.Dense(384, 64, bias=True, activation_function=torch.nn.Tanh()).save(str(tmp_path / "revision"))
+    dense = tmp_path / "model" / "2_Dense" / "model.safetensors"
+    shutil.copyfile(tmp_path / "revision" / "model.safetensors", dense)
+    assert np.array_equal(emb.embed_texts(TEXTS), before)
+    assert not np.allclose(Embedder.load(str(tmp_path / "model"), device="cpu").embed_texts(TEXTS), before, atol=1e-3)
