@@ -334,7 +334,10 @@ class Embedder:
         if pooling == "auto":
             pooling = st_pooling or ("lasttoken" if is_decoder else "mean")
         hidden = int(config.hidden_size)
-        head = Head.load(st.head, hidden, None if framing_only else device)
+        modules = st.head
+        while normalize and modules and modules[-1][0] == "normalize":  # the final normalisation after the cut
+            modules = modules[:-1]  # gives what normalising before it would (sentence-transformers' own order)
+        head = Head.load(modules, hidden, None if framing_only else device)
         width = head.width if head.steps else hidden
         if dims is not None and dims > width:
             raise PipelineError(f"dims: {dims} is larger than the model's {width} dimensions")

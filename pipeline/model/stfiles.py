@@ -35,7 +35,8 @@ class STFiles:
     """What a model folder's sentence-transformers files say: pooling mode (None: not given), the
     ``config_sentence_transformers.json`` and ``sentence_bert_config.json`` contents, and what comes after the
     pooling, in order: ``("dense", folder)`` for a Dense module, ``("normalize", None)`` for a Normalize module
-    before one (a Normalize module at the end is the final L2 normalisation every vector gets anyway)."""
+    (one at the end is left out where the vectors are L2-normalised after the Matryoshka cut anyway, not with
+    ``--no-normalize``: sentence-transformers runs it whatever ``normalize_embeddings`` says)."""
 
     pooling: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
@@ -81,8 +82,6 @@ def st_files(path: str, computed_here: bool = True) -> STFiles:
             if other:
                 raise PipelineError(f"{root}: the {kind} module ({where}) works on {sorted(other)}, not on the pooled "
                                     "vector; embed-corpus does not compute that")
-    while head and head[-1][0] == "normalize":
-        head.pop()
     return STFiles(pooling, read_json(root / "config_sentence_transformers.json"),
                    read_json(root / "sentence_bert_config.json"), tuple(head), include_prompt)
 

@@ -70,6 +70,18 @@ def test_vectors_are_sentence_transformers_own(tmp_path: Path, minilm_dir: Path,
     np.testing.assert_allclose(got, expected, atol=2e-5)
 
 
+@pytest.mark.parametrize("build", [_dense_tanh, _two_dense_after_normalize, _plain])
+@pytest.mark.parametrize("dims", [None, 16])
+def test_no_normalize_gives_the_models_own_vectors(tmp_path: Path, minilm_dir: Path, build, dims) -> None:
+    """``--no-normalize`` leaves out the pipeline's final L2 normalisation, not a Normalize module of the model's:
+    sentence-transformers runs every module (``encode(normalize_embeddings=False)`` of a model ending in Normalize
+    gives unit vectors) and cuts them to ``truncate_dim`` after. Dropping the module gave vectors of norm ~6.8."""
+    model = build(minilm_dir, tmp_path / "model")
+    got = Embedder.load(str(tmp_path / "model"), device="cpu", dims=dims, normalize=False).embed_texts(TEXTS)
+    expected = model.encode(TEXTS, convert_to_numpy=True, batch_size=2, normalize_embeddings=False)[:, :dims]
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
 def test_a_job_and_its_query_side_use_the_dense_head(tmp_path: Path, minilm_dir: Path) -> None:
     """`run` writes the Dense model's vectors, records its head, and `search` embeds queries through it too."""
     from pipeline.job.record import query_embedder
