@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
+from pipeline.job.sink import part_number
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def complete_parts(output: str | Path) -> list[Part]:
     if folder is None:
         return []
     folder = folder.resolve()
-    parts = [_describe_part(path, int(path.name[5:11]), path.stat().st_mtime)
-             for path in sorted(folder.glob("part-*.parquet"))]
+    parts = [_describe_part(path, part_number(path), path.stat().st_mtime)
+             for path in sorted(folder.glob("part-*.parquet"), key=part_number)]
     dims = {p.dims for p in parts}
     if len(dims) > 1:
         raise PipelineError(f"{out}: vector parts have different sizes {sorted(dims)}; the output mixes two jobs")

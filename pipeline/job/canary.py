@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.errors import ManifestMismatch, PipelineError
 from pipeline.job import versions
 from pipeline.job.records import FieldSpec
+from pipeline.job.sink import part_number
 from pipeline.model.tokens import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def _kept_sample(out: Path, spec: FieldSpec, n: int = SAMPLE) -> tuple[list[str]
     vectors: list[np.ndarray] = []
     if folder is None:
         return texts, np.zeros((0, 0), np.float32)
-    paths = {int(p.name[len("part-"):].split(".")[0]): p for p in folder.glob("part-*.parquet")
+    paths = {part_number(p): p for p in folder.glob("part-*.parquet")
              if not p.name.endswith(".docs.parquet")}
     first = sorted(paths)[:n]  # at most n parts hold the n documents looked for (or all there are)
     lookup = DocumentTexts(out, spec, parts=set(first))

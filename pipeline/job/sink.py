@@ -48,6 +48,12 @@ def docs_path(out: Path, part: int) -> Path:
     return out / POOL / f"part-{part:06d}.docs.parquet"
 
 
+def part_number(path: Path) -> int:
+    """The part id in a part's or its document index's file name: six digits or more (``part-000042.parquet``,
+    ``part-1000000.docs.parquet``; ids only grow, so a nightly output reaches seven)."""
+    return int(path.name[len("part-"):].split(".", 1)[0])
+
+
 def dups_path(out: Path, shard: int) -> Path:
     return out / POOL / f"dups-{shard:06d}.parquet"
 

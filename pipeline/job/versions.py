@@ -31,7 +31,7 @@ from pipeline.errors import ManifestMismatch, PipelineError
 from pipeline.job import passes
 from pipeline.job.buckets import Spill, row_groups
 from pipeline.job.diff import Placed, find
-from pipeline.job.sink import POOL, docs_path, part_path
+from pipeline.job.sink import POOL, docs_path, part_number, part_path
 from pipeline.util import fault_point, fsync_dir, write_json_atomic
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def max_part_id(out: Path) -> int:
     ids = [-1]
     for folder in [out / POOL, *(p / LINK for p in (out / VERSIONS).glob("[0-9]*"))]:
         if folder.is_dir():
-            ids += [int(p.name[5:11]) for p in folder.glob("part-[0-9][0-9][0-9][0-9][0-9][0-9]*.parquet")]
+            ids += [part_number(p) for p in folder.glob("part-[0-9][0-9][0-9][0-9][0-9][0-9]*.parquet")]
     return max(ids)
 
 
@@ -283,14 +283,14 @@ def collect_garbage(out: Path, keep: set[int]) -> None:
             continue
         try:
             if path.stat().st_nlink == 1:  # only the pool names it: no kept version holds it
-                docs_path(out, int(path.name[5:11])).unlink(missing_ok=True)
+                docs_path(out, part_number(path)).unlink(missing_ok=True)
                 path.unlink()
         except (OSError, ValueError):
             continue
     for path in pool.glob("dups-*.parquet"):
         path.unlink(missing_ok=True)
     for path in pool.glob("part-*.docs.parquet"):
-        if not part_path(out, int(path.name[5:11])).exists():
+        if not part_path(out, part_number(path)).exists():
             path.unlink(missing_ok=True)
 
 
