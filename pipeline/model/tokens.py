@@ -172,12 +172,12 @@ class TextTokenizer:
             contents = self._content_ids_capped(with_prompt, limit)
         else:
             contents = self._content_ids(with_prompt)
-        bodies = {}
+        bodies: list[list[int]] = []
         if self.long_docs == "chunk" and self.prompt:
             # a chunk's body is its text's own tokens: in tokenize(prompt + text) the prompt's last token can join
-            # the text's first (Qwen: "Query:" + "The" -> ":The"), so cutting the prompt's length off would cut it
-            long = [d for d, content in enumerate(contents) if len(content) > limit]
-            bodies = dict(zip(long, self._content_ids([texts[d] for d in long]), strict=True))
+            # the text's first (Qwen: "Query:" + "The" -> ":The"), so cutting the prompt's length off would cut it;
+            # a short document's token span is its text's own tokens too, not the prompt's with them
+            bodies = self._content_ids(texts)
         seqs: list[list[int]] = []
         doc, chunk, span, truncated = [], [], [], []
         for d, content in enumerate(contents):
@@ -185,7 +185,7 @@ class TextTokenizer:
                 seqs.append(prefix + content[:limit] + suffix)
                 doc.append(d)
                 chunk.append(0)
-                span.append((0, min(len(content), limit)))
+                span.append((0, len(bodies[d]) if bodies else min(len(content), limit)))
                 truncated.append(len(content) > limit)
                 continue
             body = bodies[d] if self.prompt else content

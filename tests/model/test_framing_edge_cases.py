@@ -121,6 +121,21 @@ def test_chunked_document_with_prompt_keeps_its_first_word(qwen_tokenizer_dir: P
     assert body.lstrip().startswith("The quick brown fox")
 
 
+@pytest.mark.parametrize("prompt", [format_instruction("Retrieve semantically similar text"), "passage: "])
+def test_a_short_document_with_prompt_spans_its_own_tokens_when_chunking(qwen_tokenizer_dir: Path, prompt: str) -> None:
+    """``token_start``/``token_end`` are the text's own token span: a document short enough to be one chunk
+    counted the prompt's tokens in it (its long neighbours did not), exit 0."""
+    hf = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir))
+    fmt = SequenceFormat((), (ENDOFTEXT_ID,), 64, strip_suffix=True)
+    tok = TextTokenizer(hf, fmt, prompt=prompt, long_docs="chunk", chunk_tokens=12, chunk_overlap=0)
+    short = "hello world, this is short"
+    enc = tok.encode([short, "The quick brown fox jumps over the lazy dog. " * 20])
+    own = len(hf(short, add_special_tokens=False)["input_ids"])
+    assert enc.span[0].tolist() == [0, own]
+    assert enc.span[len(enc) - 1, 1] == len(hf("The quick brown fox jumps over the lazy dog. " * 20,
+                                               add_special_tokens=False)["input_ids"])
+
+
 # --- 3. trailing <|endoftext|> strings of a long text ------------------------------------------------------------
 
 
