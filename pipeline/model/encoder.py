@@ -333,6 +333,10 @@ class Embedder:
         is_decoder = model_type in DECODER_TYPES or bool(getattr(config, "is_decoder", False))
         if pooling == "auto":
             pooling = st_pooling or ("lasttoken" if is_decoder else "mean")
+            if not st_pooling:  # a guess from the architecture: the wrong one gives other vectors, no error
+                log.warning("model %s names no pooling (no sentence-transformers Pooling config): %s pooling, as for "
+                            "a %s; pass --pooling if its card says otherwise", model, pooling,
+                            "decoder" if is_decoder else "bidirectional encoder")
         hidden = int(config.hidden_size)
         modules = st.head
         while normalize and modules and modules[-1][0] == "normalize":  # the final normalisation after the cut

@@ -249,3 +249,21 @@ def test_a_dense_module_overwritten_in_place_leaves_a_loaded_head_alone(tmp_path
     shutil.copyfile(tmp_path / "revision" / "model.safetensors", dense)
     assert np.array_equal(emb.embed_texts(TEXTS), before)
     assert not np.allclose(Embedder.load(str(tmp_path / "model"), device="cpu").embed_texts(TEXTS), before, atol=1e-3)
+
+
+def test_a_model_that_names_no_pooling_gets_a_warning_naming_the_guess(tmp_path: Path, minilm_dir: Path,
+                                                                        caplog) -> None:
+    """Without a sentence-transformers Pooling config the pooling is a guess from the architecture (mean for an
+    encoder, last token for a decoder); a wrong guess gives other vectors and no error, so it is said."""
+    import logging
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(minilm_dir, bare, ignore=shutil.ignore_patterns("modules.json", "1_Pooling"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.encoder"):
+        Embedder.load(str(bare), device="cpu")
+    assert "names no pooling" in caplog.text and "mean pooling" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.encoder"):
+        Embedder.load(str(minilm_dir), device="cpu")
+    assert "names no pooling" not in caplog.text
