@@ -146,7 +146,7 @@ class Claims:
                 if process_is_gone(claim):
                     log.warning("shard %d: taking over the claim of %s (its process %s on this host is gone)",
                                 shard.id, owner, claim.get("pid"))
-                elif age <= self.lease:
+                elif age <= max(self.lease, float(claim.get("lease") or 0)):  # the holder's lease, if longer
                     return False
                 else:
                     log.warning("shard %d: taking over the claim of %s (no heartbeat for %.0fs)", shard.id, owner,

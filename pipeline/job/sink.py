@@ -24,6 +24,7 @@ means the same content.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -38,6 +39,7 @@ from pipeline.errors import raise_if_full
 from pipeline.util import fault_point, write_json_atomic
 
 POOL = "parts"
+log = logging.getLogger(__name__)
 
 
 def part_path(out: Path, part: int) -> Path:
@@ -82,8 +84,14 @@ def embedding_array(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), d)
 
 
-def write_atomic(table: pa.Table, final: Path, *, row_group_size: int = 65536, fault: str = "") -> Path:
-    """Write ``table`` as Parquet at ``final``: temporary name (``.NAME.tmp-HOST-PID``), fsync, rename."""
+def write_atomic(table: pa.Table, final: Path, *, row_group_size: int = 65536, fault: str = "",
+                 once: bool = False) -> bool:
+    """Write ``table`` as Parquet at ``final``: temporary name (``.NAME.tmp-HOST-PID``), fsync, rename. ``once``:
+    a file already at ``final`` is kept and this one dropped (a hard link, not a rename, puts it there).
+
+    Returns:
+        Whether this table is the one at ``final`` now.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
@@ -96,8 +104,16 @@ def write_atomic(table: pa.Table, final: Path, *, row_group_size: int = 65536, f
         raise
     if fault:
         fault_point(fault)
-    os.replace(tmp, final)
-    return final
+    if not once:
+        os.replace(tmp, final)
+        return True
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def docs_table(h: np.ndarray, k: np.ndarray, x: np.ndarray, prow: np.ndarray, nseq: np.ndarray) -> pa.Table:
@@ -107,9 +123,20 @@ def docs_table(h: np.ndarray, k: np.ndarray, x: np.ndarray, prow: np.ndarray, ns
 
 
 def write_part(out: Path, part: int, table: pa.Table, docs: pa.Table) -> Path:
-    """The part's document index, then the part itself (both atomic); the part's rename makes it exist."""
+    """The part's document index, then the part itself (both atomic); the part's link makes it exist.
+
+    A part is written once: a worker whose claim was taken over while it wrote (a pause longer than the lease)
+    keeps the part the other worker wrote, from the same plan's rows. Replacing it would leave the pool with a file
+    no version links, which garbage collection took for unused, deleting the live part's pool copy and document
+    index (every later run of the output failed).
+    """
+    path = part_path(out, part)
+    if path.exists():
+        log.warning("part %d was written by another worker (this one's claim was taken over): keeping that one", part)
+        return path
     write_atomic(docs, docs_path(out, part))
-    path = write_atomic(table, part_path(out, part), fault="before-part-rename")
+    if not write_atomic(table, path, fault="before-part-rename", once=True):
+        log.warning("part %d was written by another worker meanwhile: keeping that one", part)
     fault_point("after-part-rename")
     return path
 

@@ -278,8 +278,10 @@ def collect_garbage(out: Path, keep: set[int]) -> None:
     pool = out / POOL
     if not pool.is_dir():
         return
+    # by name as well as by links: a pool file another worker replaced is not the one a version links
+    linked = {p.name for v in folder.glob("[0-9]*") for p in (v / LINK).glob("part-*.parquet")}
     for path in pool.glob("part-*.parquet"):
-        if path.name.endswith(".docs.parquet"):
+        if path.name.endswith(".docs.parquet") or path.name in linked:
             continue
         try:
             if path.stat().st_nlink == 1:  # only the pool names it: no kept version holds it
