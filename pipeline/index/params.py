@@ -94,8 +94,15 @@ def search_parameters(index, values: dict[str, Any], selector) -> tuple[Any, lis
         params = faiss.SearchParametersPreTransform()
         params.index_params = inner
         return params, [inner, *keep]
-    if isinstance(index, faiss.IndexIDMap):  # the id map translates the selector to its internal numbers
-        return search_parameters(index.index, values, selector)
+    if isinstance(index, faiss.IndexIDMap):
+        if selector is None:
+            return search_parameters(index.index, values, selector)
+        # The selector speaks of ids; the index inside numbers its vectors in insertion order. IndexIDMap translates
+        # only a selector in the parameters it is given, and with a transform inside (IDMap -> PreTransform -> HNSW)
+        # those carry none: translated here, wherever it ends up (the map leaves one already translated alone).
+        translated = faiss.IDSelectorTranslated(index.id_map, selector)
+        params, keep = search_parameters(index.index, values, translated)
+        return params, [selector, *keep]
     if isinstance(index, faiss.IndexIVF):
         params = faiss.SearchParametersIVF(sel=selector, nprobe=int(values.get("nprobe", index.nprobe)))
     elif hasattr(index, "hnsw"):

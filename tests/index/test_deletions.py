@@ -58,8 +58,10 @@ def _live_recall(out: Path, info: dict, x_live: np.ndarray, pos_live: np.ndarray
     return float(np.mean([len(set(found[i]) & set(truth[i])) / k for i in range(len(qpos))]))
 
 
+# RR32,HNSW16: a transform before the graph (IDMap -> PreTransform -> HNSW): the filter reached the graph without
+# the id map's translation to its own numbers, so vanished parts came back and live ones were hidden
 @pytest.mark.parametrize("factory,lists", [("IVF32,Flat", "memory"), ("IVF32,SQfp16", "disk"), ("Flat", "memory"),
-                                           ("HNSW16", "memory")])
+                                           ("HNSW16", "memory"), ("RR32,HNSW16", "memory")])
 def test_vanished_parts_are_never_returned_and_the_update_removes_them(tmp_path: Path, factory: str,
                                                                       lists: str) -> None:
     x = clustered_vectors(N + SHARD, D, seed=31)
@@ -91,7 +93,7 @@ def test_vanished_parts_are_never_returned_and_the_update_removes_them(tmp_path:
     np.testing.assert_array_equal(new_pos[:, 0], np.arange(N, N + 20))
     # recall re-measured on the live set: the recorded figure equals an independent count over live vectors
     live_pos = np.array([p for p in range(N + SHARD) if p not in GONE])
-    if factory.startswith("HNSW"):  # measured on new vectors held out of the graph (added after): not re-countable
+    if "HNSW" in factory:  # measured on new vectors held out of the graph (added after): not re-countable
         stored = np.load(index_dir(tmp_path) / info["files"]["queries"])
         assert (stored["report_positions"] >= N).all() and "held out of the graph" in info["recall_queries"]["kind"]
     else:
@@ -107,12 +109,14 @@ def test_vanished_parts_are_never_returned_and_the_update_removes_them(tmp_path:
 
 
 def test_a_rewritten_part_is_replaced_not_kept_twice(tmp_path: Path) -> None:
-    """Today's runs can rewrite a part under the same name (another done time): its old vectors go, its new ones
-    come in at new positions."""
+    """A part under an indexed part's name with other contents (runs take new ids and write a part once, but an
+    output restored or edited by hand can have one): its old vectors go, its new ones come in at new positions."""
     x = clustered_vectors(3000, 16, seed=32)
     write_vector_output(tmp_path, x, shard_size=1000)
     build_index(tmp_path, factory="IVF16,Flat", recall_queries=100)
     changed = x[1000:2000][::-1].copy()
+    for name in ("part-000001.parquet", "part-000001.docs.parquet"):  # the live version keeps its own link
+        (tmp_path / "parts" / name).unlink()
     write_vector_output(tmp_path, changed, shard_size=1000, first_shard=1, ids=[f"c{i}" for i in range(1000)])
     info = update_index(tmp_path, recall_queries=100)
     assert info["removed_parts"] == info["added_parts"] == ["part-000001.parquet"]

@@ -153,7 +153,8 @@ def test_a_long_running_searcher_never_returns_a_part_that_vanished_after_it_sta
     seen = live_version(tmp_path)  # the number the searcher last saw
     shutil.rmtree(tmp_path / "versions")
     (tmp_path / "vectors").unlink()
-    write_vector_output(tmp_path, x[:500], shard_size=500)  # version 1 again, of other parts
+    # version 1 again, of other parts (new ids: a run never reuses one, --overwrite included)
+    write_vector_output(tmp_path, x[:500], shard_size=500, first_shard=10)
     for _ in range(seen - 1):
         publish(tmp_path, [])
     assert live_version(tmp_path) == seen  # the same number, another version
