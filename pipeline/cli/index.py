@@ -71,7 +71,8 @@ def index() -> None:
               help="Where an IVF index keeps its inverted lists: auto puts them in a memory-mapped file when their "
                    "codes do not fit --max-memory.")
 @click.option("--metric", type=click.Choice(["ip", "l2"]), default="ip", show_default=True,
-              help="ip: inner product (cosine on normalised vectors); l2: Euclidean.")
+              help="ip: inner product (cosine on normalised vectors); l2: Euclidean. A rebuild keeps the existing "
+                   "index's unless given (as it keeps --target-recall and --recall-k).")
 @click.option("--target-recall", type=float, default=0.95, show_default=True,
               help="Recall at --recall-k that nprobe/efSearch is tuned to reach.")
 @click.option("--recall-k", type=click.Choice(["1", "10", "100"]), default="10", show_default=True,
@@ -100,11 +101,22 @@ def build(ctx: click.Context, output: str, factory: str | None, max_memory: str,
           merge: bool, query_side: int | None, job_file: str | None, as_json: bool) -> None:
     """Build the index of OUTPUT from its finished vector parts; the old index stays usable until the swap."""
     from pipeline.index.choice import format_size
+    from pipeline.index.files import read_info
     from pipeline.index.store import build_index, choice_for
 
     opts: dict[str, Any] = {"factory": factory, "max_memory": max_memory, "lists": lists, "metric": metric,
                             "target_recall": target_recall, "recall_k": int(recall_k), "gpu": gpu,
                             "workers": workers, "pieces": pieces, "query_side": query_side}
+    def unset(name: str) -> bool:
+        return ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT
+
+    try:  # a rebuild (the one `index update` advises, say) keeps what the index measures by, unless told otherwise
+        old = read_info(output)
+        opts.update({name: value for name, value in (("metric", old["metric"]),
+                                                     ("target_recall", old["tuning"]["target"]),
+                                                     ("recall_k", old["tuning"]["k"])) if unset(name)})
+    except (PipelineError, KeyError, TypeError):  # no index yet (or an unreadable one, rebuilt from the defaults)
+        pass
     if job_file is not None:  # the job's index options where no flag was given
         from pipeline.job.config import ConfigError, build_config
 
@@ -113,8 +125,7 @@ def build(ctx: click.Context, output: str, factory: str | None, max_memory: str,
         except ConfigError as exc:
             _fail(str(exc))
             return
-        opts.update({name: value for name, value in given.items()
-                     if name in opts and ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT})
+        opts.update({name: value for name, value in given.items() if name in opts and unset(name)})
         opts["recall_k"] = int(opts["recall_k"])
     pieces = opts["pieces"]
     if (piece is not None or merge) and pieces is None:

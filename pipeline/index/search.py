@@ -211,7 +211,6 @@ class Searcher:
         if embedder is not None and not _same_model(info.model, recorded):
             raise PipelineError(f"the query embedder uses {info.model!r}, the index holds vectors of {recorded!r}")
         self.texts = TextSource(self.out, self.job, getattr(self.embedder.tokenizer, "tokenizer", None))
-        self.metric = self.info["metric"]
 
     def _check_fingerprint(self, info: dict[str, Any]) -> None:
         fp = info.get("job_fingerprint")
@@ -229,6 +228,7 @@ class Searcher:
         version = _version_key(self.out)
         self.filter, self.live_parts, self.live_starts = search_filter(self.out, info)
         self.info, self.index, self.ids, self._version, self._index_key = info, index, ids, version, key
+        self.metric = info["metric"]  # a rebuild may change it (ip -> l2): scores follow the generation's
 
     def follow_live_version(self) -> None:
         """Follow what runs and index updates did since this searcher looked (a readlink and two stats per call),

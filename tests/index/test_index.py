@@ -395,3 +395,18 @@ def test_recall_k_tunes_for_the_deepest_k_asked(tmp_path: Path) -> None:
     assert chosen["recall@100"] >= 0.95 > at10["recall@100"]  # @10 tuning leaves @100 below the target
     with pytest.raises(PipelineError, match="recall_k"):
         build_index(tmp_path, factory="Flat", recall_k=50)
+
+
+def test_a_rebuild_keeps_the_metric_and_recall_target_unless_told(tmp_path: Path) -> None:
+    """`index update` advises `embed-corpus index build OUT` when a rebuild is due; done as advised, it rebuilt an
+    l2 index as inner product (the flag's default), which ranks unnormalised vectors otherwise, exit 0."""
+    from helpers import run_ok
+
+    write_vector_output(tmp_path, clustered_vectors(600, 16, seed=3), shard_size=200)
+    run_ok("index", "build", str(tmp_path), "--factory", "Flat", "--metric", "l2", "--target-recall", "0.9",
+           "--recall-k", "100", "--query-side-queries", "0")
+    run_ok("index", "build", str(tmp_path), "--query-side-queries", "0")
+    info = read_info(tmp_path)
+    assert (info["metric"], info["tuning"]["target"], info["tuning"]["k"]) == ("l2", 0.9, 100)
+    run_ok("index", "build", str(tmp_path), "--metric", "ip", "--query-side-queries", "0")
+    assert read_info(tmp_path)["metric"] == "ip"

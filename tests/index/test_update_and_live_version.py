@@ -161,6 +161,27 @@ def test_a_long_running_searcher_never_returns_a_part_that_vanished_after_it_sta
     assert server.search(["v500"], k=1, with_text=False)[0]["results"] == []
 
 
+def test_a_long_running_searcher_takes_the_metric_of_a_rebuilt_index(tmp_path: Path) -> None:
+    """A rebuild with another metric (ip -> l2) under a running `serve`: the searcher took the new generation but
+    kept the old metric, so it returned squared distances as scores (larger = farther), exit 0."""
+    import json
+
+    from pipeline.index.search import Searcher
+
+    x = clustered_vectors(2000, 16, seed=5)
+    write_vector_output(tmp_path, x, shard_size=1000)
+    (tmp_path / "job.json").write_text(json.dumps({"config": {"model": "fake-model"},
+                                                   "model": {"dims": 16, "prompt": ""}}))
+    build_index(tmp_path, factory="Flat", metric="ip", recall_queries=50, query_side=0)
+    embedder = _FakeQueryEmbedder(x, "fake-model")
+    server = Searcher(tmp_path, embedder=embedder)
+    build_index(tmp_path, factory="Flat", metric="l2", recall_queries=50, query_side=0)
+    fresh = Searcher(tmp_path, embedder=embedder)
+    got = server.search(["v7"], k=3, with_text=False)[0]["results"]
+    assert got == fresh.search(["v7"], k=3, with_text=False)[0]["results"]
+    assert got[0]["id"] == "v7" and got[0]["score"] >= got[1]["score"] >= got[2]["score"]
+
+
 def test_filter_removed_equals_the_ranges_it_holds() -> None:
     """One binary search per position over merged ranges (overlapping, touching, empty, unsorted)."""
     from pipeline.index.params import Filter
