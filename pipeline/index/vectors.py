@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.job.sink import part_number
+from pipeline.job.sink import WRITTEN_AT, part_number
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class Part:
         rows: number of vectors.
         dims: vector size.
         dtype: ``float32`` or ``float16`` as stored (always read as float32).
-        finished_at: the done-marker's time; a later value means the part was rewritten.
+        finished_at: when the part was written (its Parquet metadata; the file's modification time for parts
+            written before it was kept there); another value under the same name means the part was rewritten.
         columns: the part's column names.
     """
 
@@ -69,16 +70,17 @@ def complete_parts(output: str | Path) -> list[Part]:
     if folder is None:
         return []
     folder = folder.resolve()
-    parts = [_describe_part(path, part_number(path), path.stat().st_mtime)
-             for path in sorted(folder.glob("part-*.parquet"), key=part_number)]
+    parts = [_describe_part(path, part_number(path)) for path in sorted(folder.glob("part-*.parquet"), key=part_number)]
     dims = {p.dims for p in parts}
     if len(dims) > 1:
         raise PipelineError(f"{out}: vector parts have different sizes {sorted(dims)}; the output mixes two jobs")
     return parts
 
 
-def _describe_part(path: Path, shard: int, finished_at: float) -> Part:
+def _describe_part(path: Path, shard: int) -> Part:
     schema = pq.read_schema(path)
+    written = (schema.metadata or {}).get(WRITTEN_AT)
+    finished_at = float(written) if written else path.stat().st_mtime
     if EMBEDDING not in schema.names:
         raise PipelineError(f"{path}: no {EMBEDDING!r} column")
     tp = schema.field(EMBEDDING).type

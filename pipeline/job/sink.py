@@ -39,6 +39,7 @@ from pipeline.errors import raise_if_full
 from pipeline.util import fault_point, write_json_atomic
 
 POOL = "parts"
+WRITTEN_AT = b"embed_corpus.written_at"  # a part's Parquet metadata key (seconds since the epoch)
 log = logging.getLogger(__name__)
 
 
@@ -135,6 +136,9 @@ def write_part(out: Path, part: int, table: pa.Table, docs: pa.Table) -> Path:
         log.warning("part %d was written by another worker (this one's claim was taken over): keeping that one", part)
         return path
     write_atomic(docs, docs_path(out, part))
+    # when it was written, in the file itself: what tells it from a part rewritten under its name (a copy of the
+    # output keeps it; the file's modification time does not survive `cp -r`)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), WRITTEN_AT: repr(time.time()).encode()})
     if not write_atomic(table, path, fault="before-part-rename", once=True):
         log.warning("part %d was written by another worker meanwhile: keeping that one", part)
     fault_point("after-part-rename")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import faiss
@@ -222,3 +223,22 @@ def test_workers_ending_together_build_the_index_once(tmp_path: Path, monkeypatc
         t.join()
     assert len(builds) == 1 and len(results) == 3
     assert len({r["generation"] for r in results}) == 1
+
+
+def test_a_copy_of_an_output_searches_as_the_original(tmp_path: Path) -> None:
+    """A part's identity in the index was its file's modification time, which a plain copy (`cp -r`, a restore)
+    does not keep: every indexed part of the copy looked vanished, so every search returned nothing, exit 0, and
+    the next `index update` dropped and re-added the whole corpus."""
+    x = clustered_vectors(3000, 16, seed=1)
+    write_vector_output(tmp_path / "out", x, shard_size=1000)
+    build_index(tmp_path / "out", factory="IVF16,Flat", recall_queries=100, query_side=0)
+    time.sleep(0.05)
+    shutil.copytree(tmp_path / "out", tmp_path / "copy", symlinks=True, copy_function=shutil.copy)  # new mtimes
+    for name in ("out", "copy"):
+        out = tmp_path / name
+        info = read_info(out)
+        index, _ = load_index(out, info)
+        filt, live, _ = search_filter(out, info)
+        _, pos = search(index, x[:5], 3, info["search_params"], filt)
+        assert (pos >= 0).all() and len(live) == 3, name
+    assert update_index(tmp_path / "copy")["added"] == 0
