@@ -107,6 +107,7 @@ def build(ctx: click.Context, output: str, factory: str | None, max_memory: str,
     opts: dict[str, Any] = {"factory": factory, "max_memory": max_memory, "lists": lists, "metric": metric,
                             "target_recall": target_recall, "recall_k": int(recall_k), "gpu": gpu,
                             "workers": workers, "pieces": pieces, "query_side": query_side}
+
     def unset(name: str) -> bool:
         return ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT
 

@@ -127,20 +127,23 @@ def write_part(out: Path, part: int, table: pa.Table, docs: pa.Table) -> Path:
     """The part's document index, then the part itself (both atomic); the part's link makes it exist.
 
     A part is written once: a worker whose claim was taken over while it wrote (a pause longer than the lease)
-    keeps the part the other worker wrote, from the same plan's rows. Replacing it would leave the pool with a file
-    no version links, which garbage collection took for unused, deleting the live part's pool copy and document
-    index (every later run of the output failed).
+    keeps the part the other worker wrote, from the same plan's rows (as a resumed run keeps the part of a worker
+    stopped before its marker). Replacing it would leave the pool with a file no version links, which garbage
+    collection took for unused, deleting the live part's pool copy and document index (every later run of the
+    output failed).
     """
     path = part_path(out, part)
     if path.exists():
-        log.warning("part %d was written by another worker (this one's claim was taken over): keeping that one", part)
+        log.warning("part %d is there already (written by a worker stopped before its marker, or by one that took "
+                    "this worker's claim over): keeping it", part)
         return path
     write_atomic(docs, docs_path(out, part))
     # when it was written, in the file itself: what tells it from a part rewritten under its name (a copy of the
     # output keeps it; the file's modification time does not survive `cp -r`)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), WRITTEN_AT: repr(time.time()).encode()})
     if not write_atomic(table, path, fault="before-part-rename", once=True):
-        log.warning("part %d was written by another worker meanwhile: keeping that one", part)
+        log.warning("part %d was written by another worker meanwhile (it took this worker's claim over): "
+                    "keeping that one", part)
     fault_point("after-part-rename")
     return path
 
